@@ -1,0 +1,5 @@
+"""Built-in models. Importing this package registers them (see :mod:`ppl_vi.models.base`)."""
+
+from ppl_vi.models.base import REGISTRY, LatentModel, get_spec, register  # noqa: F401
+from ppl_vi.models.gmm import GMM  # noqa: F401
+from ppl_vi.models.linear_gaussian import LinearGaussian  # noqa: F401

@@ -1,0 +1,180 @@
+"""The model/guide protocol every ppl_vi model follows, and the registry that names them.
+
+A model is an ``nn.Module`` with
+
+* ``model(**batch)`` and ``guide(**batch)``: the Pyro pair, data in ``pyro.plate("data", ...)``;
+* ``hand_negative_elbo(batch, draws, kl="mc"|"analytic", beta=1.0)`` and
+  ``hand_iwae_bound(batch, draws)``: the same bounds written by hand from :mod:`ppl_vi.bounds`,
+  per datapoint, evaluated at the guide's ``draws`` so the checker can hold them against Pyro's
+  losses on the very same sample;
+* optionally ``exact_log_likelihood(batch)`` where log p(x) is tractable.
+
+``batch`` is a dict of tensors (``{"x": x}``, or ``{"x": x, "y": y}``) passed to model and guide as
+keyword arguments. ``draws`` maps each latent site of the guide to its sampled value with a leading
+particle dimension, shape ``(K, B, ...)``, still attached to the autograd graph of the guide's
+parameters (the reparameterised path), so gradients of a hand bound are comparable with Pyro's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional
+
+import pyro
+import torch
+from pyro import poutine
+from torch import Tensor, nn
+
+from ppl_vi.errors import ConfigError
+
+Batch = Dict[str, Optional[Tensor]]
+Draws = Dict[str, Tensor]
+
+PARTICLE_PLATE = "particles"
+
+
+class LatentModel(nn.Module):
+    """Base class: a Pyro model/guide pair with its hand-derived bounds."""
+
+    #: plates the model nests (the data plate); particle plates go to the left of these.
+    max_plate_nesting: int = 1
+    #: names of the guide's latent sample sites, in the order the guide draws them.
+    latent_sites: tuple = ("z",)
+    #: whether the latent sites are reparameterised (Normal); discrete sites are not.
+    has_analytic_kl: bool = False
+    #: whether every latent site is reparameterised (pathwise gradients); False for discrete.
+    latent_reparameterized: bool = True
+    #: whether the guide's latent sites can be enumerated by TraceEnum_ELBO (discrete guides).
+    enumerable_guide: bool = False
+    #: the guide setting under which q(z|x) is the exact posterior, where the model has one.
+    exact_guide_kind = None
+
+    def model(self, **batch):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def guide(self, **batch):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def hand_negative_elbo(self, batch: Batch, draws: Draws, kl: str = "mc", beta: float = 1.0) -> Tensor:
+        """Per-datapoint negative ELBO at ``draws`` (shape (B,)), written by hand."""
+        raise NotImplementedError
+
+    def hand_iwae_bound(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
+        """Per-datapoint IWAE bound L_K at the K ``draws`` (shape (B,)), written by hand.
+
+        With β ≠ 1 the β-weighted bound of :func:`ppl_vi.bounds.iwae_bound_beta`."""
+        raise NotImplementedError
+
+    def exact_log_likelihood(self, batch: Batch) -> Tensor:
+        """Per-datapoint exact log p(x) (shape (B,)), where tractable."""
+        raise NotImplementedError(f"{type(self).__name__} has no tractable log p(x)")
+
+    @property
+    def has_exact_log_likelihood(self) -> bool:
+        return type(self).exact_log_likelihood is not LatentModel.exact_log_likelihood
+
+    def sample_draws(self, batch: Batch, num_particles: int, guide: Optional[Callable] = None) -> Draws:
+        """Run the guide under a particle plate and return its latent values, (K, B, ...) each."""
+        return sample_draws(guide or self.guide, batch, num_particles, self.max_plate_nesting, self.latent_sites)
+
+
+def sample_draws(guide: Callable, batch: Batch, num_particles: int, max_plate_nesting: int, sites=None) -> Draws:
+    """Trace ``guide(**batch)`` inside a ``num_particles`` plate left of the model's plates.
+
+    Returns ``{site: value}`` for the latent (unobserved) sample sites, each with a leading
+    particle dimension of size K, even when K = 1.
+    """
+    plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1))
+    with plate:
+        trace = poutine.trace(guide).get_trace(**batch)
+    return draws_from_trace(trace, num_particles, max_plate_nesting, sites)
+
+
+def is_latent(site) -> bool:
+    """An unobserved sample site that is a real random variable (not a plate's subsample site)."""
+    return (site["type"] == "sample" and not site["is_observed"]
+            and type(site["fn"]).__name__ != "_Subsample")
+
+
+def draws_from_trace(trace, num_particles: int, max_plate_nesting: int, sites=None) -> Draws:
+    """Latent values of a guide trace, each given a leading particle dimension of size K."""
+    draws = {}
+    for name, site in trace.nodes.items():
+        if not is_latent(site) or (sites is not None and name not in sites):
+            continue
+        value = site["value"]
+        batch_rank = max_plate_nesting + site["fn"].event_dim
+        if value.dim() <= batch_rank:  # no particle dimension: K = 1 without a particle plate
+            value = value.unsqueeze(0)
+        if value.shape[0] != num_particles:
+            value = value.expand((num_particles,) + value.shape[1:])
+        draws[name] = value
+    return draws
+
+
+# --------------------------------------------------------------------------------------------
+# Registry: a new model is one file plus one ``@register`` line.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the CLI, trainer, checker and report need to know about a model."""
+
+    name: str
+    cls: type
+    description: str
+    data: str  # "mnist", "gmm" or "linear-gaussian": the data set it trains on
+    defaults: dict  # config overrides for this model (loss, epochs, lr, ...)
+    build: Callable  # build(config, data_info) -> LatentModel
+
+
+REGISTRY: Dict[str, ModelSpec] = {}
+
+
+def register(name: str, *, description: str, data: str, defaults: Optional[dict] = None, build=None):
+    """Class decorator adding a model to :data:`REGISTRY` under ``name``."""
+
+    def decorate(cls):
+        builder = build or cls.from_config
+        REGISTRY[name] = ModelSpec(name, cls, description, data, dict(defaults or {}), builder)
+        return cls
+
+    return decorate
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``, or a ConfigError listing the valid names."""
+    import ppl_vi.models  # noqa: F401  (registers the built-in models)
+
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; expected one of: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def to_float64(module: nn.Module) -> nn.Module:
+    """Cast a module's parameters to float64 in place (for same-sample checks)."""
+    return module.to(torch.float64)
+
+
+class _ScaleSites(poutine.messenger.Messenger):
+    """Multiply the log-density of the named sample sites by ``scale`` (β on the latent site)."""
+
+    def __init__(self, sites, scale):
+        super().__init__()
+        self.sites, self.scale = frozenset(sites), scale
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] in self.sites:
+            msg["scale"] = msg["scale"] * self.scale
+
+
+def scale_sites(fn: Callable, sites, scale) -> Callable:
+    """``fn`` with ``poutine.scale(scale)`` applied to the sample sites named in ``sites`` only.
+
+    With ``sites`` the latent sites and ``scale`` β, model and guide wrapped alike turn the ELBO
+    into E_q[log p(x|z)] - β KL(q(z|x) || p(z)), the β-VAE objective; β ramped over the first
+    steps is KL annealing. ``scale`` may be a float or a 0-dim tensor (updated in place).
+    """
+    if isinstance(scale, (int, float)) and scale == 1:
+        return fn
+    return _ScaleSites(sites, scale)(fn)
