@@ -178,3 +178,17 @@ def scale_sites(fn: Callable, sites, scale) -> Callable:
     if isinstance(scale, (int, float)) and scale == 1:
         return fn
     return _ScaleSites(sites, scale)(fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Optional hooks for image models (MNIST): the trainer, evaluator and plots use them when present.
+#
+#   make_batch(x, y) -> Batch            how a model sees a slice of data (default {"x": x})
+#   elbo_terms(batch, draws) -> {"rec": (B,), "kl": (B,)}   E_q log p(x|z) and KL, per datapoint
+#   generate(n) -> (n, D) pixel probabilities from the prior
+#   reconstruct(x) -> (B, D) pixel probabilities of the decoder at the guide's mean
+#   encode_mean(x) -> (B, Z) the guide's mean (2-D latent plots)
+
+
+def default_make_batch(x: Tensor, y: Optional[Tensor] = None) -> Batch:
+    return {"x": x}
