@@ -35,6 +35,7 @@ class TrainConfig:
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
     seed: int = 0  # seeds torch, Python and the data order
     data_dir: Optional[str] = None  # MNIST root (holds MNIST/raw); else $PPL_VI_DATA, else download
+    val_size: int = 5000  # MNIST: training images held out for validation (0: train on all 60k)
     n_train: int = 5000  # synthetic data sets: training points
     n_test: int = 2000  # synthetic data sets: test points
     labels: int = 100  # semi-supervised: labelled training images, class-balanced
@@ -71,6 +72,7 @@ class TrainConfig:
              f"device must be cpu, cuda or auto, got {self.device!r}"),
             (all(k >= 1 for k in self.eval_k), f"eval_k values must be >= 1, got {self.eval_k}"),
             (self.n_train >= 1 and self.n_test >= 1, "n_train and n_test must be >= 1"),
+            (self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}"),
             (self.labels >= 0, f"labels must be >= 0, got {self.labels}"),
             (self.eval_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1,
              "eval_every, checkpoint_every and log_every must be >= 1"),

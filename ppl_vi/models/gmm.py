@@ -36,7 +36,7 @@ GUIDES = ("amortised", "posterior", "prior", "marginal")
     "gmm",
     description="Gaussian mixture, c enumerated in the model (exact log p(x)), amortised q(c|x)",
     data="gmm",
-    defaults={"loss": "enum", "k": 1, "epochs": 200, "batch_size": 500, "lr": 0.05, "hidden": 32},
+    defaults={"loss": "enum", "k": 1, "epochs": 50, "batch_size": 500, "lr": 0.05, "hidden": [32]},
 )
 class GMM(LatentModel):
     latent_sites = ("c",)
@@ -63,7 +63,7 @@ class GMM(LatentModel):
         generator = torch.Generator().manual_seed(config.seed)
         x = data_info["train_x"]
         init = x[torch.randperm(x.shape[0], generator=generator)[: config.components]].float()
-        return cls(config.components, data_info["x_dim"], config.hidden, config.guide or "amortised", init_locs=init)
+        return cls(config.components, data_info["x_dim"], config.hidden[0], config.guide or "amortised", init_locs=init)
 
     # ---- the Pyro pair -------------------------------------------------------------------
     def model(self, x: Tensor, **_):
@@ -99,6 +99,10 @@ class GMM(LatentModel):
         if self.guide_kind == "posterior":
             return self.log_joint_all(x)
         return self.logits.expand(x.shape[0], self.num_components)
+
+    def fitted_parameters(self) -> dict:
+        """Weights, means and scales of the fit, as lists (for metrics.json)."""
+        return {"weights": self.log_weights().exp().tolist(), "means": self.locs.tolist(), "scales": self.scales.tolist()}
 
     def exact_log_likelihood(self, batch: Batch) -> Tensor:
         """log p(x) = log Σ_c π_c N(x; μ_c, σ_c²), per datapoint."""

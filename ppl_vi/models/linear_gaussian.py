@@ -31,7 +31,7 @@ GUIDES = ("amortised", "exact")
     "linear-gaussian",
     description="probabilistic PCA: z ~ N(0, I), x|z ~ N(Wz + b, σ²I); exact log p(x) and posterior",
     data="linear-gaussian",
-    defaults={"loss": "meanfield", "z_dim": 2, "epochs": 300, "batch_size": 256, "lr": 0.02},
+    defaults={"loss": "meanfield", "z_dim": 2, "epochs": 100, "batch_size": 250, "lr": 0.02},
 )
 class LinearGaussian(LatentModel):
     latent_sites = ("z",)

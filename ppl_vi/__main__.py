@@ -1,0 +1,5 @@
+import sys
+
+from ppl_vi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,209 @@
+"""``ppl-vi``: train | eval | check | list (| report). Thin: parse, then call floor 3.
+
+Every user mistake is one line on stderr and exit status 2 (no traceback unless ``--debug``);
+a failing consistency check exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ppl_vi.errors import PplViError
+
+EXAMPLES = """examples:
+  ppl-vi list
+  ppl-vi check gmm
+  ppl-vi train gmm --device cpu --seed 0 --out runs/gmm
+  ppl-vi train vae --epochs 1 --device cpu --out runs/vae
+  ppl-vi eval runs/vae --k 1,10
+  ppl-vi train vae --loss iwae --k 50 --out runs/iwae50
+  ppl-vi train --resume runs/vae
+  ppl-vi train --config runs/vae/config.json --out runs/vae-again
+"""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (defaults None: the model's defaults then apply)."""
+    from ppl_vi.config import TrainConfig
+
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "model":
+            continue
+        if field.type in ("bool", bool):
+            parser.add_argument(_flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(field.type), str)
+            parser.add_argument(_flag(field.name), dest=field.name, type=kind, default=None, metavar=field.name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppl-vi", description="Latent-variable models as Pyro model/guide pairs, checked against hand-derived bounds.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model with SVI into a run directory", epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("model", nargs="?", help="model name (ppl-vi list)")
+    train.add_argument("--out", help="run directory to create (config, metrics.json, checkpoints, figures)")
+    train.add_argument("--config", dest="config_file", help="a .json/.toml/.yaml config (a run's config.json works)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
+    train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_config_flags(train)
+
+    ev = sub.add_parser("eval", help="test-set NELBO, KL, reconstruction and IWAE-k of a trained run")
+    ev.add_argument("run_dir")
+    ev.add_argument("--k", default=None, help="comma-separated ks for IWAE-k (default: the run's eval_k)")
+    ev.add_argument("--device", default=None, help="cpu | cuda (default: the run's)")
+    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--no-progress", dest="progress", action="store_false")
+
+    ch = sub.add_parser("check", help="hand-derived bounds against Pyro's losses and the exact answer")
+    ch.add_argument("model")
+    ch.add_argument("--batch-size", type=int, default=32, help="datapoints in the checked batch")
+    ch.add_argument("--k", type=int, default=3, help="particles in the same-sample comparisons")
+    ch.add_argument("--beta", type=float, default=2.0, help="β of the scaled comparisons")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--repeats", type=int, default=50, help="seeds in the statistical comparisons")
+    ch.add_argument("--data-dir", default=None)
+    ch.add_argument("--json", dest="json_out", help="also write the check table as JSON here")
+
+    sub.add_parser("list", help="models and losses, one line each")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from ppl_vi import run as rundir
+    from ppl_vi.config import FIELDS, build_config, read_config_file
+    from ppl_vi.train import train
+
+    overrides = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name, None) is not None}
+    if args.resume:
+        run_dir = rundir.prepare_run_dir(args.resume, resume=True)
+        saved = rundir.load_config_dict(run_dir)
+        config = build_config(saved["model"], saved, overrides)
+    else:
+        file_values = read_config_file(args.config_file) if args.config_file else {}
+        config = build_config(args.model, file_values, overrides)
+        run_dir = rundir.prepare_run_dir(args.out, overwrite=args.overwrite)
+    trainer = train(config, run_dir, resume=bool(args.resume), progress=args.progress)
+    shown = {k: v for k, v in trainer.metrics.items() if isinstance(v, (int, float))}
+    print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    if run_dir is not None:
+        print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ppl_vi import run as rundir
+    from ppl_vi.config import parse_int_list
+    from ppl_vi.errors import ConfigError
+    from ppl_vi.evaluate import evaluate_run
+
+    if args.k is not None:
+        ks = parse_int_list(args.k, "--k")
+    else:
+        ks = rundir.load_config_dict(Path(args.run_dir)).get("eval_k", [1, 10])
+    if not ks or any(k < 1 for k in ks):
+        raise ConfigError(f"--k values must be integers >= 1, got {args.k}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    metrics = evaluate_run(Path(args.run_dir), ks, device=args.device, batch_size=args.batch_size,
+                           progress=args.progress)
+    for key in ("test_nelbo", "test_kl", "test_rec", "test_log_likelihood", "test_accuracy"):
+        if key in metrics:
+            print(f"{key:>22}: {metrics[key]:.4f} ± {metrics.get(key + '_se', float('nan')):.4f}")
+    for k, value in metrics["test_iwae"].items():
+        print(f"{'-IWAE_' + k:>22}: {value:.4f} ± {metrics['test_iwae_se'][k]:.4f}")
+    print(f"written to {Path(args.run_dir) / rundir.METRICS}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    import importlib
+
+    import torch
+
+    from ppl_vi import run as rundir
+    from ppl_vi.check import check_model
+    from ppl_vi.config import build_config
+    from ppl_vi.data.sources import load_data
+    from ppl_vi.errors import ConfigError
+    from ppl_vi.models.base import default_make_batch, get_spec
+    from ppl_vi.train import seed_everything
+
+    if args.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {args.k}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    spec = get_spec(args.model)
+    config = build_config(args.model, overrides={"seed": args.seed, "data_dir": args.data_dir, "device": "cpu",
+                                                 "n_train": 1000, "n_test": 200})
+    seed_everything(args.seed)
+    import pyro
+
+    pyro.enable_validation(True)
+    data = load_data(spec.data, config, torch.device("cpu"), dtype=torch.float64)
+    model = spec.build(config, data.info)
+    module = importlib.import_module(spec.cls.__module__)
+    x = data.train_x[: args.batch_size]
+    if data.binary:
+        from ppl_vi.data.mnist import fixed_binarization
+
+        x = fixed_binarization(x, seed=args.seed)
+    if hasattr(module, "check_suite"):
+        report = module.check_suite(model, data, args)
+    else:
+        y = data.train_y[: args.batch_size] if data.train_y is not None else None
+        batch = getattr(model, "make_batch", default_make_batch)(x, y)
+        report = check_model(model, batch, num_particles=args.k, beta=args.beta, seed=args.seed, repeats=args.repeats)
+    print(f"ppl-vi check {args.model}: float64, batch of {args.batch_size}, K={args.k}, seed {args.seed}")
+    print(report.table())
+    if args.json_out:
+        rundir.write_json(Path(args.json_out), report.to_dict())
+    return 0 if report.passed else 1
+
+
+def cmd_list(args) -> int:
+    from ppl_vi.models import REGISTRY
+    from ppl_vi.objectives.losses import DESCRIPTIONS
+
+    print("models:")
+    for name, spec in sorted(REGISTRY.items()):
+        print(f"  {name:<18} {spec.description}  [data: {spec.data}; default loss: {spec.defaults.get('loss', 'trace')}]")
+    print("losses (--loss):")
+    for name, text in DESCRIPTIONS.items():
+        print(f"  {name:<18} {text}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "check": cmd_check, "list": cmd_list}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PplViError as exc:
+        if args.debug:
+            raise
+        print(f"ppl-vi {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ppl-vi: interrupted; the last checkpoint in the run directory is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

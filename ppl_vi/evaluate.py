@@ -1,0 +1,173 @@
+"""Test-set evaluation: NELBO and its terms, IWAE-k (chunked), accuracy, exact log-likelihood.
+
+All figures are per-datapoint means in nats, with their standard error over datapoints
+(``*_se``). ``test_iwae`` maps k to the *negative* bound -L_k, so every number is "lower is
+better" and comparable with published NLLs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import pyro
+import torch
+from torch import Tensor
+
+from ppl_vi import run as rundir
+from ppl_vi.models.base import LatentModel, default_make_batch
+from ppl_vi.objectives.importance import IWAELoss
+
+
+def iter_eval_batches(x: Tensor, y: Optional[Tensor], batch_size: int) -> Iterator[Tuple[Tensor, Optional[Tensor]]]:
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start:start + batch_size], None if y is None else y[start:start + batch_size]
+
+
+def mean_se(values: Tensor) -> Tuple[float, float]:
+    """Mean and its standard error over the first dimension."""
+    values = values.double()
+    se = values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else math.nan
+    return values.mean().item(), se
+
+
+def _batch(model, xb, yb, labelled: bool):
+    make = getattr(model, "make_batch", default_make_batch)
+    return make(xb, yb if labelled else None)
+
+
+@torch.no_grad()
+def bound_metrics(model: LatentModel, x: Tensor, y: Optional[Tensor] = None, ks: Sequence[int] = (1, 10),
+                  batch_size: int = 500, max_rows: int = 200_000, progress: bool = False, labelled: bool = True,
+                  seed: int = 0) -> Dict:
+    """NELBO, KL, reconstruction and -IWAE_k per datapoint on (x, y), with standard errors.
+
+    IWAE-k is computed with :class:`IWAELoss` in chunks of at most ``max_rows`` (particles ×
+    datapoints) per forward pass, with a running logsumexp: memory stays flat in k.
+    """
+    from tqdm.auto import tqdm
+
+    pyro.set_rng_seed(seed)
+    nelbo, kl, rec = [], [], []
+    iwae = {k: [] for k in ks}
+    total = math.ceil(x.shape[0] / batch_size) * (1 + len(ks))
+    bar = tqdm(total=total, desc="eval", disable=not progress, leave=False, dynamic_ncols=True)
+    for xb, yb in iter_eval_batches(x, y, batch_size):
+        batch = _batch(model, xb, yb, labelled)
+        draws = model.sample_draws(batch, 1) if model.latent_sites else {}
+        if hasattr(model, "elbo_terms"):
+            terms = model.elbo_terms(batch, draws)
+            rec.append(terms["rec"].cpu())
+            kl.append(terms["kl"].cpu())
+            nelbo.append((terms["kl"] - terms["rec"]).cpu())
+        else:
+            nelbo.append(model.hand_negative_elbo(batch, draws, kl="analytic" if model.has_analytic_kl else "mc").cpu())
+        bar.update(1)
+        for k in ks:
+            chunk = max(1, max_rows // xb.shape[0])
+            objective = IWAELoss(k, model.max_plate_nesting, chunk_size=min(chunk, k))
+            iwae[k].append((-objective.per_datapoint(model.model, model.guide, **batch)).cpu())
+            bar.update(1)
+    bar.close()
+    out: Dict = {}
+    out["test_nelbo"], out["test_nelbo_se"] = mean_se(torch.cat(nelbo))
+    if kl:
+        out["test_kl"], out["test_kl_se"] = mean_se(torch.cat(kl))
+        out["test_rec"], out["test_rec_se"] = mean_se(-torch.cat(rec))  # distortion: -E log p(x|z)
+    out["test_iwae"] = {str(k): mean_se(torch.cat(v))[0] for k, v in iwae.items()}
+    out["test_iwae_se"] = {str(k): mean_se(torch.cat(v))[1] for k, v in iwae.items()}
+    return out
+
+
+@torch.no_grad()
+def exact_metrics(model: LatentModel, x: Tensor, truth=None) -> Dict:
+    """Exact per-datapoint log-likelihood of the fit (float64) and of the true parameters."""
+    out: Dict = {}
+    if not model.has_exact_log_likelihood:
+        return out
+    import copy
+
+    m64 = copy.deepcopy(model).to(torch.float64)
+    ll = m64.exact_log_likelihood({"x": x.double()})
+    out["test_log_likelihood"], out["test_log_likelihood_se"] = mean_se(ll)
+    if truth is not None and hasattr(truth, "log_prob"):
+        out["true_log_likelihood"] = mean_se(truth.log_prob(x.double().cpu()))[0]
+    return out
+
+
+@torch.no_grad()
+def accuracy_metrics(model, x: Tensor, y: Tensor, batch_size: int = 1000, num_classes: int = 10) -> Dict:
+    """Accuracy of ``model.classify`` and the confusion matrix (rows: true, columns: predicted)."""
+    preds = torch.cat([model.classify(xb) for xb, _ in iter_eval_batches(x, None, batch_size)])
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((y.cpu(), preds.cpu()), torch.ones_like(y.cpu()), accumulate=True)
+    return {"test_accuracy": (preds == y).double().mean().item(), "confusion_matrix": confusion.tolist()}
+
+
+def final_metrics(trainer) -> Dict:
+    """Cheap end-of-training figures: exact log-likelihood of synthetic fits, fitted parameters."""
+    model, data = trainer.model, trainer.data
+    out = exact_metrics(model, data.test_x, data.truth)
+    if out:
+        out["train_log_likelihood"] = exact_metrics(model, data.train_x)["test_log_likelihood"]
+    if hasattr(model, "fitted_parameters"):
+        out["fitted_parameters"] = model.fitted_parameters()
+    return out
+
+
+def load_trained(run_dir: Path, checkpoint: str = "best", device: Optional[str] = None):
+    """Rebuild a run's model from its config and checkpoint; returns (trainer-less model, config, data)."""
+    from ppl_vi.config import TrainConfig
+    from ppl_vi.data.sources import load_data
+    from ppl_vi.errors import CheckpointError, ConfigError
+    from ppl_vi.models.base import get_spec
+    from ppl_vi.train import resolve_device
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    values = rundir.load_config_dict(run_dir)
+    if device is not None:
+        values["device"] = device
+    config = TrainConfig(**values)
+    dev = resolve_device(config.device)
+    path = run_dir / rundir.CHECKPOINTS / f"{checkpoint}.pt"
+    if not path.is_file():
+        path = run_dir / rundir.CHECKPOINTS / "last.pt"
+    state = rundir.load_checkpoint(path, map_location=dev)
+    if state.get("model_name") != config.model:
+        raise CheckpointError(f"checkpoint {path} is for model {state.get('model_name')!r}, but the run is {config.model!r}")
+    spec = get_spec(config.model)
+    data = load_data(spec.data, config, dev)
+    model = spec.build(config, data.info).to(dev)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit model {config.model}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    return model, config, data
+
+
+def evaluate_run(run_dir: Path, ks: Sequence[int], *, device: Optional[str] = None, batch_size: int = 500,
+                 progress: bool = True, max_rows: int = 200_000) -> Dict:
+    """``ppl-vi eval``: test metrics of a run's best checkpoint, merged into its metrics.json."""
+    import time
+
+    model, config, data = load_trained(run_dir, device=device)
+    start = time.perf_counter()
+    labelled = data.kind in ("mnist-labelled", "mnist-completion")
+    metrics = bound_metrics(model, data.test_x, data.test_y, ks, batch_size, max_rows, progress, labelled,
+                            seed=config.seed)
+    metrics.update(exact_metrics(model, data.test_x, data.truth))
+    if hasattr(model, "classify") and data.test_y is not None:
+        metrics.update(accuracy_metrics(model, data.test_x, data.test_y))
+    metrics["eval_seconds"] = time.perf_counter() - start
+    metrics["eval_device"] = str(next(model.parameters()).device)
+    metrics = rundir.update_metrics(run_dir, **metrics)
+    from ppl_vi import plots
+
+    plots.bound_vs_k(run_dir, metrics)
+    if "confusion_matrix" in metrics:
+        plots.confusion_matrix(run_dir, metrics["confusion_matrix"])
+    return metrics

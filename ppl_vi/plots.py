@@ -1,0 +1,150 @@
+"""Matplotlib figures for a run directory (PNG files under RUN_DIR/figures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ppl_vi import run as rundir  # noqa: E402
+
+
+def _save(fig, run_dir: Path, name: str) -> Path:
+    path = Path(run_dir) / rundir.FIGURES / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: torch.Tensor, rows: int, side: int = 28):
+    """(rows*cols, side*side) pixel values -> one (rows*side, cols*side) array."""
+    images = images.detach().float().cpu().reshape(rows, -1, side, side)
+    return images.permute(0, 2, 1, 3).reshape(rows * side, -1).numpy()
+
+
+def training_curves(run_dir: Path, history: List[dict]) -> Optional[Path]:
+    if not history:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    val = [(h["epoch"], h["val_loss"]) for h in history if "val_loss" in h]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (nats per datapoint)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, run_dir, "training_curves")
+
+
+@torch.no_grad()
+def image_figures(run_dir: Path, model, data) -> None:
+    if hasattr(model, "generate"):
+        torch.manual_seed(0)
+        samples = model.generate(64)
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(image_grid(samples, 8), cmap="gray")
+        ax.set_title("samples from the prior (pixel probabilities)")
+        ax.axis("off")
+        _save(fig, run_dir, "samples")
+    if hasattr(model, "reconstruct"):
+        x = data.test_x[:32]
+        y = data.test_y[:32] if data.test_y is not None else None
+        recon = model.reconstruct(x) if y is None or not getattr(model, "needs_labels", False) else model.reconstruct(x, y)
+        fig, ax = plt.subplots(figsize=(8, 2.4))
+        ax.imshow(image_grid(torch.cat([x[:16], recon[:16]]), 2), cmap="gray")
+        ax.set_title("test images (top) and reconstructions (bottom)")
+        ax.axis("off")
+        _save(fig, run_dir, "reconstructions")
+    if hasattr(model, "encode_mean") and data.test_y is not None:
+        latent_scatter(run_dir, model.encode_mean(data.test_x[:2000]), data.test_y[:2000])
+
+
+def latent_scatter(run_dir: Path, z: torch.Tensor, labels: torch.Tensor) -> Path:
+    """2-D scatter of latent means coloured by label (first two principal components if z > 2)."""
+    z = z.detach().double().cpu()
+    title = "latent means"
+    if z.shape[1] > 2:
+        z = z - z.mean(0)
+        _, _, v = torch.linalg.svd(z, full_matrices=False)
+        z = z @ v[:2].T
+        title += " (PCA)"
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    points = ax.scatter(z[:, 0], z[:, 1], c=labels.cpu(), cmap="tab10", s=4)
+    fig.colorbar(points, ax=ax, label="label")
+    ax.set_title(title)
+    return _save(fig, run_dir, "latent_scatter")
+
+
+@torch.no_grad()
+def gmm_density(run_dir: Path, model, data) -> Path:
+    """Data scatter and the fitted mixture's log-density contours (2-D GMM)."""
+    x = data.test_x.double().cpu()
+    lo, hi = x.min(0).values - 1, x.max(0).values + 1
+    g0, g1 = torch.meshgrid(torch.linspace(lo[0], hi[0], 200), torch.linspace(lo[1], hi[1], 200), indexing="ij")
+    grid = torch.stack([g0.reshape(-1), g1.reshape(-1)], -1).double()
+    import copy
+
+    m64 = copy.deepcopy(model).cpu().double()
+    logp = m64.exact_log_likelihood({"x": grid}).reshape(200, 200)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.3, color="gray")
+    ax.contour(g0, g1, logp, levels=12, cmap="viridis")
+    ax.plot(*m64.locs.detach().T, "r+", markersize=12, label="fitted means")
+    if data.truth is not None:
+        ax.plot(*data.truth.means.T, "kx", markersize=10, label="true means")
+    ax.legend()
+    ax.set_title("GMM: data and fitted log-density")
+    return _save(fig, run_dir, "gmm_density")
+
+
+def training_figures(run_dir: Path, model, data, history: List[dict]) -> None:
+    """Every figure that applies to this model, after training."""
+    model.eval()
+    training_curves(run_dir, history)
+    if data.kind.startswith("mnist"):
+        image_figures(run_dir, model, data)
+    elif data.kind == "gmm" and data.train_x.shape[1] == 2:
+        gmm_density(run_dir, model, data)
+    model.train()
+
+
+def bound_vs_k(run_dir: Path, metrics: dict) -> Optional[Path]:
+    iw = metrics.get("test_iwae")
+    if not iw:
+        return None
+    ks = sorted(int(k) for k in iw)
+    se = metrics.get("test_iwae_se", {})
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.errorbar(ks, [iw[str(k)] for k in ks], yerr=[se.get(str(k), 0) for k in ks], marker="o", capsize=3,
+                label="-IWAE_k")
+    if "test_nelbo" in metrics:
+        ax.axhline(metrics["test_nelbo"], color="gray", ls="--", label="NELBO")
+    if "test_log_likelihood" in metrics:
+        ax.axhline(-metrics["test_log_likelihood"], color="black", ls=":", label="exact -log p(x)")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (importance samples)")
+    ax.set_ylabel("nats per datapoint")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, run_dir, "bound_vs_k")
+
+
+def confusion_matrix(run_dir: Path, matrix) -> Path:
+    m = torch.tensor(matrix)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    im = ax.imshow(m, cmap="Blues")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, run_dir, "confusion_matrix")
