@@ -155,7 +155,9 @@ def log_mvnormal(x: Tensor, loc: Tensor, scale_tril: Tensor) -> Tensor:
         log N(x; μ, Σ) = -D/2 log 2π - Σ_d log L_dd - ½ ‖L⁻¹ (x - μ)‖²
     """
     diff = (x - loc).unsqueeze(-1)  # (..., D, 1)
-    tril = scale_tril.expand(diff.shape[:-2] + scale_tril.shape[-2:])
+    batch = torch.broadcast_shapes(diff.shape[:-2], scale_tril.shape[:-2])
+    diff = diff.expand(batch + diff.shape[-2:])
+    tril = scale_tril.expand(batch + scale_tril.shape[-2:])
     white = torch.linalg.solve_triangular(tril, diff, upper=False).squeeze(-1)
     half_log_det = torch.diagonal(scale_tril, dim1=-2, dim2=-1).log().sum(-1)
     return -0.5 * x.shape[-1] * LOG_2PI - half_log_det - 0.5 * (white**2).sum(-1)

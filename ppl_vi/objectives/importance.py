@@ -36,15 +36,6 @@ from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import PARTICLE_PLATE, is_latent
 
 
-def _plate_scale(site) -> float:
-    """The subsample scale of a site's plates: Π full_size / size."""
-    scale = 1.0
-    for frame in site["cond_indep_stack"]:
-        if frame.full_size is not None and frame.size:
-            scale *= frame.full_size / frame.size
-    return scale
-
-
 class IWAELoss:
     """Importance-weighted loss over ``num_particles`` vectorised particles.
 
@@ -76,7 +67,7 @@ class IWAELoss:
                     obs_scales.add(float(site["scale"]))
                 else:
                     log_ratio = log_ratio + sign * lp
-                    latent_scales.add(float(site["scale"]) / _plate_scale(site))
+                    latent_scales.add(float(site["scale"]))
         if len(obs_scales) != 1:
             raise ConfigError(f"IWAELoss needs the observed sites to share one scale, found {sorted(obs_scales)}")
         c = obs_scales.pop()
