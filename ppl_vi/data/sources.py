@@ -78,6 +78,9 @@ def load_data(kind: str, config, device: torch.device, dtype=torch.float32) -> D
             val_x = mnist.fixed_binarization(train_x[val_idx], seed=config.seed + 1)
             val_y = train_y[val_idx]
             train_x, train_y = train_x[train_idx], train_y[train_idx]
+        train_subset = getattr(config, "train_subset", 0)
+        if train_subset:  # quick runs and tests: the first N training images (after the split)
+            train_x, train_y = train_x[:train_subset], train_y[:train_subset]
         bundle = DataBundle(kind, train_x, data.test_x_bin.to(dtype), train_y, data.test_y, val_x, val_y,
                             binary=True)
         if kind == "mnist-semisupervised":

@@ -1,0 +1,442 @@
+"""The VAE family on binarised MNIST (issue 3): one results table, reproducible from the CLI.
+
+Rows (``--rows``, comma-separated groups):
+
+=========  ====================================================================================
+group      runs
+=========  ====================================================================================
+vae        ``vae``: VAE, z = 50, the ELBO
+beta       ``beta0.5``, ``beta2``, ``beta4``: β-VAE (rate = test KL, distortion = -E log p(x|z))
+anneal     ``anneal``: VAE with the KL weight ramped 0 -> 1 over ``--anneal-steps`` steps
+iwae       ``iwae5``, ``iwae50``: trained on the IWAE bound (``--loss iwae --k K``)
+gmvae      ``vae_z10`` and ``gmvae``: a mixture-prior VAE (z = 10, 500 components) against a
+           VAE with z = 10
+=========  ====================================================================================
+
+Each run is two subprocesses, exactly what a user would type::
+
+    python -m ppl_vi train MODEL ... --out OUT_DIR/RUN
+    python -m ppl_vi eval OUT_DIR/RUN --k 1,10,100,1000,5000
+
+then RUN/metrics.json is collected into ``experiments/RESULTS.md`` (the section "## VAE family
+(issue 3)"; other sections of that file are left alone) and ``experiments/vae_family.json``.
+Every row records its commands, device name, wall time, seed and mode: ``--quick`` rows are
+smoke tests of the pipeline (a 2000-image training subset, one epoch, IWAE-10 at most), listed
+apart from results and never counted against a target.
+
+Usage::
+
+    python experiments/vae_family.py --device cuda --parallel 9 --minutes 10     # the table (one GPU)
+    python experiments/vae_family.py --device cpu --quick --rows vae             # CPU smoke test
+    python experiments/vae_family.py --collect --out-dir PATH/runs               # re-collect only
+
+``--parallel N`` runs N rows at once (one small VAE leaves an H100 mostly idle); each
+subprocess then gets ``cores // N`` CPU threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION = "## VAE family (issue 3)"
+ROW_FILE = "row.json"  # written into each run directory after its eval
+
+FULL_K = [1, 10, 100, 1000, 5000]
+QUICK_K = [1, 10]
+QUICK_TRAIN = ["--epochs", "1", "--max-minutes", "0.2", "--train-subset", "2000"]
+
+
+def row_specs(anneal_steps: int) -> Dict[str, List[dict]]:
+    """Group name -> runs; each run: name, description, the train arguments after ``train``."""
+    return {
+        "vae": [dict(name="vae", what="VAE z=50", args=["vae", "--z-dim", "50"])],
+        "beta": [dict(name=f"beta{b}", what=f"β-VAE β={b}, z=50", args=["vae", "--z-dim", "50", "--beta", b])
+                 for b in ("0.5", "2", "4")],
+        "anneal": [dict(name="anneal", what=f"VAE z=50, KL annealed over {anneal_steps} steps",
+                        args=["vae", "--z-dim", "50", "--kl-anneal", str(anneal_steps)])],
+        "iwae": [dict(name=f"iwae{k}", what=f"IWAE k={k}, z=50",
+                      args=["vae", "--z-dim", "50", "--loss", "iwae", "--k", str(k)]) for k in (5, 50)],
+        "gmvae": [dict(name="vae_z10", what="VAE z=10 (GMVAE baseline)", args=["vae", "--z-dim", "10"]),
+                  dict(name="gmvae", what="GMVAE z=10, 500 components",
+                       args=["gmvae", "--z-dim", "10", "--components", "500"])],
+    }
+
+
+#: The issue's targets; each is judged on full (non-smoke) GPU rows only.
+TARGETS = [
+    dict(id="vae-nll", text="VAE z=50: NLL (-IWAE-5000) ≤ 87.0", runs=["vae"], group="vae"),
+    dict(id="iwae50-nll", text="IWAE k=50: NLL (-IWAE-5000) ≤ 85.0", runs=["iwae50"], group="iwae"),
+    dict(id="gmvae-beats", text="GMVAE z=10, 500 components beats VAE z=10 on test NELBO and -IWAE-1000",
+         runs=["gmvae", "vae_z10"], group="gmvae"),
+    dict(id="gmvae-aim", text="GMVAE z=10, 500 components: aim NELBO ≤ 98.0 and -IWAE-1000 ≤ 94.5",
+         runs=["gmvae"], group="gmvae"),
+]
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    """A human name for the device the runs use (the GPU's, or the CPU model)."""
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return torch.cuda.get_device_name(0)
+        except Exception:  # noqa: BLE001 - the name is informative only
+            pass
+        return "cuda (unavailable)"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def portable(path) -> str:
+    """A path relative to the repository root where it lies inside it (records travel between machines)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def shown(argv: List[str]) -> str:
+    """The command as a user would type it (``python -m ppl_vi ...``)."""
+    return "python -m ppl_vi " + " ".join(shlex.quote(a) for a in argv)
+
+
+def build_commands(spec: dict, opts, run_dir: Path) -> tuple:
+    """The train and eval argv (the subprocesses run in the repository root: paths relative to it)."""
+    run_arg = os.path.relpath(run_dir, REPO) if run_dir.is_relative_to(REPO) else str(run_dir)
+    train = ["train", *spec["args"], "--device", opts.device, "--seed", str(opts.seed), "--out", run_arg,
+             "--overwrite", "--no-progress"]
+    if opts.quick:
+        train += [*QUICK_TRAIN, "--eval-k", ",".join(map(str, QUICK_K))]
+    else:
+        if opts.minutes is not None:
+            train += ["--max-minutes", f"{opts.minutes:g}", "--epochs", str(opts.epochs or 100000)]
+        elif opts.epochs is not None:
+            train += ["--epochs", str(opts.epochs)]
+        train += ["--eval-k", ",".join(map(str, opts.ks))]
+    train += shlex.split(opts.train_args or "")
+    evaluate = ["eval", run_arg, "--k", ",".join(map(str, opts.ks)), "--no-progress"]
+    return train, evaluate
+
+
+def run_one(spec: dict, opts, out_dir: Path, dev_name: str, threads: int) -> dict:
+    """Train, then evaluate, one row in subprocesses; returns its record (also RUN/row.json)."""
+    run_dir = out_dir / (f"smoke-{spec['name']}" if opts.quick else spec["name"])  # a smoke test never overwrites a run
+    train, evaluate = build_commands(spec, opts, run_dir)
+    record = dict(run=spec["name"], what=spec["what"], mode="smoke" if opts.quick else "full",
+                  device=opts.device, device_name=dev_name, seed=opts.seed, parallel=opts.parallel,
+                  train_command=shown(train), eval_command=shown(evaluate), run_dir=portable(run_dir),
+                  started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+    if opts.skip_done and (run_dir / ROW_FILE).is_file():
+        old = json.loads((run_dir / ROW_FILE).read_text())
+        if old.get("train_command") == record["train_command"] and old.get("status") == "ok":
+            print(f"[{spec['name']}] done already: {run_dir} (--skip-done)", flush=True)
+            return old
+    if opts.dry_run:
+        print(f"[{spec['name']}] {shown(train)}\n[{spec['name']}] {shown(evaluate)}", flush=True)
+        return record
+    (run_dir / ROW_FILE).unlink(missing_ok=True)  # a stale row must not outlive a failed re-run
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    record["status"] = "ok"
+    for stage, argv in (("train", train), ("eval", evaluate)):
+        print(f"[{spec['name']}] {shown(argv)}", flush=True)
+        log = logs / f"{spec['name']}.{stage}.log"
+        start = time.perf_counter()
+        with open(log, "w") as handle:
+            rc = subprocess.run([sys.executable, "-m", "ppl_vi", *argv], cwd=REPO, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT).returncode
+        record[f"{stage}_wall_s"] = round(time.perf_counter() - start, 1)
+        record[f"{stage}_log"] = portable(log)
+        if rc != 0:
+            tail = log.read_text().strip().splitlines()[-3:]
+            record["status"] = f"{stage} failed (exit {rc}): " + " / ".join(tail)
+            print(f"[{spec['name']}] {record['status']}", flush=True)
+            break
+        print(f"[{spec['name']}] {stage} done in {record[f'{stage}_wall_s']:.0f} s", flush=True)
+    if record["status"] == "ok":
+        record.update(read_run(run_dir))
+        (run_dir / ROW_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def read_run(run_dir: Path) -> dict:
+    """What the table needs from a run directory: metrics, the device it ran on, its figures."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    keep = ("test_nelbo", "test_nelbo_se", "test_kl", "test_kl_se", "test_rec", "test_rec_se", "test_iwae",
+            "test_iwae_se", "epochs_done", "steps", "train_seconds", "eval_seconds", "final_val_loss")
+    out = {k: metrics[k] for k in keep if k in metrics}
+    out["environment"] = {k: config.get("environment", {}).get(k) for k in
+                          ("device", "device_name", "torch", "pyro", "cuda", "git_commit")}
+    out["config"] = config.get("config", {})
+    out["figures"] = sorted(portable(p) for p in (run_dir / "figures").glob("*.png"))
+    return out
+
+
+# ---- collecting ------------------------------------------------------------------------------------
+
+
+def record_key(record: dict) -> str:
+    """Rows are kept per (smoke|full, cpu|cuda, run): a smoke test never replaces a result."""
+    kind = "cuda" if str(record.get("device", "")).startswith("cuda") else "cpu"
+    return f"{record['mode']}/{kind}/{record['run']}"
+
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"about": "ppl_vi issue 3, the VAE family; written by experiments/vae_family.py", "rows": {}}
+
+
+def largest_k(record: dict) -> Optional[str]:
+    ks = sorted((int(k) for k in record.get("test_iwae", {})), reverse=True)
+    return str(ks[0]) if ks else None
+
+
+def fmt(record: dict, key: str, k: Optional[str] = None) -> str:
+    if k is not None:
+        value, se = record.get("test_iwae", {}).get(k), record.get("test_iwae_se", {}).get(k)
+    else:
+        value, se = record.get(key), record.get(key + "_se")
+    if value is None:
+        return "–"
+    return f"{value:.2f} ± {se:.2f}" if se is not None else f"{value:.2f}"
+
+
+def rel(path: str, base: Path) -> str:
+    """``path`` (absolute, or relative to the repository root) relative to ``base``: a link from RESULTS.md."""
+    try:
+        return os.path.relpath(REPO / path, base)
+    except ValueError:
+        return path
+
+
+def table(records: List[dict], base: Path) -> List[str]:
+    lines = ["| run | command (train; eval) | device | wall: train + eval (concurrent runs) | seed | epochs | "
+             "test NELBO | KL (rate) | distortion | NLL = -IWAE-k (largest k) | figures |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("status", "ok") != "ok":
+            lines.append(f"| {r['run']} ({r['what']}) | `{r['train_command']}` | {r['device_name']} | – | {r['seed']} "
+                         f"| – | **{r['status']}** | | | | |")
+            continue
+        k = largest_k(r)
+        figures = ", ".join(f"[{Path(f).stem}]({rel(f, base)})" for f in r.get("figures", []))
+        wall = f"{r.get('train_wall_s', 0):.0f} s + {r.get('eval_wall_s', 0):.0f} s ({r.get('parallel', 1)})"
+        lines.append(
+            f"| {r['run']} ({r['what']}) | `{r['train_command']}`; `{r['eval_command']}` | {r['device_name']} | {wall} "
+            f"| {r['seed']} | {r.get('epochs_done', '–')} | {fmt(r, 'test_nelbo')} | {fmt(r, 'test_kl')} "
+            f"| {fmt(r, 'test_rec')} | {fmt(r, '', k)} (k={k}) | {figures} |")
+    return lines
+
+
+def judge(target: dict, rows: Dict[str, dict]) -> tuple:
+    """(status, detail) of a target from the full GPU rows: owed, met or NOT met."""
+    got = {name: rows.get(f"full/cuda/{name}") for name in target["runs"]}
+    if any(r is None or r.get("status") != "ok" for r in got.values()):
+        return "owed", ""
+    iw = lambda r, k: r.get("test_iwae", {}).get(k)  # noqa: E731
+    tid = target["id"]
+    if tid in ("vae-nll", "iwae50-nll"):
+        r = got[target["runs"][0]]
+        value, bound = iw(r, "5000"), 87.0 if tid == "vae-nll" else 85.0
+        if value is None:
+            return "owed", "no IWAE-5000 evaluated"
+        return ("met" if value <= bound else "NOT met"), f"{value:.2f} (bound {bound})"
+    g, v = got["gmvae"], got.get("vae_z10")
+    if tid == "gmvae-beats":
+        if iw(g, "1000") is None or iw(v, "1000") is None:
+            return "owed", "no IWAE-1000 evaluated"
+        ok = g["test_nelbo"] < v["test_nelbo"] and iw(g, "1000") < iw(v, "1000")
+        return ("met" if ok else "NOT met"), (f"NELBO {g['test_nelbo']:.2f} vs {v['test_nelbo']:.2f}; "
+                                              f"-IWAE-1000 {iw(g, '1000'):.2f} vs {iw(v, '1000'):.2f}")
+    if iw(g, "1000") is None:
+        return "owed", "no IWAE-1000 evaluated"
+    ok = g["test_nelbo"] <= 98.0 and iw(g, "1000") <= 94.5
+    return ("met" if ok else "NOT met"), f"NELBO {g['test_nelbo']:.2f}, -IWAE-1000 {iw(g, '1000'):.2f}"
+
+
+GPU_COMMAND = "python experiments/vae_family.py --device cuda --parallel 9 --minutes 10"
+
+
+def section(results: dict, base: Path) -> str:
+    rows = results["rows"]
+    order = [s["name"] for group in row_specs(0).values() for s in group]
+    ordered = lambda keys: sorted(keys, key=lambda key: order.index(key.split("/")[-1]))  # noqa: E731
+    full_gpu = [rows[k] for k in ordered(k for k in rows if k.startswith("full/cuda/"))]
+    full_cpu = [rows[k] for k in ordered(k for k in rows if k.startswith("full/cpu/"))]
+    smoke = [rows[k] for k in ordered(k for k in rows if k.startswith("smoke/"))]
+    out = [SECTION, "",
+           "Binarised MNIST (dynamic binarisation for training, one fixed binarisation of the 10,000 test images), "
+           "55,000 training / 5,000 validation images, the best-validation checkpoint evaluated. All figures are "
+           "nats per test image, mean ± standard error over the test images: test NELBO = KL (rate) + distortion "
+           "(-E_q log p(x|z)), all at β = 1 whatever β the run was trained with; NLL is -IWAE-k at the largest k "
+           "evaluated (k = 5000 in full runs). Produced by `experiments/vae_family.py`, which runs each row as "
+           "`python -m ppl_vi train ...` then `python -m ppl_vi eval ...` and collects the run's metrics.json "
+           "(all rows also in `experiments/vae_family.json`). Figure links point into the run directories "
+           "(`experiments/runs/`, not committed).", ""]
+    out += ["### GPU results", ""]
+    out += table(full_gpu, base) if full_gpu else ["_None yet: see \"GPU figures owed\" below._"]
+    if full_cpu:
+        out += ["", "### Full runs on a CPU", "", *table(full_cpu, base)]
+    out += ["", "### CPU smoke tests (NOT results)", "",
+            "Pipeline checks only: `--quick` trains on the first 2,000 training images for one epoch and evaluates "
+            "IWAE-10 at most. The numbers show the commands run end to end; they say nothing about the models.", ""]
+    out += table(smoke, base) if smoke else ["_None._"]
+    out += ["", "### GPU figures owed", "",
+            "Each target is judged on full GPU rows only (never on smoke tests). To produce every row on one H100 "
+            "(all 9 runs at once, 10 minutes of training each, then IWAE up to k = 5000):", "",
+            f"    {GPU_COMMAND}", "",
+            "On a machine that allows at most 10 minutes per command, start it in the background and collect "
+            "afterwards: `nohup " + GPU_COMMAND.replace("--minutes 10", "--minutes 7") +
+            " > experiments/runs/vae_family.log 2>&1 &`, then, when it has finished, copy `experiments/RESULTS.md`, "
+            "`experiments/vae_family.json` and `experiments/runs/` back (or re-collect from a copied run tree with "
+            "`python experiments/vae_family.py --collect --out-dir PATH/runs`). Ten minutes is far fewer epochs "
+            "than the thousands behind the published figures, so a target missed at this budget needs a longer "
+            "`--minutes` before it counts as a finding.", ""]
+    out += ["| target | status | measured | command for just this target |", "|---|---|---|---|"]
+    for t in TARGETS:
+        status, detail = judge(t, rows)
+        cmd = f"python experiments/vae_family.py --device cuda --parallel 2 --minutes 10 --rows {t['group']}"
+        out.append(f"| {t['text']} | **{status}** | {detail or '–'} | `{cmd}` |")
+    return "\n".join(out) + "\n"
+
+
+def write_results_md(path: Path, text: str) -> None:
+    """Replace (or add) the VAE-family section of RESULTS.md; every other section is kept as is."""
+    if not path.is_file():
+        path.write_text("# Results\n\nOne section per experiment; each says how its figures were produced.\n\n" + text)
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
+    if start is None:
+        body = "".join(lines).rstrip("\n") + "\n\n"
+        path.write_text(body + text)
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    rest = "".join(lines[end:])
+    path.write_text("".join(lines[:start]) + text + ("\n" + rest if rest else ""))
+
+
+def collect(out_dir: Path) -> List[dict]:
+    """Records of every finished run under ``out_dir`` (RUN/row.json), refreshed from metrics.json."""
+    records = []
+    for row in sorted(out_dir.glob(f"*/{ROW_FILE}")):
+        record = json.loads(row.read_text())
+        record.update(read_run(row.parent))
+        record["run_dir"] = portable(row.parent)
+        records.append(record)
+    return records
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda | cpu (default cuda)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training budget per run: passes --max-minutes M and a large --epochs")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (with --minutes: the cap; default 100000)")
+    p.add_argument("--rows", default="vae,beta,anneal,iwae,gmvae", help="groups to run (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 2000 training images, 1 epoch, --max-minutes 0.2, IWAE k = 1,10")
+    p.add_argument("--k", dest="k", default=None, help="IWAE ks at eval (default 1,10,100,1000,5000; --quick: 1,10)")
+    p.add_argument("--anneal-steps", type=int, default=None, help="KL annealing steps (default 10000; --quick: 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-args", default="", help="extra flags for every train command, e.g. \"--lr 3e-4\"")
+    p.add_argument("--out-dir", default=str(REPO / "experiments" / "runs"), help="run directories (gitignored)")
+    p.add_argument("--results-md", default=str(REPO / "experiments" / "RESULTS.md"))
+    p.add_argument("--results-json", default=str(REPO / "experiments" / "vae_family.json"))
+    p.add_argument("--skip-done", action="store_true", help="keep finished runs whose train command is unchanged")
+    p.add_argument("--collect", action="store_true", help="run nothing: collect finished runs under --out-dir")
+    p.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")
+    opts = p.parse_args(argv)
+    if opts.parallel < 1:
+        p.error("--parallel must be >= 1")
+    if opts.minutes is not None and opts.minutes <= 0:
+        p.error("--minutes must be > 0")
+    if opts.device not in ("cpu", "cuda") and not opts.device.startswith("cuda:"):
+        p.error("--device must be cpu or cuda")
+    try:
+        opts.ks = [int(k) for k in opts.k.split(",")] if opts.k else (QUICK_K if opts.quick else FULL_K)
+    except ValueError:
+        p.error(f"--k must be comma-separated integers, got {opts.k!r}")
+    if not opts.ks or min(opts.ks) < 1:
+        p.error("--k values must be >= 1")
+    opts.anneal_steps = opts.anneal_steps or (10 if opts.quick else 10000)
+    groups = row_specs(opts.anneal_steps)
+    opts.groups = [g.strip() for g in opts.rows.split(",") if g.strip()]
+    unknown = [g for g in opts.groups if g not in groups]
+    if unknown:
+        p.error(f"unknown --rows {unknown}; choose from {', '.join(groups)}")
+    opts.specs = [s for g in opts.groups for s in groups[g]]
+    return opts
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    out_dir = Path(opts.out_dir).resolve()
+    results_md, results_json = Path(opts.results_md), Path(opts.results_json)
+    if opts.collect:
+        records = collect(out_dir)
+        if not records:
+            print(f"no finished runs (*/{ROW_FILE}) under {out_dir}", file=sys.stderr)
+            return 2
+    else:
+        if opts.device.startswith("cuda") and not opts.dry_run:
+            import torch
+
+            if not torch.cuda.is_available():
+                print("vae_family: --device cuda but no CUDA GPU here; use --device cpu (with --quick)", file=sys.stderr)
+                return 2
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dev_name = device_name(opts.device)
+        threads = max(1, (os.cpu_count() or 1) // opts.parallel)
+        print(f"{len(opts.specs)} runs on {dev_name}, {opts.parallel} at a time, {threads} CPU thread(s) each; "
+              f"runs in {out_dir}", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=opts.parallel) as pool:
+            records = list(pool.map(lambda s: run_one(s, opts, out_dir, dev_name, threads), opts.specs))
+        if opts.dry_run:
+            return 0
+    results = load_results(results_json)
+    for record in records:
+        results["rows"][record_key(record)] = record
+    results["updated"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    results_json.parent.mkdir(parents=True, exist_ok=True)
+    results_json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results_md(results_md, section(results, results_md.parent.resolve()))
+    for r in records:
+        k = largest_k(r)
+        print(f"{r['run']:>8} [{r['mode']}, {r['device_name']}] {r.get('status')}: NELBO {fmt(r, 'test_nelbo')}, "
+              f"KL {fmt(r, 'test_kl')}, distortion {fmt(r, 'test_rec')}, -IWAE-{k} {fmt(r, '', k)}")
+    print(f"written: {results_md} ({SECTION!r} section), {results_json}")
+    return 0 if all(r.get("status") == "ok" for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
