@@ -1,0 +1,525 @@
+"""Semi-supervised VAE: Kingma et al. 2014, model "M2", with the label summed out by enumeration.
+
+Generative story (C = 10 classes)::
+
+    y ~ Cat(1/C)                                    p(y), uniform
+    z ~ N(0, I_Z)                                   p(z)
+    x | y, z ~ Bernoulli(σ(dec(z, onehot y)))       p(x|y,z)
+
+Guide::
+
+    q(y | x)    = Cat(softmax(classifier(x)))
+    q(z | x, y) = N(enc(x, onehot y))
+
+Loss per datapoint, with ELBO(x, y) = E_q(z|x,y)[log p(x|y,z) + log p(y) + log p(z) - log q(z|x,y)]::
+
+    labelled (x, y):   -ELBO(x, y) - α' log q(y|x)
+    unlabelled x:      -[Σ_y q(y|x) ELBO(x, y) + H[q(y|x)]]
+
+**The classifier term lives inside the pair**, so every Pyro loss sees it: on a labelled batch the
+model has an observed site ``y_aux ~ Cat(classifier(x))`` at ``obs=y`` under
+``poutine.scale(α')``. Its log-density α' log q(y|x) does not depend on z, so it adds to the ELBO
+and also factors out of the IWAE log-mean-exp (RenyiELBO gives -(L_K + α' log q(y|x))).
+
+**α' (``alpha_scale``)**: Kingma et al. add α · E_{labelled}[-log q(y|x)] to the summed objective
+with α = 0.1 · N (N training images). As a weight on each labelled datapoint's term that is
+α' = α_config · N / N_labelled, which :meth:`SSVAE.from_config` uses (``config.alpha`` = 0.1,
+N = ``train_size``, N_labelled = ``n_labelled``): 0.1 · 60000 / 100 = 60 for 100 labels, the
+same order as Pyro's ``examples/vae/ss_vae_M2.py`` (46).
+
+**Enumeration**: on an unlabelled batch the guide marks ``y`` ``{"enumerate": "parallel"}``, so
+``TraceEnum_ELBO(max_plate_nesting=1)`` sums it out exactly: y takes the value
+``arange(C).view(C, 1, 1)`` on an enumeration dimension left of the particle plate (or
+``(C, 1)`` without one), the guide's z is drawn once per class, shape (C, K, B, Z) (or (C, B, Z)
+for K = 1), and every cost is weighted by q(y|x). :meth:`SSVAE.enum_draws` re-runs the guide the
+way TraceEnum does, so that re-seeding reproduces its z draws bit for bit;
+:func:`enumerated_rows` holds TraceEnum against the hand bound on them. Under Trace_ELBO,
+RenyiELBO or our IWAELoss ``y`` is sampled instead (score-function gradient).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import Tensor
+
+from ppl_vi import bounds
+from ppl_vi.errors import ConfigError
+from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, register, scale_sites
+from ppl_vi.models.cvae import NUM_CLASSES, broadcast_cat, one_hot, validate_labels
+from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, mlp
+
+if TYPE_CHECKING:  # ppl_vi.check imports the models package: import it lazily below
+    from ppl_vi.check import CheckReport, Row
+
+
+@register(
+    "ssvae",
+    description="semi-supervised VAE (Kingma et al. 2014, M2): y summed out by enumeration, classifier q(y|x)",
+    data="mnist-semisupervised",
+    defaults={"loss": "enum", "z_dim": 50, "hidden": [500], "epochs": 20, "batch_size": 128, "lr": 1e-3,
+              "labels": 100, "alpha": 0.1},
+)
+class SSVAE(LatentModel):
+    #: every latent site the guide may have; :meth:`latent_sites_for` gives a batch's own.
+    latent_sites = ("y", "z")
+    latent_reparameterized = False  # y is discrete on unlabelled batches
+    enumerable_guide = True
+    has_analytic_kl = True  # for z given y
+
+    def __init__(self, x_dim: int, z_dim: int = 50, hidden: Sequence[int] = (500,),
+                 num_classes: int = NUM_CLASSES, alpha_scale: float = 1.0):
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
+        if alpha_scale < 0:
+            raise ConfigError(f"alpha_scale must be >= 0, got {alpha_scale}")
+        self.x_dim, self.z_dim, self.num_classes = x_dim, z_dim, num_classes
+        self.alpha_scale = float(alpha_scale)  # α': weight of -log q(y|x) per labelled datapoint
+        self.classifier = mlp([x_dim, *hidden, num_classes])  # logits of q(y|x)
+        self.encoder = GaussianEncoder(x_dim + num_classes, list(hidden), z_dim)  # q(z|x,y)
+        self.decoder = BernoulliDecoder(z_dim + num_classes, list(reversed(hidden)), x_dim)  # p(x|y,z)
+
+    @classmethod
+    def from_config(cls, config, data_info) -> "SSVAE":
+        """α' = config.alpha · train_size / n_labelled (Kingma et al.'s α = 0.1 N per labelled point)."""
+        n_labelled = int(data_info.get("n_labelled") or 0)  # None / 0: no labelled batches, α' unused
+        alpha_scale = config.alpha * data_info["train_size"] / max(n_labelled, 1)
+        return cls(data_info["x_dim"], config.z_dim, config.hidden, data_info.get("num_classes", NUM_CLASSES),
+                   alpha_scale)
+
+    def make_batch(self, x: Tensor, y: Optional[Tensor] = None) -> Batch:
+        """``{"x": x, "y": y}``: labelled when ``y`` is given (checked: integers in 0..C-1), else unlabelled."""
+        validate_labels(y, x.shape[0], self.num_classes, required=False, model="ssvae")
+        return {"x": x, "y": y}
+
+    @staticmethod
+    def latent_sites_for(batch: Batch) -> tuple:
+        """The guide's latent sites on this batch: ("z",) labelled, ("y", "z") unlabelled."""
+        return ("z",) if batch.get("y") is not None else ("y", "z")
+
+    def _one_hot(self, y: Tensor, like: Tensor) -> Tensor:
+        return one_hot(y, self.num_classes, like.dtype)
+
+    # ---- the Pyro pair -------------------------------------------------------------------
+    def model(self, x: Tensor, y: Optional[Tensor] = None, **_):
+        if self.use_param_store:  # off in the trainer's hot path
+            pyro.module("ssvae", self)
+        with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
+            prior_logits = x.new_zeros(self.num_classes)  # uniform p(y)
+            # y: (B,) observed | (C, 1[, 1]) enumerated | (K?, B) sampled
+            y_value = pyro.sample("y", dist.Categorical(logits=prior_logits), obs=y)
+            zeros = x.new_zeros(self.z_dim)
+            z = pyro.sample("z", dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))  # (C?, K?, B, Z)
+            logits = self.decoder(broadcast_cat(z, self._one_hot(y_value, x)))  # (C?, K?, B, D)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+            if y is not None and self.alpha_scale > 0:  # the classifier term α' log q(y|x), labelled only
+                with poutine.scale(scale=self.alpha_scale):
+                    pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)), obs=y)
+
+    def guide(self, x: Tensor, y: Optional[Tensor] = None, **_):
+        if self.use_param_store:  # off in the trainer's hot path
+            pyro.module("ssvae", self)
+        with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
+            if y is None:
+                y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)), infer={"enumerate": "parallel"})
+            loc, scale = self.encoder(broadcast_cat(x, self._one_hot(y, x)))  # (C?, K?, B, Z)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # ---- enumerated draws --------------------------------------------------------------------
+    def enum_draws(self, batch: Batch, num_particles: int) -> Draws:
+        """The guide run as ``TraceEnum_ELBO(num_particles=K, vectorize_particles=True)`` runs it.
+
+        y is enumerated on the dimension left of a K-particle plate; returns
+        ``{"y": arange(C).view(C, 1, 1), "z": (C, K, B, Z)}``. With the RNG seeded as before
+        TraceEnum's call, z equals TraceEnum's draws (for K = 1 TraceEnum has no particle plate and
+        draws the same numbers in the shape (C, B, Z)).
+        """
+        nest = self.max_plate_nesting
+        guide = poutine.enum(self.guide, first_available_dim=-(nest + 2))
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nest + 1)):
+            trace = poutine.trace(guide).get_trace(**batch)
+        return {"y": trace.nodes["y"]["value"], "z": trace.nodes["z"]["value"]}
+
+    # ---- closed forms ----------------------------------------------------------------------
+    def log_prior_y(self) -> float:
+        """log p(y) = -log C."""
+        return -math.log(self.num_classes)
+
+    def _log_terms(self, x: Tensor, y: Tensor, z: Tensor):
+        """log p(x|y,z), log p(z), log q(z|x,y) at z (..., B, Z), y broadcastable to z's batch shape.
+
+        Each has z's batch shape: (K, B) labelled or sampled, (C, K, B) enumerated."""
+        y1h = self._one_hot(y, x)
+        log_px = bounds.log_bernoulli_with_logits(x, self.decoder(broadcast_cat(z, y1h)))
+        log_pz = bounds.log_normal(z, torch.zeros_like(z), torch.ones_like(z))
+        loc, scale = self.encoder(broadcast_cat(x, y1h))
+        return log_px, log_pz, bounds.log_normal(z, loc, scale)
+
+    def kl_z(self, x: Tensor, y: Tensor) -> Tensor:
+        """KL(q(z|x,y) || N(0, I)) in closed form, y's batch shape broadcast with (B,)."""
+        loc, scale = self.encoder(broadcast_cat(x, self._one_hot(y, x)))
+        return bounds.kl_normal(loc, scale, torch.zeros_like(loc), torch.ones_like(scale))
+
+    def classifier_term(self, batch: Batch) -> Tensor:
+        """α' log q(y|x) per labelled datapoint, (B,)."""
+        return self.alpha_scale * bounds.log_categorical(batch["y"], self.classifier(batch["x"]))
+
+    def _class_values(self, x: Tensor) -> Tensor:
+        return torch.arange(self.num_classes, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
+
+    # ---- hand-derived bounds ----------------------------------------------------------------
+    def negative_elbo_xy(self, x: Tensor, y: Tensor, z: Tensor, kl: str = "mc", beta: float = 1.0,
+                         beta_y: float = 1.0) -> Tensor:
+        """-ELBO_β(x, y) at K draws z, the K dimension first: z (K, ..., B, Z) -> (..., B).
+
+            -ELBO_β(x, y) = -(1/K) Σ_k [log p(x|y,z_k) + β (log p(z_k) - log q(z_k|x,y))] - β_y log p(y)
+
+        (``kl="analytic"``: -(1/K) Σ_k log p(x|y,z_k) + β KL(q(z|x,y) || p(z)) - β_y log p(y).)
+        """
+        log_px, log_pz, log_qz = self._log_terms(x, y, z)
+        if kl == "mc":
+            return bounds.negative_elbo_mc(log_px, log_pz, log_qz, beta) - beta_y * self.log_prior_y()
+        if kl == "analytic":
+            return bounds.negative_elbo_analytic(log_px, self.kl_z(x, y), beta) - beta_y * self.log_prior_y()
+        raise ConfigError(f"unknown KL estimator {kl!r}; expected 'mc' or 'analytic'")
+
+    def hand_negative_elbo(self, batch: Batch, draws: Draws, kl: str = "mc", beta: float = 1.0) -> Tensor:
+        """The per-datapoint loss (B,), by the kind of batch and draws:
+
+        * labelled (``batch["y"]`` given), draws z (K, B, Z):
+          -ELBO_β(x, y) - α' log q(y|x)   (log p(y) unscaled: y is observed);
+        * unlabelled, enumerated draws from :meth:`enum_draws`, z (C, K, B, Z):
+          -[Σ_y q(y|x) ELBO_β(x, y) + β H[q(y|x)]], exact in y (what TraceEnum_ELBO computes);
+        * unlabelled, sampled draws y (K, B), z (K, B, Z) (Trace_ELBO), ``kl="mc"``: the value
+          -(1/K) Σ_k w_k, w_k = log p(x|y_k,z_k) + β [log p(y_k) + log p(z_k) - log q(z_k|x,y_k) - log q(y_k|x)],
+          with Trace_ELBO's score-function surrogate for the gradient,
+          -(1/K) Σ_k [log p(x|y_k,z_k) + β (log p(y_k) + log p(z_k) - log q(z_k|x,y_k)) + log q(y_k|x) · stop_grad(w_k)];
+          ``kl="analytic"``: -rec + β kl of :meth:`elbo_terms`, an estimate of the value for evaluation
+          (its gradient lacks the score-function term of y: train with enumeration or ``"mc"``).
+        """
+        x, y = batch["x"], batch.get("y")
+        if y is not None:
+            return self.negative_elbo_xy(x, y, draws["z"], kl, beta) - self.classifier_term(batch)
+        q_logits = self.classifier(x)  # (B, C)
+        if draws["z"].dim() == 4:  # enumerated: (C, K, B, Z), K first for the mean
+            per_class = self.negative_elbo_xy(x, self._class_values(x).squeeze(-1),
+                                              draws["z"].transpose(0, 1), kl, beta, beta)  # (C, B)
+            expected = (q_logits.softmax(-1).T * per_class).sum(0)  # Σ_y q(y|x) (-ELBO(x, y))
+            return expected - beta * bounds.entropy_categorical(q_logits)
+        if kl == "analytic":  # sampled y: an estimate of the value only (no score-function term)
+            terms = self.elbo_terms(batch, draws)
+            return -terms["rec"] + beta * terms["kl"]
+        if kl != "mc":
+            raise ConfigError(f"unknown KL estimator {kl!r}; expected 'mc' or 'analytic'")
+        y_k, z = draws["y"], draws["z"]
+        log_px, log_pz, log_qz = self._log_terms(x, y_k, z)  # (K, B)
+        log_qy = bounds.log_categorical(y_k, q_logits.expand(y_k.shape + q_logits.shape[-1:]))
+        w = log_px + beta * (self.log_prior_y() + log_pz - log_qz - log_qy)
+        surrogate = -(log_px + beta * (self.log_prior_y() + log_pz - log_qz) + log_qy * w.detach()).mean(0)
+        return -w.mean(0).detach() + (surrogate - surrogate.detach())
+
+    def elbo_terms(self, batch: Batch, draws: Draws) -> dict:
+        """ELBO = rec - kl per datapoint (B,), with the KL of q(y, z|x) = q(y|x) q(z|x,y) to p(y) p(z):
+
+        * labelled (q(y|x) = δ_y): rec = (1/K) Σ_k log p(x|y,z_k), kl = KL_z(y) - log p(y);
+        * unlabelled, enumerated draws: rec = Σ_y q(y|x) (1/K) Σ_k log p(x|y,z_yk),
+          kl = KL(q(y|x) || p(y)) + Σ_y q(y|x) KL_z(y)  (exact in y);
+        * unlabelled, sampled draws: rec = (1/K) Σ_k log p(x|y_k,z_k), kl = KL(q(y|x) || p(y)) + (1/K) Σ_k KL_z(y_k);
+
+        KL_z(y) = KL(q(z|x,y) || N(0, I)) in closed form. The α' classifier term is not included.
+        """
+        x, y = batch["x"], batch.get("y")
+        if y is not None:
+            log_px, _, _ = self._log_terms(x, y, draws["z"])
+            return {"rec": log_px.mean(0), "kl": self.kl_z(x, y) - self.log_prior_y()}
+        q_logits = self.classifier(x)
+        kl_y = bounds.kl_categorical(q_logits, torch.zeros_like(q_logits))
+        if draws["z"].dim() == 4:
+            classes = self._class_values(x)  # (C, 1, 1)
+            q = q_logits.softmax(-1).T  # (C, B)
+            log_px, _, _ = self._log_terms(x, classes, draws["z"])  # (C, K, B)
+            return {"rec": (q * log_px.mean(1)).sum(0), "kl": kl_y + (q * self.kl_z(x, classes.squeeze(-1))).sum(0)}
+        log_px, _, _ = self._log_terms(x, draws["y"], draws["z"])  # (K, B)
+        return {"rec": log_px.mean(0), "kl": kl_y + self.kl_z(x, draws["y"]).mean(0)}
+
+    def hand_iwae_bound(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
+        """Importance-weighted bound (B,) on log p(x, y) (labelled) or log p(x) (unlabelled).
+
+        * labelled: log (1/K) Σ_k p(x, y, z_k) / q(z_k|x,y)  (the α' term is not part of the bound);
+        * sampled (y_k, z_k) ~ q: log (1/K) Σ_k p(x, y_k, z_k) / (q(y_k|x) q(z_k|x,y_k));
+        * enumerated: log Σ_y p(y) (1/K) Σ_k p(x|y,z_yk) p(z_yk) / q(z_yk|x,y), z_yk ~ q(z|x,y),
+          an unbiased estimate of p(x) = Σ_y p(y) p(x|y) inside the log (β = 1 only).
+        """
+        x, y = batch["x"], batch.get("y")
+        if y is not None:
+            log_px, log_pz, log_qz = self._log_terms(x, y, draws["z"])
+            return bounds.iwae_bound_beta(log_px, log_pz + self.log_prior_y(), log_qz, beta)
+        if draws["z"].dim() == 4:
+            if beta != 1:
+                raise ConfigError("the enumerated IWAE bound is defined for beta = 1 only")
+            log_px, log_pz, log_qz = self._log_terms(x, self._class_values(x), draws["z"])  # (C, K, B)
+            per_class = bounds.iwae_bound((log_px + log_pz - log_qz).transpose(0, 1))  # (C, B): log p̂(x|y)
+            return torch.logsumexp(per_class + self.log_prior_y(), dim=0)
+        y_k = draws["y"]
+        log_px, log_pz, log_qz = self._log_terms(x, y_k, draws["z"])
+        q_logits = self.classifier(x)
+        log_qy = bounds.log_categorical(y_k, q_logits.expand(y_k.shape + q_logits.shape[-1:]))
+        return bounds.iwae_bound_beta(log_px, log_pz + self.log_prior_y(), log_qz + log_qy, beta)
+
+    # ---- classification and image hooks ----------------------------------------------------
+    @torch.no_grad()
+    def classify(self, x: Tensor) -> Tensor:
+        """Predicted labels argmax_y q(y|x), (B,) int64."""
+        return self.classifier(x).argmax(-1)
+
+    def _labels(self, n: int, y, device) -> Tensor:
+        if y is None:
+            y = torch.arange(n, device=device) % self.num_classes
+        elif isinstance(y, int):
+            y = torch.full((n,), y, dtype=torch.long, device=device)
+        y = torch.as_tensor(y, device=device)
+        validate_labels(y, n, self.num_classes, model="ssvae")
+        return y
+
+    @torch.no_grad()
+    def generate(self, n: int, y: Union[None, int, Tensor] = None) -> Tensor:
+        """(n, D) pixel probabilities σ(dec(z, y)), z ~ N(0, I); ``y`` a class, (n,) labels, or None
+        for classes 0..C-1 cycled (a grid with one column per class)."""
+        p = next(self.parameters())
+        labels = self._labels(n, y, p.device)
+        z = torch.randn(n, self.z_dim, dtype=p.dtype, device=p.device)
+        return torch.sigmoid(self.decoder(broadcast_cat(z, self._one_hot(labels, z))))
+
+    @torch.no_grad()
+    def encode_mean(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """(B, Z) mean of q(z|x,y); without labels y is the classifier's prediction."""
+        y = self.classify(x) if y is None else y
+        validate_labels(y, x.shape[0], self.num_classes, model="ssvae")
+        return self.encoder(broadcast_cat(x, self._one_hot(y, x)))[0]
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """(B, D) pixel probabilities of the decoder at q(z|x,y)'s mean (y predicted if not given)."""
+        y = self.classify(x) if y is None else y
+        z = self.encode_mean(x, y)
+        return torch.sigmoid(self.decoder(broadcast_cat(z, self._one_hot(y, x))))
+
+
+# --------------------------------------------------------------------------------------------
+# Checks: TraceEnum_ELBO against the enumerated hand bound on the same draws, and the full suite
+
+EnumHand = Callable[[Batch, Draws], Tensor]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-300)
+
+
+def _recording(guide: Callable, traces: list) -> Callable:
+    def recorded(**batch):
+        with poutine.trace() as tracer:
+            out = guide(**batch)
+        traces.append(tracer.trace)
+        return out
+
+    return recorded
+
+
+def enumerated_rows(model: SSVAE, batch: Batch, hand: EnumHand, params: Sequence[Tensor], names: Sequence[str], *,
+                    num_particles: int = 3, beta: float = 1.0, name: Optional[str] = None, seed: int = 0,
+                    rtol: float = 1e-6, repeats: int = 50) -> List[Row]:
+    """``TraceEnum_ELBO(num_particles=K, vectorize_particles=True)`` with y enumerated in the guide,
+    against ``hand(batch, draws)`` at the enumerated draws of :meth:`SSVAE.enum_draws`.
+
+    Same sample: TraceEnum's guide run is recorded; the RNG is re-seeded and ``enum_draws`` re-runs
+    the guide as TraceEnum does; its z (C, K, B, Z) must equal the recorded one exactly, then the
+    loss and every gradient are compared. Statistical: means over ``repeats`` seeds, TraceEnum's
+    against the hand bound's on independent enumerated draws, within 4 SE.
+    """
+    from pyro.infer import TraceEnum_ELBO
+
+    from ppl_vi.check import Row, pyro_loss_and_grads
+
+    k = num_particles
+    name = name or f"TraceEnum_ELBO(K={k}) y enumerated vs hand"
+    loss = TraceEnum_ELBO(num_particles=k, vectorize_particles=True, max_plate_nesting=model.max_plate_nesting)
+    sites = model.latent_sites_for(batch)
+    pyro_model, guide = scale_sites(model.model, sites, beta), scale_sites(model.guide, sites, beta)
+    traces: list = []
+    pyro.set_rng_seed(seed)
+    pyro_value, pyro_grads = pyro_loss_and_grads(loss, pyro_model, _recording(guide, traces), batch, params)
+    pyro.set_rng_seed(seed)
+    draws = model.enum_draws(batch, k)
+    recorded = traces[-1].nodes["z"]["value"]
+    if recorded.numel() != draws["z"].numel() or not torch.equal(recorded.detach().reshape(draws["z"].shape),
+                                                                  draws["z"].detach()):
+        return [Row("same sample", name, pyro_value, passed=False,
+                    note="could not reproduce TraceEnum's enumerated draws by re-seeding")]
+    hand_total = hand(batch, draws).sum()
+    hand_grads = torch.autograd.grad(hand_total, list(params), allow_unused=True)
+    hand_value, tol = hand_total.item(), f"rel <= {rtol:g}"
+    note = f"K={k}, z {tuple(draws['z'].shape)} verified identical"
+    rows = [Row("same sample", f"{name}: loss", pyro_value, hand_value, abs(pyro_value - hand_value),
+                _rel(pyro_value, hand_value), tol, _rel(pyro_value, hand_value) <= rtol, note)]
+    worst, worst_name, worst_abs = 0.0, "", 0.0
+    for pname, gp, gh in zip(names, pyro_grads, hand_grads):
+        gh = torch.zeros_like(gp) if gh is None else gh
+        scale = max(gp.abs().max().item(), gh.abs().max().item(), 1e-300)
+        diff = (gp - gh).abs().max().item()
+        if diff / scale >= worst:
+            worst, worst_name, worst_abs = diff / scale, pname, diff
+    rows.append(Row("same sample", f"{name}: grads ({len(params)} tensors)", math.nan, math.nan, worst_abs, worst,
+                    tol + " (max over tensors)", worst <= rtol, f"worst: {worst_name}"))
+    if repeats >= 2:
+        pyro_values, hand_values = [], []
+        with torch.no_grad():
+            for r in range(repeats):
+                pyro.set_rng_seed(seed + 1 + r)
+                pyro_values.append(float(loss.loss(pyro_model, guide, **batch)))
+                pyro.set_rng_seed(seed + 1 + repeats + r)
+                hand_values.append(hand(batch, model.enum_draws(batch, k)).sum().item())
+        p, h = torch.tensor(pyro_values, dtype=torch.float64), torch.tensor(hand_values, dtype=torch.float64)
+        se = math.sqrt(p.var().item() / repeats + h.var().item() / repeats)
+        diff = abs(p.mean().item() - h.mean().item())
+        rows.append(Row("statistical", f"{name}: mean over {repeats} seeds", p.mean().item(), h.mean().item(), diff,
+                        _rel(p.mean().item(), h.mean().item()), "within 4 SE", diff <= 4 * se, f"SE {se:.3g}"))
+    return rows
+
+
+def _prefixed(rows: List[Row], prefix: str) -> List[Row]:
+    for r in rows:
+        r.name = f"{prefix} {r.name}"
+    return rows
+
+
+def batches_from_data(model: SSVAE, data, batch_size: int, seed: int = 0):
+    """The first ``batch_size`` labelled and unlabelled training images of a loaded data bundle
+    (``train_x``, ``train_y``, ``labelled_idx``, ``unlabelled_idx``), binarised with ``seed``."""
+    from ppl_vi.data.mnist import fixed_binarization
+
+    everything = torch.arange(data.train_x.shape[0], device=data.train_x.device)
+    labelled = (everything if data.labelled_idx is None else data.labelled_idx)[:batch_size]
+    unlabelled = (everything if data.unlabelled_idx is None else data.unlabelled_idx)[:batch_size]
+    return (model.make_batch(fixed_binarization(data.train_x[labelled], seed), data.train_y[labelled]),
+            model.make_batch(fixed_binarization(data.train_x[unlabelled], seed)))
+
+
+def check_suite(model: SSVAE, labelled_batch, unlabelled_batch=None, *, num_particles: int = 3,
+                beta: float = 2.0, seed: int = 0, rtol: float = 1e-6, repeats: int = 50, ks=(1, 10, 100),
+                ladder_repeats: int = 10, unlabelled_hand: Optional[EnumHand] = None,
+                dtype=torch.float64) -> CheckReport:
+    """Pyro's losses against the hand bounds on a labelled and an unlabelled batch (rows "[L]", "[U]").
+
+    ``ppl-vi check ssvae`` calls ``check_suite(model, data, args)``: the loaded data bundle and the
+    command's options (``batch_size``, ``k``, ``beta``, ``seed``, ``repeats``); the batches are then
+    those of :func:`batches_from_data`.
+
+    Labelled: Trace_ELBO (also with β on z), TraceMeanField_ELBO (closed-form KL), TraceEnum_ELBO
+    (nothing to enumerate), RenyiELBO(α=0) against -(L_K + α' log q(y|x)). Our IWAELoss is left
+    out: it requires one scale on the observed sites, and y_aux carries α'.
+    Unlabelled: TraceEnum_ELBO with y enumerated (K = 1 and K), also with β on (y, z), against the
+    exact-in-y hand bound (``unlabelled_hand`` replaces it, e.g. to show that a wrong bound fails);
+    Trace_ELBO with y sampled (score-function surrogate); RenyiELBO(α=0) and IWAELoss values
+    against the sampled IWAE bound; the enumerated bound equal to a loop over the classes of
+    labelled losses weighted by q(y|x) minus H[q(y|x)]; and the IWAE ladder L_1 ≤ L_10 ≤ ... within SE.
+    """
+    from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+
+    from ppl_vi.check import CheckReport, Comparison, check, close_row, iwae_ladder_rows
+    from ppl_vi.objectives.importance import IWAELoss
+
+    if not isinstance(labelled_batch, dict):  # ppl-vi check ssvae: check_suite(model, data, args)
+        data, args = labelled_batch, unlabelled_batch
+        labelled_batch, unlabelled_batch = batches_from_data(model, data, args.batch_size, args.seed)
+        return check_suite(model, labelled_batch, unlabelled_batch, num_particles=args.k, beta=args.beta,
+                           seed=args.seed, repeats=args.repeats, ks=ks, ladder_repeats=ladder_repeats, dtype=dtype)
+    model = model.to(dtype)
+
+    def cast(batch: Batch) -> Batch:
+        return {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in batch.items()}
+
+    labelled, unlabelled = cast(labelled_batch), cast(unlabelled_batch)
+    if labelled.get("y") is None or unlabelled.get("y") is not None:
+        raise ConfigError("check_suite needs a labelled batch (with y) and an unlabelled one (y None)")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params, names = [p for _, p in named], [n for n, _ in named]
+    k, nest = num_particles, model.max_plate_nesting
+    kw = dict(num_particles=k, vectorize_particles=True, max_plate_nesting=nest)
+    iw_k = max(k, 2)
+    common = dict(param_names=names, max_plate_nesting=nest, seed=seed, rtol=rtol, repeats=repeats)
+
+    # ---- labelled: y observed, the classifier term in every loss -------------------------------
+    z_only = ("z",)
+    labelled_comparisons = [
+        Comparison(f"Trace_ELBO(K={k}) vs hand NELBO - a'log q", Trace_ELBO(**kw),
+                   lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k),
+        Comparison(f"Trace_ELBO(K={k}), beta={beta:g} vs hand", Trace_ELBO(**kw),
+                   lambda b, d: model.hand_negative_elbo(b, d, kl="mc", beta=beta), k,
+                   model=scale_sites(model.model, z_only, beta), guide=scale_sites(model.guide, z_only, beta),
+                   statistical=False),
+        Comparison(f"TraceMeanField_ELBO(K={k}) vs hand (closed KL)", TraceMeanField_ELBO(**kw),
+                   lambda b, d: model.hand_negative_elbo(b, d, kl="analytic"), k),
+        Comparison(f"TraceEnum_ELBO(K={k}) vs hand NELBO - a'log q",
+                   TraceEnum_ELBO(strict_enumeration_warning=False, **kw),
+                   lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k, statistical=False),
+        Comparison(f"RenyiELBO(0, K={iw_k}) vs -(IWAE + a'log q)", RenyiELBO(alpha=0, **{**kw, "num_particles": iw_k}),
+                   lambda b, d: -(model.hand_iwae_bound(b, d) + model.classifier_term(b)), iw_k),
+    ]
+    rows = _prefixed(check(model.model, model.guide, labelled, labelled_comparisons, params, **common).rows, "[L]")
+
+    # ---- unlabelled: y enumerated (TraceEnum) or sampled (the others) ----------------------------
+    hand = unlabelled_hand or (lambda b, d: model.hand_negative_elbo(b, d, kl="mc"))
+    unlabelled_comparisons = [
+        Comparison(f"Trace_ELBO(K={k}) y sampled vs hand (score fn)", Trace_ELBO(**kw),
+                   lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k),
+        Comparison(f"RenyiELBO(0, K={iw_k}) vs hand IWAE (values)", RenyiELBO(alpha=0, **{**kw, "num_particles": iw_k}),
+                   lambda b, d: -model.hand_iwae_bound(b, d), iw_k, compare_grads=False),
+        Comparison(f"IWAELoss(K={iw_k}) vs hand IWAE (values)", IWAELoss(num_particles=iw_k, max_plate_nesting=nest),
+                   lambda b, d: -model.hand_iwae_bound(b, d), iw_k, compare_grads=False),
+    ]
+
+    def enum_rows() -> List[Row]:
+        out = enumerated_rows(model, unlabelled, hand, params, names, num_particles=1, seed=seed, rtol=rtol,
+                              repeats=0)
+        out += enumerated_rows(model, unlabelled, hand, params, names, num_particles=k, seed=seed, rtol=rtol,
+                               repeats=repeats)
+        if unlabelled_hand is None:
+            out += enumerated_rows(model, unlabelled, lambda b, d: model.hand_negative_elbo(b, d, beta=beta),
+                                   params, names, num_particles=k, beta=beta, seed=seed, rtol=rtol, repeats=0,
+                                   name=f"TraceEnum_ELBO(K={k}) beta={beta:g}")
+        return out
+
+    def closed_form_rows() -> List[Row]:
+        """Σ_y q(y|x) (-ELBO(x, y)) - H[q] equals a loop over the classes of labelled losses."""
+        x = unlabelled["x"]
+        with torch.no_grad():
+            pyro.set_rng_seed(seed)
+            draws = model.enum_draws(unlabelled, k)
+            q = model.classifier(x).softmax(-1)
+            loop = -bounds.entropy_categorical(model.classifier(x))
+            for c in range(model.num_classes):
+                labelled_c = {"x": x, "y": torch.full_like(x[:, 0], c, dtype=torch.long)}
+                loss_c = model.hand_negative_elbo(labelled_c, {"z": draws["z"][c]}, kl="analytic")
+                loop = loop + q[:, c] * (loss_c + model.classifier_term(labelled_c))
+            enumerated = model.hand_negative_elbo(unlabelled, draws, kl="analytic")
+        return [close_row("ground truth", "enumerated bound = loop over classes (closed KL)", loop, enumerated, rtol)]
+
+    def ladder_rows() -> List[Row]:
+        with torch.no_grad():
+            pyro.set_rng_seed(seed)
+            elbo = -model.hand_negative_elbo(unlabelled, model.sample_draws(unlabelled, 2000), kl="mc")
+        return iwae_ladder_rows(lambda kk: model.hand_iwae_bound(unlabelled, model.sample_draws(unlabelled, kk)),
+                                elbo, None, ks, ladder_repeats, seed)
+
+    with warnings.catch_warnings():  # Trace_ELBO & co. warn that they sample the enumerable y: intended here
+        warnings.filterwarnings("ignore", message=r"(?s).*use TraceEnum_ELBO instead")
+        report = check(model.model, model.guide, unlabelled, unlabelled_comparisons, params,
+                       extra_rows=[enum_rows, closed_form_rows, ladder_rows], **common)
+    return CheckReport(rows + _prefixed(report.rows, "[U]"))

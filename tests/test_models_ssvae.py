@@ -1,0 +1,218 @@
+"""The semi-supervised VAE (M2): enumeration of y, the classifier term, the check suite, bad labels.
+
+Tiny sizes (D = 784, hidden [16], Z = 3, B = 8), float64 throughout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+
+from ppl_vi import bounds
+from ppl_vi.config import TrainConfig
+from ppl_vi.errors import DataError
+from ppl_vi.models import get_spec
+from ppl_vi.models.ssvae import SSVAE, check_suite, enumerated_rows
+
+X_DIM, Z_DIM, HIDDEN, B, ALPHA = 784, 3, [16], 8, 2.5
+
+
+@pytest.fixture(autouse=True)
+def fresh_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+
+
+@pytest.fixture
+def model():
+    return SSVAE(X_DIM, Z_DIM, HIDDEN, alpha_scale=ALPHA).double()
+
+
+@pytest.fixture
+def x():
+    g = torch.Generator().manual_seed(123)
+    return torch.bernoulli(torch.rand(B, X_DIM, generator=g, dtype=torch.float64), generator=g)
+
+
+@pytest.fixture
+def y():
+    return torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+
+
+def params_of(model):
+    named = [(n, p) for n, p in model.named_parameters()]
+    return [p for _, p in named], [n for n, _ in named]
+
+
+# ---- the full suite ----------------------------------------------------------------------------
+
+
+def test_check_suite_passes_labelled_and_unlabelled(model, x, y):
+    report = check_suite(model, model.make_batch(x, y), model.make_batch(x), repeats=12, ks=(1, 10), ladder_repeats=5)
+    assert report.passed, "\n" + report.table()
+    names = [r.name for r in report.rows]
+    assert any(n.startswith("[L] TraceEnum_ELBO") for n in names)
+    enum_rows = [r for r in report.rows if "y enumerated" in r.name and r.kind == "same sample"]
+    assert len(enum_rows) == 4  # K = 1 and K = 3, loss and grads
+    assert all("verified identical" in r.note for r in enum_rows if r.name.endswith("loss"))
+
+
+def test_missing_entropy_term_fails(model, x):
+    """-Σ_y q(y|x) ELBO(x, y) without + H[q(y|x)] is not TraceEnum's loss."""
+    batch = model.make_batch(x)
+    params, names = params_of(model)
+
+    def wrong(b, d):
+        return model.hand_negative_elbo(b, d) + bounds.entropy_categorical(model.classifier(b["x"]))
+
+    good = enumerated_rows(model, batch, lambda b, d: model.hand_negative_elbo(b, d), params, names, repeats=0)
+    bad = enumerated_rows(model, batch, wrong, params, names, repeats=0)
+    assert all(r.passed for r in good)
+    assert not bad[0].passed and bad[0].rel_diff > 1e-6
+
+
+# ---- enumeration in closed form ----------------------------------------------------------------
+
+
+def test_trace_enum_equals_loop_over_classes(model, x):
+    """TraceEnum's unlabelled loss = Σ_c q(c|x) [labelled loss(x, c) + α' log q(c|x)] - H[q(y|x)],
+    the labelled losses evaluated by hand at the z that TraceEnum drew for class c."""
+    batch, k = model.make_batch(x), 2
+    pyro.set_rng_seed(7)
+    pyro_loss = TraceEnum_ELBO(num_particles=k, vectorize_particles=True, max_plate_nesting=1).loss(
+        model.model, model.guide, **batch)
+    pyro.set_rng_seed(7)
+    draws = model.enum_draws(batch, k)
+    assert draws["z"].shape == (10, k, B, Z_DIM) and draws["y"].shape == (10, 1, 1)
+    with torch.no_grad():
+        logits = model.classifier(x)
+        q = logits.softmax(-1)
+        loop = -bounds.entropy_categorical(logits)
+        for c in range(10):
+            labelled = model.make_batch(x, torch.full((B,), c))
+            labelled_loss = model.hand_negative_elbo(labelled, {"z": draws["z"][c]})
+            loop = loop + q[:, c] * (labelled_loss + ALPHA * bounds.log_categorical(labelled["y"], logits))
+    assert loop.sum().item() == pytest.approx(pyro_loss, rel=1e-9)
+
+
+def test_enumerated_closed_kl_is_loop_and_iwae_above_elbo(model, x):
+    batch = model.make_batch(x)
+    with torch.no_grad():
+        draws = model.enum_draws(batch, 3)
+        logits = model.classifier(x)
+        analytic = model.hand_negative_elbo(batch, draws, kl="analytic")
+        # -Σ_y q [E log p(x|y,z) - KL_z(y)] + KL(q(y|x) || p(y)), by hand per class
+        rec = torch.stack([model._log_terms(x, torch.full((B,), c), draws["z"][c])[0].mean(0) for c in range(10)])
+        kl_z = torch.stack([model.kl_z(x, torch.full((B,), c)) for c in range(10)])
+        expected = (logits.softmax(-1).T * (kl_z - rec)).sum(0) + bounds.kl_categorical(logits, torch.zeros(10))
+        assert torch.allclose(analytic, expected, rtol=1e-10)
+        # log Σ_y p(y) p̂(x|y) >= Σ_y q(y|x) [log p(y) + mean_k log w_yk - log q(y|x)] pointwise (Jensen twice)
+        assert (model.hand_iwae_bound(batch, draws) >= -model.hand_negative_elbo(batch, draws) - 1e-9).all()
+
+
+# ---- the classifier term and the batch kinds ---------------------------------------------------
+
+
+def test_classifier_term_is_inside_the_pair(model, x, y):
+    """Labelled loss(α') - loss(0) = -α' Σ log q(y|x), on the same draws."""
+    batch = model.make_batch(x, y)
+    loss = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+    pyro.set_rng_seed(3)
+    with_term = loss.loss(model.model, model.guide, **batch)
+    model.alpha_scale = 0.0
+    pyro.set_rng_seed(3)
+    without = loss.loss(model.model, model.guide, **batch)
+    log_q = bounds.log_categorical(y, model.classifier(x)).sum().item()
+    assert with_term - without == pytest.approx(-ALPHA * log_q, rel=1e-9)
+
+
+def test_latent_sites_and_draws_by_batch(model, x, y):
+    assert model.latent_sites_for(model.make_batch(x, y)) == ("z",)
+    assert model.latent_sites_for(model.make_batch(x)) == ("y", "z")
+    assert set(model.sample_draws(model.make_batch(x, y), 4)) == {"z"}
+    draws = model.sample_draws(model.make_batch(x), 4)
+    assert draws["y"].shape == (4, B) and draws["z"].shape == (4, B, Z_DIM)
+
+
+def test_from_config_alpha_scale_and_registry():
+    spec = get_spec("ssvae")
+    assert spec.data == "mnist-semisupervised" and spec.defaults["loss"] == "enum"
+    config = TrainConfig(**{**spec.defaults, "model": "ssvae"})
+    m = spec.build(config, {"x_dim": X_DIM, "num_classes": 10, "train_size": 50000, "n_labelled": 100})
+    assert m.alpha_scale == pytest.approx(0.1 * 50000 / 100)
+    m = spec.build(config, {"x_dim": X_DIM, "num_classes": 10, "train_size": 50000, "n_labelled": None})
+    assert m.alpha_scale == pytest.approx(0.1 * 50000)  # no labelled data: the term never appears
+
+
+def test_elbo_terms_match_the_bounds(model, x, y):
+    """rec - kl is the ELBO: labelled (with the α' term apart), enumerated (exact in y), sampled."""
+    labelled, unlabelled = model.make_batch(x, y), model.make_batch(x)
+    with torch.no_grad():
+        draws = model.sample_draws(labelled, 2)
+        terms = model.elbo_terms(labelled, draws)
+        assert torch.allclose(terms["kl"] - terms["rec"] - model.classifier_term(labelled),
+                              model.hand_negative_elbo(labelled, draws, kl="analytic"), rtol=1e-12)
+        enum = model.enum_draws(unlabelled, 2)
+        terms = model.elbo_terms(unlabelled, enum)
+        assert torch.allclose(terms["kl"] - terms["rec"], model.hand_negative_elbo(unlabelled, enum, kl="analytic"),
+                              rtol=1e-12)
+        sampled = model.sample_draws(unlabelled, 2)
+        terms = model.elbo_terms(unlabelled, sampled)
+        assert terms["rec"].shape == terms["kl"].shape == (B,) and (terms["kl"] >= 0).all()
+
+
+def test_batches_from_data_for_the_cli(model, x, y):
+    from types import SimpleNamespace
+
+    from ppl_vi.models.ssvae import batches_from_data
+
+    data = SimpleNamespace(train_x=torch.rand(20, X_DIM, dtype=torch.float64), train_y=torch.arange(20) % 10,
+                           labelled_idx=torch.tensor([2, 5, 7, 11]), unlabelled_idx=torch.arange(12, 20))
+    labelled, unlabelled = batches_from_data(model, data, 3, seed=0)
+    assert torch.equal(labelled["y"], torch.tensor([2, 5, 7])) and unlabelled["y"] is None
+    assert labelled["x"].shape == unlabelled["x"].shape == (3, X_DIM)
+    assert set(labelled["x"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_hooks_shapes(model, x, y):
+    assert model.classify(x).shape == (B,) and model.classify(x).dtype == torch.int64
+    grid = model.generate(20)
+    assert grid.shape == (20, X_DIM) and ((grid >= 0) & (grid <= 1)).all()
+    assert model.generate(3, y=7).shape == (3, X_DIM)
+    assert model.reconstruct(x).shape == (B, X_DIM) and model.reconstruct(x, y).shape == (B, X_DIM)
+    assert model.encode_mean(x, y).shape == (B, Z_DIM)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2, 3, 4, 5, 6, 10], [-1, 1, 2, 3, 4, 5, 6, 7]])
+def test_labels_out_of_range(model, x, labels):
+    with pytest.raises(DataError, match=r"labels range over .*expected integer labels .* in 0\.\.9"):
+        model.make_batch(x, torch.tensor(labels))
+
+
+def test_labels_wrong_dtype_or_shape(model, x):
+    with pytest.raises(DataError, match="dtype"):
+        model.make_batch(x, torch.zeros(B))
+    with pytest.raises(DataError, match="shape"):
+        model.make_batch(x, torch.zeros(B + 1, dtype=torch.long))
+    with pytest.raises(DataError, match="in 0..9"):
+        model.generate(2, y=12)
+    assert len(str(DataError("x")).splitlines()) == 1
+    with pytest.raises(DataError) as info:
+        model.make_batch(x, torch.full((B,), 11))
+    assert "\n" not in str(info.value)
+
+
+def test_default_loss_gives_finite_gradients(model, x, y):
+    """The default loss (TraceEnum_ELBO) on each batch kind: a finite loss and finite gradients."""
+    loss = TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
+    for batch in (model.make_batch(x, y), model.make_batch(x)):
+        value = loss.differentiable_loss(model.model, model.guide, **batch)
+        grads = torch.autograd.grad(value, list(model.parameters()), allow_unused=True)
+        assert math.isfinite(value.item()) and all(g is None or torch.isfinite(g).all() for g in grads)
