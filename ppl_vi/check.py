@@ -83,12 +83,12 @@ class CheckReport:
 
     def table(self) -> str:
         """A plain-text table of every row."""
-        head = f"{'kind':<13} {'check':<52} {'reference':>14} {'value':>14} {'abs diff':>9} {'rel diff':>9}  ok  tolerance / note"
+        head = f"{'kind':<13} {'check':<64} {'reference':>14} {'value':>14} {'abs diff':>9} {'rel diff':>9}  ok  tolerance / note"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             note = "; ".join(s for s in (r.tolerance, r.note) if s)
             lines.append(
-                f"{r.kind:<13} {r.name[:52]:<52} {r.reference:>14.6g} {r.value:>14.6g} {r.abs_diff:>9.2e}"
+                f"{r.kind:<13} {r.name[:64]:<64} {r.reference:>14.6g} {r.value:>14.6g} {r.abs_diff:>9.2e}"
                 f" {r.rel_diff:>9.2e}  {'ok' if r.passed else 'FAIL':<4} {note}"
             )
         verdict = "PASS" if self.passed else f"FAIL ({len(self.failures)} of {len(self.rows)} checks failed: " + \

@@ -23,6 +23,8 @@ EXAMPLES = """examples:
   ppl-vi train vae --loss iwae --k 50 --out runs/iwae50
   ppl-vi train --resume runs/vae
   ppl-vi train --config runs/vae/config.json --out runs/vae-again
+  ppl-vi check gmm --json runs/gmm/check.json && ppl-vi report runs/gmm
+  torchrun --standalone --nproc_per_node 2 -m ppl_vi train gmm --device cpu --out runs/gmm-ddp
 """
 
 
@@ -40,7 +42,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if field.type in ("bool", bool):
             parser.add_argument(_flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = {"int": int, "float": float}.get(str(field.type), str)
+            # "Optional[float]" too: --max-minutes parsed as a str crashed at the end of the first epoch
+            kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(field.type), str)
             parser.add_argument(_flag(field.name), dest=field.name, type=kind, default=None, metavar=field.name.upper())
 
 
@@ -79,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--json", dest="json_out", help="also write the check table as JSON here")
 
     sub.add_parser("list", help="models and losses, one line each")
+
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html: metrics, figures, check table, config")
+    rep.add_argument("run_dir")
+    rep.add_argument("--check", action="store_true",
+                     help="first run a quick `ppl-vi check MODEL` (20 seeds) into RUN_DIR/check.json")
     return parser
 
 
@@ -95,8 +103,15 @@ def cmd_train(args) -> int:
     else:
         file_values = read_config_file(args.config_file) if args.config_file else {}
         config = build_config(args.model, file_values, overrides)
-        run_dir = rundir.prepare_run_dir(args.out, overwrite=args.overwrite)
-    trainer = train(config, run_dir, resume=bool(args.resume), progress=args.progress)
+        from ppl_vi.distributed import is_main_process
+
+        # checked here, created by train() only once the data have loaded (no half-made run directory);
+        # under torchrun only rank 0 creates (or clears) the run directory; the others never write it
+        run_dir = rundir.check_run_dir(args.out, overwrite=args.overwrite) if is_main_process() \
+            else (Path(args.out) if args.out else None)
+    trainer = train(config, run_dir, resume=bool(args.resume), progress=args.progress, overwrite=args.overwrite)
+    if not trainer.dist.is_main:
+        return 0
     shown = {k: v for k, v in trainer.metrics.items() if isinstance(v, (int, float))}
     print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     if run_dir is not None:
@@ -126,6 +141,10 @@ def cmd_eval(args) -> int:
     for k, value in metrics["test_iwae"].items():
         print(f"{'-IWAE_' + k:>22}: {value:.4f} ± {metrics['test_iwae_se'][k]:.4f}")
     print(f"written to {Path(args.run_dir) / rundir.METRICS}")
+    if (Path(args.run_dir) / "report.html").is_file():
+        from ppl_vi.report import write_report
+
+        print(f"report refreshed: {write_report(Path(args.run_dir))}")
     return 0
 
 
@@ -158,9 +177,13 @@ def cmd_check(args) -> int:
     module = importlib.import_module(spec.cls.__module__)
     x = data.train_x[: args.batch_size]
     if data.binary:
-        from ppl_vi.data.mnist import fixed_binarization
+        from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
 
+        validate_bernoulli_data(x, f"the {data.kind} batch")  # corrupt data: one line, before binarising
         x = fixed_binarization(x, seed=args.seed)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*enumerate sites, you need to use TraceEnum_ELBO.*")
     if hasattr(module, "check_suite"):
         report = module.check_suite(model, data, args)
     else:
@@ -187,7 +210,31 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "check": cmd_check, "list": cmd_list}
+def cmd_report(args) -> int:
+    from ppl_vi import run as rundir
+    from ppl_vi.errors import ConfigError
+    from ppl_vi.report import CHECK, write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / rundir.CONFIG).is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {rundir.CONFIG}); train into it first "
+                          f"(ppl-vi train MODEL --out {run_dir})")
+    status = 0
+    if args.check:
+        import ppl_vi.models  # noqa: F401  (registry first: ppl_vi.check is imported by some model modules)
+
+        saved = rundir.load_config_dict(run_dir)
+        argv = ["check", saved["model"], "--repeats", "20", "--seed", str(saved.get("seed", 0)),
+                "--json", str(run_dir / CHECK)]
+        if saved.get("data_dir"):
+            argv += ["--data-dir", saved["data_dir"]]
+        status = cmd_check(build_parser().parse_args(argv))
+    path = write_report(run_dir)
+    print(f"report written: {path}")
+    return status
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "check": cmd_check, "list": cmd_list, "report": cmd_report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -36,6 +36,7 @@ class TrainConfig:
     seed: int = 0  # seeds torch, Python and the data order
     data_dir: Optional[str] = None  # MNIST root (holds MNIST/raw); else $PPL_VI_DATA, else download
     val_size: int = 5000  # MNIST: training images held out for validation (0: train on all 60k)
+    train_subset: int = 0  # MNIST: train on only the first N training images after the split (0: all)
     n_train: int = 5000  # synthetic data sets: training points
     n_test: int = 2000  # synthetic data sets: test points
     labels: int = 100  # semi-supervised: labelled training images, class-balanced
@@ -43,10 +44,12 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validation passes
     eval_k: List[int] = dataclasses.field(default_factory=lambda: [1, 10, 100, 1000, 5000])  # IWAE ks at eval
     checkpoint_every: int = 1  # epochs between checkpoints
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps, mid-epoch (0: off); resumes exactly
     log_every: int = 50  # steps between loss read-backs (each is a host sync)
     max_minutes: Optional[float] = None  # wall-clock budget for training; stops after the epoch that passes it
     nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
     fast: bool = True  # compiled / graph-captured step where possible (falls back to eager)
+    tensorboard: bool = False  # also log scalars (losses, β, lr) to RUN_DIR/tensorboard (needs `pip install tensorboard`)
 
     def __post_init__(self):
         if isinstance(self.hidden, (int, str)):
@@ -60,22 +63,24 @@ class TrainConfig:
             raise ConfigError(f"unknown loss {self.loss!r}; expected one of: {', '.join(LOSSES)}")
         checks = [
             (self.k >= 1, f"k (particles) must be >= 1, got {self.k}"),
-            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+            (0 <= self.beta < float("inf"), f"beta must be >= 0 and finite, got {self.beta}"),
             (self.kl_anneal >= 0, f"kl_anneal must be >= 0 steps, got {self.kl_anneal}"),
             (self.z_dim >= 1, f"z_dim must be >= 1, got {self.z_dim}"),
             (all(h >= 1 for h in self.hidden) and len(self.hidden) >= 1, f"hidden must be positive widths, got {self.hidden}"),
             (self.components >= 1, f"components must be >= 1, got {self.components}"),
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 < self.lr < float("inf"), f"lr must be > 0 and finite, got {self.lr}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be cpu, cuda or auto, got {self.device!r}"),
             (all(k >= 1 for k in self.eval_k), f"eval_k values must be >= 1, got {self.eval_k}"),
             (self.n_train >= 1 and self.n_test >= 1, "n_train and n_test must be >= 1"),
             (self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}"),
+            (self.train_subset >= 0, f"train_subset must be >= 0 (0: all), got {self.train_subset}"),
             (self.labels >= 0, f"labels must be >= 0, got {self.labels}"),
             (self.eval_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1,
              "eval_every, checkpoint_every and log_every must be >= 1"),
+            (self.checkpoint_every_steps >= 0, f"checkpoint_every_steps must be >= 0 (0: off), got {self.checkpoint_every_steps}"),
             (self.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip, got {self.nan_policy!r}"),
         ]
         for ok, message in checks:

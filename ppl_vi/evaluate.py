@@ -37,6 +37,52 @@ def _batch(model, xb, yb, labelled: bool):
     return make(xb, yb if labelled else None)
 
 
+def validate_eval_inputs(model, x, y: Optional[Tensor] = None, ks: Sequence[int] = (1,), batch_size: int = 1,
+                         bernoulli: Optional[bool] = None) -> None:
+    """A one-line DataError / ConfigError for data a user hands to the evaluation entry points.
+
+    ``x`` must be a non-empty, finite float ``(B, D)`` tensor with the model's ``x_dim``, dtype and
+    device; with a Bernoulli likelihood (inferred from a :class:`~ppl_vi.nets.BernoulliDecoder`
+    when ``bernoulli`` is None) its values must lie in [0, 1]. ``y``, if given, is ``(B,)`` integer
+    labels on the same device.
+    """
+    from ppl_vi.data.mnist import validate_bernoulli_data
+    from ppl_vi.errors import ConfigError, DataError
+    from ppl_vi.nets import BernoulliDecoder
+
+    expected = "expected a non-empty float tensor of shape (B, D)"
+    if not isinstance(x, Tensor):
+        raise DataError(f"x is a {type(x).__name__}; {expected}")
+    param = next(iter(model.parameters()), None)
+    if param is not None and x.device != param.device:
+        raise DataError(f"x is on {x.device} but the model is on {param.device}; move it with x.to({str(param.device)!r})")
+    if bernoulli is None:
+        bernoulli = any(isinstance(m, BernoulliDecoder) for m in model.modules())
+    if bernoulli:
+        validate_bernoulli_data(x, "x")
+    elif x.ndim != 2 or not x.is_floating_point() or x.numel() == 0:
+        raise DataError(f"x has shape {tuple(x.shape)} and dtype {x.dtype}; {expected}")
+    elif not torch.isfinite(x).all():
+        raise DataError(f"x contains NaN or inf; {expected} with finite values")
+    x_dim = getattr(model, "x_dim", None)
+    if x_dim is not None and x.shape[1] != x_dim:
+        raise DataError(f"x has {x.shape[1]} columns but the model expects D = {x_dim}")
+    if param is not None and x.dtype != param.dtype:
+        raise DataError(f"x has dtype {x.dtype} but the model's parameters are {param.dtype}; convert with "
+                        f"x.to({param.dtype})")
+    if y is not None:
+        if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0] or y.is_floating_point() \
+                or y.dtype == torch.bool:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise DataError(f"y has shape {shape}; expected integer labels of shape ({x.shape[0]},), one per row of x")
+        if y.device != x.device:
+            raise DataError(f"y is on {y.device} but x is on {x.device}; expected both on one device")
+    if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+        raise ConfigError(f"ks must be integers >= 1, got {list(ks)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size}")
+
+
 @torch.no_grad()
 def bound_metrics(model: LatentModel, x: Tensor, y: Optional[Tensor] = None, ks: Sequence[int] = (1, 10),
                   batch_size: int = 500, max_rows: int = 200_000, progress: bool = False, labelled: bool = True,
@@ -48,6 +94,7 @@ def bound_metrics(model: LatentModel, x: Tensor, y: Optional[Tensor] = None, ks:
     """
     from tqdm.auto import tqdm
 
+    validate_eval_inputs(model, x, y, ks, batch_size)
     pyro.set_rng_seed(seed)
     nelbo, kl, rec = [], [], []
     iwae = {k: [] for k in ks}

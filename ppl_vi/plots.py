@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import List, Optional
 
@@ -105,12 +106,34 @@ def gmm_density(run_dir: Path, model, data) -> Path:
     return _save(fig, run_dir, "gmm_density")
 
 
+@torch.no_grad()
+def ssvae_style_grid(run_dir: Path, model, n_styles: int = 10, seed: int = 0) -> Path:
+    """Class-conditional samples, style against content: row = class y, column = one z ~ N(0, I).
+
+    ``model.generate(n, y)`` is called once per class with the RNG re-seeded, so every row uses the
+    same n_styles draws of z: a column holds one "style" rendered as each digit."""
+    rows = []
+    for c in range(model.num_classes):
+        torch.manual_seed(seed)
+        rows.append(model.generate(n_styles, c))
+    fig, ax = plt.subplots(figsize=(0.5 * n_styles + 0.6, 0.5 * model.num_classes))
+    ax.imshow(image_grid(torch.cat(rows), model.num_classes), cmap="gray")
+    ax.set_yticks([28 * c + 14 for c in range(model.num_classes)], [str(c) for c in range(model.num_classes)])
+    ax.set_xticks([])
+    ax.set_ylabel("class y")
+    ax.set_xlabel("z (one draw per column, shared by the rows)")
+    ax.set_title("samples p(x|y,z): row = y, column = z")
+    return _save(fig, run_dir, "style_grid")
+
+
 def training_figures(run_dir: Path, model, data, history: List[dict]) -> None:
     """Every figure that applies to this model, after training."""
     model.eval()
     training_curves(run_dir, history)
     if data.kind.startswith("mnist"):
         image_figures(run_dir, model, data)
+        if hasattr(model, "num_classes") and "y" in inspect.signature(getattr(model, "generate", len)).parameters:
+            ssvae_style_grid(run_dir, model)  # ssvae, cvae: a row per class
     elif data.kind == "gmm" and data.train_x.shape[1] == 2:
         gmm_density(run_dir, model, data)
     model.train()

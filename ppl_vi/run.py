@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,10 +73,11 @@ def read_json(path: Path) -> dict:
         raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
-def prepare_run_dir(path: Optional[str], *, overwrite: bool = False, resume: bool = False) -> Optional[Path]:
-    """Create ``path`` for a new run; refuse to reuse a non-empty one unless told.
+def check_run_dir(path: Optional[str], *, overwrite: bool = False, resume: bool = False) -> Optional[Path]:
+    """Validate ``path`` as a run directory to create (or resume) without touching the disk.
 
-    ``resume`` requires an existing run; ``overwrite`` clears the known run files first.
+    The CLI calls this before loading data, and :func:`prepare_run_dir` only once data have
+    loaded, so a failed start leaves no half-made run directory behind.
     """
     if path is None:
         return None
@@ -84,10 +86,23 @@ def prepare_run_dir(path: Optional[str], *, overwrite: bool = False, resume: boo
         if not (run_dir / CONFIG).is_file():
             raise ConfigError(f"cannot resume: {run_dir} holds no {CONFIG} (not a run directory)")
         return run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output path {run_dir} exists and is not a directory; expected a new or empty folder")
+    if run_dir.exists() and any(p.is_file() for p in run_dir.rglob("*")) and not overwrite:
+        raise ConfigError(f"output directory {run_dir} exists and is not empty; pass --resume to continue "
+                          "that run or --overwrite to replace it")
+    return run_dir
+
+
+def prepare_run_dir(path: Optional[str], *, overwrite: bool = False, resume: bool = False) -> Optional[Path]:
+    """Create ``path`` for a new run; refuse to reuse a non-empty one unless told.
+
+    ``resume`` requires an existing run; ``overwrite`` clears the known run files first.
+    """
+    run_dir = check_run_dir(path, overwrite=overwrite, resume=resume)
+    if run_dir is None or resume:
+        return run_dir
     if run_dir.exists() and any(p.is_file() for p in run_dir.rglob("*")):
-        if not overwrite:
-            raise ConfigError(f"output directory {run_dir} exists and is not empty; pass --resume to continue "
-                              "that run or --overwrite to replace it")
         for name in (CONFIG, METRICS, HISTORY, "report.html"):
             (run_dir / name).unlink(missing_ok=True)
         for folder in (CHECKPOINTS, FIGURES):
@@ -159,10 +174,36 @@ def append_history(run_dir: Optional[Path], record: dict) -> None:
 
 
 def read_history(run_dir: Path) -> list:
+    """The records of history.jsonl; a line cut short by a kill mid-append is dropped."""
     path = Path(run_dir) / HISTORY
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def truncate_history(run_dir: Optional[Path], step: int, epoch: int) -> list:
+    """Keep the records a checkpoint at (``step``, ``epoch``) had seen; rewrite history.jsonl atomically.
+
+    On resume, records written after the checkpoint (by the killed process) would otherwise be
+    written twice. Records with a ``step`` are kept when ``step`` <= the checkpoint's; others
+    when their ``epoch`` <= the checkpoint's.
+    """
+    if run_dir is None:
+        return []
+    kept = [r for r in read_history(run_dir)
+            if (r["step"] <= step if isinstance(r.get("step"), int) else r.get("epoch", 0) <= epoch)]
+    text = "".join(json.dumps(r, default=_jsonable) + "\n" for r in kept)
+    if kept or (Path(run_dir) / HISTORY).exists():
+        _atomic_write_bytes(Path(run_dir) / HISTORY, lambda h: h.write(text.encode()))
+    return kept
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -179,9 +220,12 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, foreign or unsafe
         text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text or "unsupported" in text.lower():
-            reason = "it contains objects other than tensors and plain containers (refused: loading could run code)"
-        else:
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        if named or "unsupported class" in text.lower():  # a pickle that would import or call something
+            what = f" such as {named.group(1)}" if named else ""
+            reason = (f"it contains objects other than tensors and plain containers{what} "
+                      "(refused: loading could run code)")
+        else:  # garbage, a truncated zip, an unknown pickle opcode
             reason = f"it is truncated or not a torch checkpoint ({type(exc).__name__})"
         raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
     if not isinstance(state, dict) or "model" not in state or "ppl_vi" not in state:

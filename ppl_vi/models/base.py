@@ -48,6 +48,10 @@ class LatentModel(nn.Module):
     enumerable_guide: bool = False
     #: the guide setting under which q(z|x) is the exact posterior, where the model has one.
     exact_guide_kind = None
+    #: whether model/guide register the networks in Pyro's param store (``pyro.module``), as plain
+    #: ``SVI`` with a ``pyro.optim`` optimiser needs; the trainer's fast path switches it off in
+    #: the hot path (it optimises ``module.parameters()`` with a torch optimiser).
+    use_param_store: bool = True
 
     def model(self, **batch):  # pragma: no cover - abstract
         raise NotImplementedError

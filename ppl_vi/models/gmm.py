@@ -67,13 +67,15 @@ class GMM(LatentModel):
 
     # ---- the Pyro pair -------------------------------------------------------------------
     def model(self, x: Tensor, **_):
-        pyro.module("gmm", self)
+        if self.use_param_store:  # off in the trainer's hot path
+            pyro.module("gmm", self)
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
             c = pyro.sample("c", dist.Categorical(logits=self.logits), infer={"enumerate": "parallel"})
             pyro.sample("x", dist.Normal(self.locs[c], self.scales[c]).to_event(1), obs=x)
 
     def guide(self, x: Tensor, **_):
-        pyro.module("gmm", self)
+        if self.use_param_store:  # off in the trainer's hot path
+            pyro.module("gmm", self)
         if self.guide_kind == "marginal":
             return
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):

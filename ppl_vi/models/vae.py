@@ -57,14 +57,16 @@ class VAE(LatentModel):
 
     # ---- the Pyro pair -------------------------------------------------------------------
     def model(self, x: Tensor, **_):
-        pyro.module(self.pyro_name, self)
+        if self.use_param_store:  # off in the trainer's hot path
+            pyro.module(self.pyro_name, self)
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
             z = pyro.sample("z", self.prior(x))  # (..., B, Z)
             logits = self.decoder(z)  # (..., B, D)
             pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
     def guide(self, x: Tensor, **_):
-        pyro.module(self.pyro_name, self)
+        if self.use_param_store:  # off in the trainer's hot path
+            pyro.module(self.pyro_name, self)
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
             loc, scale = self.encoder(x)  # (B, Z) each
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))

@@ -1,0 +1,475 @@
+"""The fast training step: model/guide kept, host syncs and Python overheads taken out.
+
+Three layers, each used where it applies and falling back, with a one-line note, where not:
+
+1. **The hot path** (:func:`hot_path`), always: Pyro's and ``torch.distributions``' argument
+   validation off, and the model's ``pyro.module`` param-store registration skipped
+   (``LatentModel.use_param_store``; the trainer optimises the module's parameters with its own
+   torch optimiser, so the param store plays no part in training). Both are restored afterwards.
+2. **A sync-free loss** (:class:`SyncFreeLoss`) for ``Trace_ELBO`` and :class:`IWAELoss` with
+   reparameterised guides: the guide traced once and the model replayed against it
+   (``poutine.trace``/``poutine.replay``), log-densities summed as Pyro sums them, but no
+   ``.item()`` (``Trace_ELBO`` reads every site's log-density back to the host to form its loss
+   value, and checks it for NaN with another read-back). Same sample, same value, same gradient
+   as ``loss.differentiable_loss`` (``tests/test_fast_path.py``). On the CPU this is the fast step.
+3. **A CUDA graph** (:class:`FastStep.graph_step`): the whole step -- loss, backward and
+   ``Adam(capturable=True)`` update -- captured once and replayed per batch, the batch copied into
+   static input buffers. Only on CUDA, for one process (not under torchrun), ``nan_policy="stop"``
+   (skipping a step needs a host decision), a sync-free loss and a static trace structure (checked
+   during warm-up). The warm-up steps are real training steps run eagerly on a side stream before
+   the parameters are used in any step on the default stream, as CUDA-graph capture requires.
+   Batches of another shape (an epoch's last, smaller batch) take the eager step.
+
+What a model needs for capture (the built-in VAE family has it): no Python-float distribution
+parameters (build them from the data, ``x.new_zeros``), ``pyro.plate(..., device=x.device)``,
+no data-dependent Python control flow, no ``.item()``. The plate's own subsample site is left out
+of the log-density sum, as Pyro leaves it out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from typing import Callable, Dict, List, Optional
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import Trace_ELBO
+from torch import Tensor
+
+from ppl_vi.errors import ConfigError
+from ppl_vi.models.base import PARTICLE_PLATE
+from ppl_vi.objectives.importance import IWAELoss
+
+
+class Unsupported(Exception):
+    """The sync-free loss or the CUDA graph does not apply; the message says why (one line)."""
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the hot path
+
+
+@contextlib.contextmanager
+def hot_path(module=None):
+    """Validation off (Pyro's and ``torch.distributions``') and ``module.use_param_store`` False
+    inside; all three restored on exit."""
+    torch_validate = torch.distributions.Distribution._validate_args
+    store = getattr(module, "use_param_store", None)
+    torch.distributions.Distribution.set_default_validate_args(False)
+    if store is not None:
+        module.use_param_store = False
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        if store is not None:
+            module.use_param_store = store
+        torch.distributions.Distribution.set_default_validate_args(torch_validate)
+
+
+def _is_subsample(site) -> bool:
+    return type(site["fn"]).__name__ == "_Subsample"
+
+
+def _sample_sites(trace):
+    """The trace's sample sites without the plates' own subsample sites (as Pyro prunes them)."""
+    return [site for site in trace.nodes.values() if site["type"] == "sample" and not _is_subsample(site)]
+
+
+def _site_log_prob(site) -> Tensor:
+    """A site's scaled and masked log-density, exactly as ``Trace.compute_log_prob`` forms it."""
+    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    return scale_and_mask(log_p, site["scale"], site["mask"])
+
+
+def _check_guide(guide_trace, model_trace) -> None:
+    """Raise :class:`Unsupported` unless every guide site is reparameterised and nothing enumerates."""
+    for trace in (guide_trace, model_trace):
+        for site in _sample_sites(trace):
+            if site["infer"].get("enumerate"):
+                raise Unsupported(f"site {site['name']!r} is enumerated")
+    for site in _sample_sites(guide_trace):
+        if not getattr(site["fn"], "has_rsample", False):
+            raise Unsupported(f"guide site {site['name']!r} is not reparameterised (needs a score-function term)")
+
+
+def structure(*traces) -> tuple:
+    """The static structure of traces: site names, types and value shapes, in order."""
+    return tuple((name, site["type"], tuple(site["value"].shape) if torch.is_tensor(site.get("value")) else None)
+                 for trace in traces for name, site in trace.nodes.items() if site["type"] == "sample")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. the sync-free loss
+
+
+class SyncFreeLoss:
+    """``differentiable_loss(model, guide, **batch)`` of ``Trace_ELBO`` / :class:`IWAELoss` without
+    host syncs. Raises :class:`Unsupported` (at construction or on the first traces) otherwise.
+
+    ``record`` set True makes each call store the traces' :func:`structure` in ``last_structure``.
+    """
+
+    def __init__(self, loss):
+        if type(loss) is Trace_ELBO:  # not its subclasses (mean-field KL, enumeration, ...)
+            self.kind = "elbo"
+        elif isinstance(loss, IWAELoss):
+            self.kind = "iwae"
+        else:
+            raise Unsupported(f"{type(loss).__name__} has no sync-free form here")
+        self.loss = loss
+        self.checked, self.record, self.last_structure = False, False, None
+
+    # ---- traces -----------------------------------------------------------------------------
+    def _traces(self, model, guide, batch):
+        guide_trace = poutine.trace(guide).get_trace(**batch)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
+        if not self.checked:
+            _check_guide(guide_trace, model_trace)
+            self.checked = True
+        if self.record:
+            self.last_structure = structure(guide_trace, model_trace)
+        return guide_trace, model_trace
+
+    # ---- Trace_ELBO -------------------------------------------------------------------------
+    def _elbo_particle(self, model, guide, batch) -> Tensor:
+        guide_trace, model_trace = self._traces(model, guide, batch)
+        # the same operations in the same order as Trace_ELBO's surrogate: model log-densities and
+        # their sums first, then the guide's, then -(Σ model - Σ guide)
+        model_sums = [_site_log_prob(site).sum() for site in _sample_sites(model_trace)]
+        guide_terms = [_site_log_prob(site) for site in _sample_sites(guide_trace)]
+        elbo = 0
+        for term in model_sums:
+            elbo = elbo + term
+        for term in guide_terms:
+            elbo = elbo - term.sum()
+        return -elbo
+
+    def _elbo(self, model, guide, batch) -> Tensor:
+        loss = self.loss
+        if loss.max_plate_nesting == float("inf"):
+            loss._guess_max_plate_nesting(model, guide, (), batch)  # Pyro's own first-call guess
+        if loss.vectorize_particles:
+            particles = [self._elbo_particle(loss._vectorized_num_particles(model),
+                                             loss._vectorized_num_particles(guide), batch)]
+        else:
+            particles = [self._elbo_particle(model, guide, batch) for _ in range(loss.num_particles)]
+        total = 0.0
+        for particle in particles:
+            total = total + particle / loss.num_particles
+        return total
+
+    # ---- IWAELoss ---------------------------------------------------------------------------
+    def _iwae_terms(self, model, guide, k: int, batch):
+        """:meth:`IWAELoss.log_terms` without reading scales back: a tensor β stays a tensor."""
+        loss = self.loss
+        with pyro.plate(PARTICLE_PLATE, k, dim=-(loss.max_plate_nesting + 1)):
+            guide_trace, model_trace = self._traces(model, guide, batch)
+        log_lik, log_ratio = 0.0, 0.0
+        obs_scales, latent_scales = [], []
+        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+            for site in _sample_sites(trace):
+                lp = loss._to_particles_by_batch(site, k)
+                if site["is_observed"]:
+                    log_lik = log_lik + lp
+                    obs_scales.append(site["scale"])
+                else:
+                    log_ratio = log_ratio + sign * lp
+                    latent_scales.append(site["scale"])
+        scales = obs_scales + latent_scales
+        if not any(torch.is_tensor(s) for s in scales):  # Python floats: IWAELoss's own checks, no sync
+            return (log_lik, log_ratio) + self._float_scales(obs_scales, latent_scales)
+        if not obs_scales:
+            raise ConfigError("IWAELoss needs an observed site")
+        c = obs_scales[0]  # tensor scales: one c and one β assumed, as IWAELoss checks on floats
+        beta = latent_scales[0] / c if latent_scales else 1.0
+        return log_lik, log_ratio, c, beta
+
+    @staticmethod
+    def _float_scales(obs_scales, latent_scales):
+        obs = set(float(s) for s in obs_scales)
+        if len(obs) != 1:
+            raise ConfigError(f"IWAELoss needs the observed sites to share one scale, found {sorted(obs)}")
+        c = obs.pop()
+        beta = {float(s) / c for s in latent_scales} if c else {1.0}
+        beta = {round(b, 12) for b in beta} or {1.0}
+        if len(beta) != 1:
+            raise ConfigError(f"IWAELoss needs one scale β on all latent sites, found {sorted(beta)}")
+        return c, beta.pop()
+
+    def _iwae(self, model, guide, batch) -> Tensor:
+        loss = self.loss
+        K = loss.num_particles
+        chunk = loss.chunk_size or K
+        running, mean_log_lik, done, c, beta = None, 0.0, 0, 1.0, 1.0
+        while done < K:
+            k = min(chunk, K - done)
+            log_lik, log_ratio, c, beta = self._iwae_terms(model, guide, k, batch)
+            lse = torch.logsumexp(log_lik + log_ratio, dim=0)
+            running = lse if running is None else torch.logaddexp(running, lse)
+            mean_log_lik = mean_log_lik + log_lik.sum(0)
+            done += k
+        bound = running - math.log(K)
+        if torch.is_tensor(beta) or beta != 1.0:
+            bound = beta * bound + (1 - beta) * mean_log_lik / K
+        return -c * bound.sum()
+
+    # ---- entry point ------------------------------------------------------------------------
+    def __call__(self, model, guide, **batch) -> Tensor:
+        return self._elbo(model, guide, batch) if self.kind == "elbo" else self._iwae(model, guide, batch)
+
+
+# --------------------------------------------------------------------------------------------
+# optimiser conversions (CUDA graphs need a capturable Adam with a tensor learning rate)
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """``capturable=True``, the learning rate a device tensor (so a scheduler's in-place update reaches
+    a captured step), and any ``step`` counters on the device."""
+    optimizer.defaults["capturable"] = True
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        if not torch.is_tensor(group["lr"]):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state and state["step"].device != p.device:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
+def plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Undo :func:`make_capturable` (e.g. a CUDA-graph run's checkpoint loaded for an eager run)."""
+    if not any(group.get("capturable") for group in optimizer.param_groups):
+        return
+    optimizer.defaults["capturable"] = False
+    for group in optimizer.param_groups:
+        group["capturable"] = False
+        if torch.is_tensor(group["lr"]):
+            group["lr"] = float(group["lr"])
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state and state["step"].device.type != "cpu" and not group.get("fused"):
+                state["step"] = state["step"].cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# 3. the step
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _signature(batches) -> tuple:
+    return tuple(tuple((k, None if v is None else (tuple(v.shape), v.dtype, v.device) if torch.is_tensor(v) else v)
+                       for k, v in sorted(batch.items())) for batch in batches)
+
+
+class FastStep:
+    """The trainer's fast path: :meth:`differentiable_loss` (hot path + sync-free loss where it
+    applies, the trainer's loss otherwise) and :meth:`graph_step` (the CUDA-graph step, or None).
+
+    ``trainer`` needs ``model``, ``model_fn``, ``guide_fn``, ``loss``, ``optimizer``, ``device``,
+    ``config`` (``nan_policy``) and optionally ``dist`` (``enabled``). ``mode`` says what runs:
+    ``"cuda-graph"``, ``"sync-free"`` or ``"eager"`` (the plain loss, still on the hot path).
+    """
+
+    def __init__(self, trainer, quiet: bool = False, warmup: int = 3, log: Optional[Callable[[str], None]] = None):
+        self.trainer, self.warmup = trainer, warmup
+        self.log = None if quiet else (log or _stderr)
+        self.notes: List[str] = []
+        try:
+            self.sync_free: Optional[SyncFreeLoss] = SyncFreeLoss(trainer.loss)
+        except Unsupported as exc:
+            self.sync_free = None
+            self._note(f"sync-free loss off ({exc}); using {type(trainer.loss).__name__} eagerly")
+        self.graph_reason = self._graph_blocker()
+        if self.graph_reason and self.sync_free is not None:
+            self._note(f"CUDA graph off ({self.graph_reason}); using the sync-free eager step")
+        self.reset()
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+    def _note(self, message: str) -> None:
+        self.notes.append(message)
+        if self.log is not None:
+            self.log(f"ppl_vi fast path: {message}")
+
+    def _graph_blocker(self) -> Optional[str]:
+        t = self.trainer
+        if t.device.type != "cuda":
+            return f"{t.device.type} device"
+        if self.sync_free is None:
+            return "no sync-free loss"
+        if getattr(getattr(t, "dist", None), "enabled", False):
+            return "distributed run (gradients all-reduced per step)"
+        if t.config.nan_policy != "stop":
+            return f"nan_policy={t.config.nan_policy!r} decides on the host every step"
+        return None
+
+    def _no_graph(self, reason: str, quiet: bool = False) -> None:
+        """Give the CUDA graph up for this run: eager steps from now on, with a plain optimiser."""
+        self.graph_reason, self.graph, self.static = reason, None, {}
+        if self._capturable:
+            plain_optimizer(self.trainer.optimizer)
+            self._capturable = False
+        if not quiet:
+            self._note(f"CUDA graph off ({reason}); using the sync-free eager step")
+
+    def reset(self) -> None:
+        """Drop any captured graph and start warming up again (after loading a checkpoint)."""
+        self.graph = None
+        self.graph_key = None
+        self.static: Dict = {}
+        self.warm_key, self.warm_done, self.warm_structure = None, 0, None
+        self.stream = None
+        self._capturable = False
+
+    @property
+    def mode(self) -> str:
+        if self.graph is not None:
+            return "cuda-graph"
+        return "sync-free" if self.sync_free is not None else "eager"
+
+    # ---- the loss -----------------------------------------------------------------------------
+    def differentiable_loss(self, model, guide, *args, **batch) -> Tensor:
+        """The summed negative bound over ``batch``, like ``loss.differentiable_loss``."""
+        with hot_path(self.trainer.model):
+            if self.sync_free is not None:
+                if self.sync_free.checked:
+                    return self.sync_free(model, guide, **batch)
+                rng = _rng_state(self.trainer.device)
+                try:  # the first traces tell whether the guide is supported
+                    return self.sync_free(model, guide, **batch)
+                except Unsupported as exc:  # before any gradient step; its random draws are undone
+                    _set_rng_state(rng, self.trainer.device)
+                    self.sync_free = None
+                    self._no_graph("no sync-free loss", quiet=True)
+                    self._note(f"sync-free loss off ({exc}); using {type(self.trainer.loss).__name__} eagerly")
+            return self.trainer.loss.differentiable_loss(model, guide, *args, **batch)
+
+    def _batches_loss(self, batches) -> Tensor:
+        """Per-datapoint loss of a step's batches (as ``Trainer.step_loss``)."""
+        t = self.trainer
+        total, count = 0.0, 0
+        for batch in batches:
+            if batch["x"].shape[0] == 0:
+                continue
+            total = total + self.differentiable_loss(t.model_fn, t.guide_fn, **batch)
+            count += batch["x"].shape[0]
+        return total / (getattr(batches, "global_count", None) or count)
+
+    def _eager_step(self, batches) -> Tensor:
+        opt = self.trainer.optimizer
+        opt.zero_grad(set_to_none=True)
+        loss = self._batches_loss(batches)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    # ---- the CUDA graph -----------------------------------------------------------------------
+    def graph_step(self, batches) -> Optional[Tensor]:
+        """One whole training step through the CUDA graph (warming up / capturing on the way);
+        None where the graph does not apply (the trainer then takes its eager step)."""
+        if self.graph_reason is not None:
+            return None
+        key = _signature(batches)
+        if self.graph is None:
+            if not self._capturable:
+                make_capturable(self.trainer.optimizer, self.trainer.device)
+                self._capturable = True
+                self.stream = torch.cuda.Stream(device=self.trainer.device)
+            if self.warm_key != key:
+                self.warm_key, self.warm_done, self.warm_structure = key, 0, None
+            if self.warm_done < self.warmup:
+                return self._warmup_step(batches)
+            try:
+                self._capture(batches, key)
+            except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
+                self._abandon_capture(exc)
+                return None
+            self.graph.replay()
+            return self.static["loss"].clone()
+        if key != self.graph_key:  # another batch shape (an epoch's last batch): eager, default stream
+            return self._eager_beside_graph(batches)
+        for static_batch, batch in zip(self.static["batches"], batches):
+            for name, value in batch.items():
+                if torch.is_tensor(value):
+                    static_batch[name].copy_(value, non_blocking=True)
+        self.graph.replay()
+        return self.static["loss"].clone()
+
+    def _warmup_step(self, batches) -> Tensor:
+        """A real training step, eager, on the side stream; checks the trace structure stays put."""
+        stream, current = self.stream, torch.cuda.current_stream(self.trainer.device)
+        stream.wait_stream(current)
+        sync_free = self.sync_free
+        sync_free.record = True
+        try:
+            with torch.cuda.stream(stream):
+                loss = self._eager_step(batches)
+        finally:
+            sync_free.record = False
+        current.wait_stream(stream)
+        loss.record_stream(current)
+        if self.sync_free is None:  # turned out unsupported on the first traces
+            return loss
+        if self.warm_structure is not None and self.sync_free.last_structure != self.warm_structure:
+            self._no_graph("the trace structure changes from step to step")
+        self.warm_structure = self.sync_free.last_structure
+        self.warm_done += 1
+        return loss
+
+    def _capture(self, batches, key) -> None:
+        t = self.trainer
+        static_batches = [{k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()} for batch in batches]
+        if hasattr(batches, "global_count"):
+            static_batches = type(batches)(static_batches, batches.global_count)
+        t.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
+        torch.cuda.synchronize(t.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = self._batches_loss(static_batches)
+            loss.backward()
+            t.optimizer.step()
+            static_loss = loss.detach()
+        self.graph, self.graph_key = graph, key
+        self.static = {"batches": static_batches, "loss": static_loss,
+                       "grads": [p.grad for p in t.model.parameters()]}
+        self._note(f"whole step captured in a CUDA graph after {self.warm_done} warm-up steps")
+
+    def _abandon_capture(self, exc: Exception) -> None:
+        try:
+            torch.cuda.synchronize(self.trainer.device)
+        finally:
+            self.trainer.optimizer.zero_grad(set_to_none=True)  # no gradient may point into the graph's pool
+        self.graph, self.static = None, {}
+        self._no_graph(f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    def _eager_beside_graph(self, batches) -> Tensor:
+        params = list(self.trainer.model.parameters())
+        loss = self._eager_step(batches)  # fresh gradients outside the graph's memory pool
+        for p, g in zip(params, self.static["grads"]):
+            p.grad = g  # the captured step keeps reading and writing these
+        return loss
+
+
+def fast_note(trainer) -> str:
+    """One line saying which fast path a trainer runs (for benchmarks and logs)."""
+    fast = getattr(trainer, "fast", None)
+    if fast is None:
+        return "fast path off (config.fast=False)"
+    return f"{fast.mode}" + (f" ({'; '.join(fast.notes)})" if fast.notes else "")

@@ -1,0 +1,326 @@
+"""The run report: one self-contained HTML page, and optional TensorBoard scalars.
+
+``write_report(RUN_DIR)`` reads what a run directory holds and writes ``RUN_DIR/report.html``:
+
+* the verdict of the consistency check, when ``RUN_DIR/check.json`` exists
+  (``ppl-vi check MODEL --json RUN_DIR/check.json``, or ``ppl-vi report RUN_DIR --check``);
+* the metrics (``metrics.json``: training summary, exact log-likelihoods, and the test NELBO /
+  IWAE-k that ``ppl-vi eval`` adds) and the per-epoch history;
+* every figure in ``RUN_DIR/figures/*.png`` embedded as a base64 ``data:`` URI (training curves,
+  bound against k, samples, reconstructions, latent scatter, GMM density, ...);
+* the check table, row by row;
+* the resolved configuration and the environment (versions, device, git commit, command).
+
+The page has no scripts and loads nothing from anywhere: it can be mailed, archived or opened
+from a file system. ``ppl-vi train`` writes it at the end of training; ``ppl-vi eval`` refreshes
+it; ``ppl-vi report RUN_DIR`` (re)writes it at any time.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, List, Optional
+
+from ppl_vi import run as rundir
+from ppl_vi.errors import ConfigError
+
+REPORT = "report.html"
+CHECK = "check.json"
+TENSORBOARD = "tensorboard"
+
+#: figures in the order the report shows them, with a caption; any other PNG follows, by name.
+FIGURE_CAPTIONS = {
+    "training_curves": "Training and validation loss per epoch (nats per datapoint).",
+    "bound_vs_k": "Test -IWAE_k against k, with the NELBO and (where exact) -log p(x) for reference.",
+    "samples": "Samples from the prior (decoder pixel probabilities).",
+    "reconstructions": "Test images (top) and their reconstructions (bottom).",
+    "latent_scatter": "Guide means of test images, coloured by label.",
+    "gmm_density": "Data and the fitted mixture's log-density contours.",
+    "confusion_matrix": "Classifier confusion matrix on the test set.",
+}
+
+#: metrics shown first in the metrics table (when present), in this order.
+METRIC_ORDER = (
+    "final_train_loss", "final_val_loss", "test_nelbo", "test_kl", "test_rec", "test_iwae",
+    "test_log_likelihood", "train_log_likelihood", "true_log_likelihood", "test_accuracy",
+    "epochs_done", "steps", "train_seconds", "skipped_steps", "eval_seconds", "eval_device",
+)
+
+CSS = """
+:root { --fg: #1f2328; --muted: #59636e; --line: #d1d9e0; --bg-alt: #f6f8fa; --ok: #1a7f37; --bad: #cf222e; }
+* { box-sizing: border-box; }
+body { font: 15px/1.5 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: var(--fg);
+       max-width: 1100px; margin: 0 auto; padding: 24px 32px 64px; background: #fff; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+h2 { font-size: 19px; margin: 36px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+.sub { color: var(--muted); margin: 0 0 12px; }
+.badge { display: inline-block; padding: 2px 10px; border-radius: 12px; font-weight: 600; font-size: 13px;
+         color: #fff; }
+.badge.ok { background: var(--ok); } .badge.bad { background: var(--bad); } .badge.none { background: var(--muted); }
+table { border-collapse: collapse; margin: 6px 0 12px; font-size: 13.5px; }
+th, td { border: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top; }
+th { background: var(--bg-alt); font-weight: 600; }
+td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; font-family: ui-monospace, Menlo, Consolas, monospace; }
+td.ok { color: var(--ok); font-weight: 600; } td.bad { color: var(--bad); font-weight: 600; }
+tr.bad td { background: #fff0f0; }
+table.inner td, table.inner th { border: none; padding: 0 12px 0 0; }
+code, pre { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12.5px; }
+pre { background: var(--bg-alt); padding: 8px; overflow-x: auto; margin: 0; max-height: 16em; }
+.figures { display: flex; flex-wrap: wrap; gap: 20px; }
+figure { margin: 0; flex: 1 1 460px; max-width: 100%; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); display: block; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
+details summary { cursor: pointer; color: var(--muted); }
+.nowrap { white-space: nowrap; }
+.columns { display: flex; flex-wrap: wrap; gap: 32px; }
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt_number(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.4e}"
+        return f"{value:.5g}" if abs(value) < 1e4 else f"{value:.1f}"
+    return _esc(value)
+
+
+def _numeric_nest(value: Any, depth: int = 0) -> bool:
+    """Numbers, or (up to 2 levels of) short lists of them."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    return (isinstance(value, (list, tuple)) and depth < 2 and len(value) <= 16
+            and all(_numeric_nest(v, depth + 1) for v in value))
+
+
+def _compact(value: Any) -> str:
+    """[[1.23456, 2], [3, 4]] -> "(1.235, 2) (3, 4)": short numeric nests, 4 significant digits."""
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, (list, tuple)) for v in value):
+            return " ".join(_compact(v) for v in value)
+        return "(" + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value) + ")"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _cell(value: Any) -> str:
+    """One table cell: numbers right-aligned, short lists inline, dicts as a small table, else JSON."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f'<td class="num">{_fmt_number(value)}</td>'
+    if value is None:
+        return '<td class="num">&mdash;</td>'
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return f"<td><code>{_esc(', '.join(value))}</code></td>"
+    if _numeric_nest(value):
+        return f"<td><code>{_esc(_compact(value))}</code></td>"
+    if isinstance(value, dict) and value and all(_numeric_nest(v) or isinstance(v, str) for v in value.values()):
+        rows = "".join(f"<tr><th>{_esc(k)}</th><td><code>{_esc(_compact(v))}</code></td></tr>" for k, v in value.items())
+        return f"<td><table class='inner'>{rows}</table></td>"
+    if isinstance(value, (dict, list, tuple)):
+        return f"<td><pre>{_esc(json.dumps(value, indent=1, default=str))}</pre></td>"
+    return f"<td>{_fmt_number(value)}</td>"
+
+
+def _num(value: Any, spec: str) -> str:
+    """A numeric cell in a fixed format; NaN / missing as a dash."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        return '<td class="num">&mdash;</td>'
+    return f'<td class="num">{format(value, spec)}</td>'
+
+
+def _table(header: Iterable[str], rows: Iterable[str], cls: str = "") -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    klass = f' class="{cls}"' if cls else ""
+    return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _key_value_table(mapping: dict, header=("key", "value")) -> str:
+    return _table(header, (f"<tr><th>{_esc(k)}</th>{_cell(v)}</tr>" for k, v in mapping.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+def _metrics_section(metrics: dict) -> str:
+    if not metrics:
+        return "<p class='sub'>No metrics.json in this run directory.</p>"
+    iwae, iwae_se = metrics.get("test_iwae"), metrics.get("test_iwae_se", {})
+    keys = [k for k in METRIC_ORDER if k in metrics] + sorted(k for k in metrics if k not in METRIC_ORDER)
+    rows: List[str] = []
+    for key in keys:
+        if key.endswith("_se") or key in ("test_iwae_se", "confusion_matrix"):
+            continue
+        value = metrics[key]
+        if key == "test_iwae" and isinstance(value, dict):
+            for k in sorted(value, key=lambda s: int(s) if str(s).isdigit() else s):
+                se = iwae_se.get(k)
+                rows.append(f"<tr><th>-IWAE_{_esc(k)} (test)</th>{_cell(value[k])}"
+                            f"{_cell(se) if se is not None else '<td></td>'}</tr>")
+            continue
+        se = metrics.get(key + "_se")
+        if isinstance(value, (dict, list)):
+            rows.append(f"<tr><th>{_esc(key)}</th>{_cell(value)}<td></td></tr>")
+        else:
+            rows.append(f"<tr><th>{_esc(key)}</th>{_cell(value)}{_cell(se) if se is not None else '<td></td>'}</tr>")
+    note = ("<p class='sub'>Losses and bounds are in nats per datapoint, lower is better "
+            "(-IWAE_k is the negative bound). &plusmn; is the standard error over test datapoints.")
+    if iwae is None:
+        note += " Run <code>ppl-vi eval RUN_DIR</code> for test NELBO and IWAE-k (the report is refreshed)."
+    return _table(("metric", "value", "± SE"), rows) + note + "</p>"
+
+
+def _history_section(history: List[dict], max_rows: int = 40) -> str:
+    if not history:
+        return ""
+    shown = history
+    if len(history) > max_rows:  # first, evenly spaced, last
+        step = (len(history) - 1) / (max_rows - 1)
+        shown = [history[round(i * step)] for i in range(max_rows)]
+    columns = [c for c in ("epoch", "step", "train_loss", "val_loss", "beta", "seconds") if any(c in h for h in shown)]
+    columns += sorted({k for h in shown for k in h} - set(columns))
+    rows = ("<tr>" + "".join(_cell(h.get(c)) for c in columns) + "</tr>" for h in shown)
+    extra = f" ({len(shown)} of {len(history)} epochs shown)" if len(shown) < len(history) else ""
+    return f"<h2>History{extra}</h2>" + _table(columns, rows)
+
+
+def _figures_section(run_dir: Path) -> str:
+    folder = run_dir / rundir.FIGURES
+    pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if not pngs:
+        return "<h2>Figures</h2><p class='sub'>No figures in this run directory.</p>"
+    order = {name: i for i, name in enumerate(FIGURE_CAPTIONS)}
+    pngs.sort(key=lambda p: (order.get(p.stem, len(order)), p.stem))
+    items = []
+    for path in pngs:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        caption = FIGURE_CAPTIONS.get(path.stem, "")
+        title = path.stem.replace("_", " ")
+        items.append(f'<figure id="fig-{_esc(path.stem)}"><img alt="{_esc(title)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption><b>{_esc(title)}</b>{' — ' + _esc(caption) if caption else ''}</figcaption></figure>")
+    return "<h2>Figures</h2><div class='figures'>" + "".join(items) + "</div>"
+
+
+def _check_section(check: Optional[dict]) -> str:
+    if check is None:
+        return ("<h2>Consistency check</h2><p class='sub'>Not run for this directory: "
+                "<code>ppl-vi check MODEL --json RUN_DIR/check.json</code> then <code>ppl-vi report RUN_DIR</code>, "
+                "or <code>ppl-vi report RUN_DIR --check</code>.</p>")
+    rows = []
+    for r in check.get("rows", []):
+        ok = bool(r.get("passed"))
+        note = "; ".join(s for s in (r.get("tolerance", ""), r.get("note", "")) if s)
+        rows.append(f"<tr class='{'' if ok else 'bad'}'><td class='nowrap'>{_esc(r.get('kind', ''))}</td>"
+                    f"<td>{_esc(r.get('name', ''))}</td>{_num(r.get('reference'), '.8g')}{_num(r.get('value'), '.8g')}"
+                    f"{_num(r.get('abs_diff'), '.2e')}{_num(r.get('rel_diff'), '.2e')}"
+                    f"<td class='{'ok' if ok else 'bad'}'>{'ok' if ok else 'FAIL'}</td><td>{_esc(note)}</td></tr>")
+    failed = sum(1 for r in check.get("rows", []) if not r.get("passed"))
+    verdict = "passed" if check.get("passed") else f"failed ({failed} of {len(rows)} checks)"
+    return (f"<h2>Consistency check: {_esc(verdict)}</h2><p class='sub'>Hand-derived bounds against Pyro's losses "
+            "(same sample: value and every gradient; statistical: means over seeds) and against the exact answer "
+            "where there is one.</p>"
+            + _table(("kind", "check", "reference", "value", "abs diff", "rel diff", "ok", "tolerance / note"), rows))
+
+
+def _badge(check: Optional[dict]) -> str:
+    if check is None:
+        return "<span class='badge none'>check not run</span>"
+    if check.get("passed"):
+        return "<span class='badge ok'>check passed</span>"
+    return "<span class='badge bad'>check FAILED</span>"
+
+
+def _read_optional_json(path: Path) -> Optional[dict]:
+    return rundir.read_json(path) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def render_report(run_dir: Path, check: Optional[dict] = None) -> str:
+    """The report page for ``run_dir`` as a string (``check``: a CheckReport.to_dict(), else check.json)."""
+    run_dir = Path(run_dir)
+    saved = _read_optional_json(run_dir / rundir.CONFIG)
+    if saved is None:
+        raise ConfigError(f"{run_dir} is not a run directory (no {rundir.CONFIG}); train into it first "
+                          f"(ppl-vi train MODEL --out {run_dir})")
+    config, env = saved.get("config", {}), saved.get("environment", {})
+    metrics = _read_optional_json(run_dir / rundir.METRICS) or {}
+    history = rundir.read_history(run_dir)
+    if check is None:
+        check = _read_optional_json(run_dir / CHECK)
+    model = config.get("model", "?")
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    headline = []
+    for key, label in (("final_train_loss", "train loss"), ("final_val_loss", "val loss"),
+                       ("test_log_likelihood", "test log p(x)"), ("test_accuracy", "test accuracy")):
+        if isinstance(metrics.get(key), (int, float)):
+            headline.append(f"{label} <b>{_fmt_number(metrics[key])}</b>")
+    summary = (f"model <b>{_esc(model)}</b> · loss <b>{_esc(config.get('loss', '?'))}</b> · "
+               f"{_esc(metrics.get('epochs_done', config.get('epochs', '?')))} epochs · device "
+               f"<b>{_esc(env.get('device', config.get('device', '?')))}</b>")
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>ppl-vi report: {_esc(model)} ({_esc(run_dir.name)})</title><style>{CSS}</style></head><body>",
+        f"<h1>ppl-vi run report: {_esc(model)}</h1>",
+        f"<p class='sub'><code>{_esc(run_dir.resolve())}</code> · written {_esc(now)}</p>",
+        f"<p>{_badge(check)} &nbsp; {summary}</p>",
+        f"<p>{' · '.join(headline)}</p>" if headline else "",
+        "<h2>Metrics</h2>", _metrics_section(metrics),
+        _figures_section(run_dir),
+        _history_section(history),
+        _check_section(check),
+        "<h2>Configuration</h2><p class='sub'>Reproduce with <code>ppl-vi train --config "
+        f"{_esc(run_dir / rundir.CONFIG)} --out NEW_DIR</code>.</p>",
+        "<div class='columns'><div>", _key_value_table(config, ("field", "value")), "</div>",
+        "<div><details open><summary>environment</summary>", _key_value_table(env, ("", "")), "</details></div></div>",
+        "</body></html>\n",
+    ]
+    return "".join(parts)
+
+
+def write_report(run_dir, check: Optional[dict] = None) -> Path:
+    """Write ``RUN_DIR/report.html`` (atomically) and return its path."""
+    run_dir = Path(run_dir)
+    text = render_report(run_dir, check)
+    path = run_dir / REPORT
+    rundir._atomic_write_bytes(path, lambda h: h.write(text.encode("utf-8")))
+    path.chmod(0o644)  # a page to share (the atomic writer's temporary file is 0600)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard (optional): scalars only, written at the trainer's existing read-back points.
+
+
+def tensorboard_writer(run_dir: Optional[Path]):
+    """A ``SummaryWriter`` into ``RUN_DIR/tensorboard``, or a one-line ConfigError if unavailable.
+
+    Returns None when there is no run directory (nothing to write into; e.g. DDP ranks > 0).
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                          "(or train without --tensorboard)") from None
+    if run_dir is None:
+        return None
+    return SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD))

@@ -1,0 +1,202 @@
+"""The trainer's fast path (``ppl_vi.objectives.graph_step``) computes what the plain path computes.
+
+* the sync-free loss gives the same loss and gradients as ``Trace_ELBO.differentiable_loss`` and
+  ``IWAELoss.differentiable_loss`` on the same seed (float64, CPU), β-scaled sites included;
+* a few training steps with ``fast`` on and off give identical parameters (CPU, where the fast
+  path is the sync-free eager step), and an unsupported guide falls back without changing the
+  random stream;
+* the hot path restores validation and the param-store switch;
+* CUDA only: the graph-captured step engages and trains like the eager one.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from ppl_vi.config import TrainConfig
+from ppl_vi.models.base import scale_sites
+from ppl_vi.models.vae import VAE
+from ppl_vi.objectives.graph_step import FastStep, SyncFreeLoss, hot_path
+from ppl_vi.objectives.importance import IWAELoss
+from ppl_vi.train import Trainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _vae64(seed: int = 0):
+    torch.manual_seed(seed)
+    vae = VAE(x_dim=20, z_dim=3, hidden=[8]).to(torch.float64)
+    x = torch.bernoulli(torch.full((6, 20), 0.4, dtype=torch.float64))
+    return vae, x
+
+
+def _loss_and_grads(vae, fn, seed: int = 1):
+    vae.zero_grad(set_to_none=True)
+    pyro.set_rng_seed(seed)
+    loss = fn()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in vae.parameters()]
+
+
+def _assert_same(a, b):
+    (la, ga), (lb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("beta", [None, 0.3])
+def test_sync_free_elbo_matches_trace_elbo(k, beta):
+    vae, x = _vae64()
+    model, guide = vae.model, vae.guide
+    if beta is not None:  # a tensor β on the latent sites, as KL annealing uses
+        scale = torch.tensor(beta, dtype=torch.float64)
+        model, guide = scale_sites(model, vae.latent_sites, scale), scale_sites(guide, vae.latent_sites, scale)
+    elbo = Trace_ELBO(num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+    plain = _loss_and_grads(vae, lambda: elbo.differentiable_loss(model, guide, x=x))
+    fast_loss = SyncFreeLoss(elbo)
+
+    def fast():
+        with hot_path(vae):
+            return fast_loss(model, guide, x=x)
+
+    _assert_same(_loss_and_grads(vae, fast), plain)
+
+
+@pytest.mark.parametrize("beta", [None, 0.5])
+def test_sync_free_iwae_matches_iwae_loss(beta):
+    vae, x = _vae64()
+    model, guide = vae.model, vae.guide
+    if beta is not None:
+        scale = torch.tensor(beta, dtype=torch.float64)
+        model, guide = scale_sites(model, vae.latent_sites, scale), scale_sites(guide, vae.latent_sites, scale)
+    iwae = IWAELoss(num_particles=5, max_plate_nesting=1, chunk_size=2)
+    plain = _loss_and_grads(vae, lambda: iwae.differentiable_loss(model, guide, x=x))
+    fast_loss = SyncFreeLoss(iwae)
+
+    def fast():
+        with hot_path(vae):
+            return fast_loss(model, guide, x=x)
+
+    _assert_same(_loss_and_grads(vae, fast), plain)
+
+
+def test_hot_path_restores_state():
+    vae, x = _vae64()
+    assert vae.use_param_store and pyro.infer.util.is_validation_enabled()
+    with hot_path(vae):
+        assert not vae.use_param_store and not pyro.infer.util.is_validation_enabled()
+        assert not torch.distributions.Distribution._validate_args
+        pyro.clear_param_store()
+        vae.model(x=x)
+        assert not list(pyro.get_param_store().keys())  # no pyro.module registration in the hot path
+    assert vae.use_param_store and pyro.infer.util.is_validation_enabled()
+    assert torch.distributions.Distribution._validate_args
+
+
+def _config(**overrides):
+    base = dict(model="vae", hidden=[16], z_dim=4, batch_size=32, train_subset=160, val_size=100, device="cpu",
+                epochs=1, seed=3)
+    return TrainConfig(**{**base, **overrides})
+
+
+def _train_steps(config, steps: int):
+    trainer = Trainer(config, progress=False)
+    losses = []
+    for i, batches in enumerate(trainer.batches()):
+        if i == steps:
+            break
+        if config.kl_anneal:
+            trainer.beta.fill_(min(1.0, i / config.kl_anneal))
+        losses.append(trainer.train_step(batches))
+    return trainer, torch.stack(losses)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"kl_anneal": 4}, {"loss": "iwae", "k": 3}, {"k": 2}],
+                         ids=["elbo", "annealed", "iwae", "elbo-k2"])
+def test_trainer_fast_on_off_identical(overrides):
+    fast, fast_losses = _train_steps(_config(fast=True, **overrides), 4)
+    plain, plain_losses = _train_steps(_config(fast=False, **overrides), 4)
+    assert fast.fast.mode == "sync-free" and plain.fast is None
+    torch.testing.assert_close(fast_losses, plain_losses, rtol=1e-6, atol=1e-4)  # values: same up to rounding
+    for (name, p), q in zip(fast.model.named_parameters(), plain.model.parameters()):
+        assert torch.equal(p, q), name  # parameters: bit for bit
+
+
+def test_unsupported_loss_falls_back():
+    trainer, _ = _train_steps(_config(fast=True, loss="meanfield"), 2)
+    plain, _ = _train_steps(_config(fast=False, loss="meanfield"), 2)
+    assert trainer.fast.mode == "eager" and "TraceMeanField_ELBO" in trainer.fast.notes[0]
+    for p, q in zip(trainer.model.parameters(), plain.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_unsupported_guide_falls_back_without_changing_the_random_stream():
+    """A non-reparameterised guide site: found on the first traces, whose draws are undone."""
+
+    class DiscreteGuideVAE(VAE):
+        def guide(self, x, **_):
+            super().guide(x)
+            with pyro.plate("data2", x.shape[0], dim=-1):
+                pyro.sample("c", pyro.distributions.Bernoulli(logits=x.new_zeros(x.shape[0])))
+
+        def model(self, x, **_):
+            super().model(x)
+            with pyro.plate("data2", x.shape[0], dim=-1):
+                pyro.sample("c", pyro.distributions.Bernoulli(logits=x.new_zeros(x.shape[0])))
+
+    class _T:  # the parts of a Trainer FastStep reads
+        def __init__(self):
+            self.model, self.x = _vae64()
+            self.model.__class__ = DiscreteGuideVAE
+            self.model_fn, self.guide_fn = self.model.model, self.model.guide
+            self.loss = Trace_ELBO(max_plate_nesting=1, vectorize_particles=True)
+            self.device, self.config = torch.device("cpu"), TrainConfig()
+
+    t = _T()
+    fast = FastStep(t, quiet=True)
+    pyro.set_rng_seed(5)
+    a = fast.differentiable_loss(t.model_fn, t.guide_fn, x=t.x)
+    assert fast.mode == "eager" and "not reparameterised" in fast.notes[-1]
+    pyro.set_rng_seed(5)
+    b = t.loss.differentiable_loss(t.model_fn, t.guide_fn, x=t.x)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")
+def test_cuda_graph_step_trains_like_eager():
+    steps = 60
+    cfg = dict(device="cuda", train_subset=32 * steps + 7, epochs=1)  # + 7: a last, smaller batch
+    graphed, graphed_losses = _train_steps(_config(fast=True, **cfg), steps + 1)
+    eager, eager_losses = _train_steps(_config(fast=False, **cfg), steps + 1)
+    assert graphed.fast.mode == "cuda-graph", graphed.fast.notes
+    assert torch.isfinite(graphed_losses).all()
+    for p in graphed.model.parameters():
+        assert torch.isfinite(p).all()
+    # different random draws inside the graph, the same optimisation: the late losses agree
+    late_g, late_e = graphed_losses[-20:].mean().item(), eager_losses[-20:].mean().item()
+    assert abs(late_g - late_e) < 0.05 * abs(late_e), (late_g, late_e)
+    # the graph's step is the eager step: the same gradients on the same draws after capture
+    assert all(p.grad is not None for p in graphed.model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")
+def test_cuda_graph_respects_lr_schedule_and_annealing():
+    trainer, losses = _train_steps(_config(fast=True, device="cuda", train_subset=32 * 20, kl_anneal=10,
+                                           lr_decay=0.5), 20)
+    assert trainer.fast.mode == "cuda-graph"
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    assert torch.is_tensor(lr)
+    trainer.scheduler.step()  # fills the captured learning-rate tensor in place
+    assert trainer.optimizer.param_groups[0]["lr"] is lr and abs(lr.item() - trainer.config.lr * 0.5) < 1e-9
+    assert torch.isfinite(losses).all()
