@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import pyro
 import pytest
 import torch
 from hypothesis import given, settings
@@ -23,20 +22,6 @@ from torch.distributions import (
 from ppl_vi import bounds
 
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_validate():
-    # one intra-op thread: these tensors are tiny, and on a loaded 2-core machine two OpenMP
-    # threads make every small matmul wait on the other (tens of times slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    pyro.enable_validation(True)
-    yield
-    pyro.clear_param_store()
-    torch.set_num_threads(threads)
 
 
 def _close(a, b, rtol=1e-12, atol=1e-12):

@@ -31,14 +31,6 @@ def _load(name: str):
     return module
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ssvae_run(tmp_path_factory):
     torch.set_num_threads(1)

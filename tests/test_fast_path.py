@@ -24,14 +24,6 @@ from ppl_vi.objectives.importance import IWAELoss
 from ppl_vi.train import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _vae64(seed: int = 0):
     torch.manual_seed(seed)
     vae = VAE(x_dim=20, z_dim=3, hidden=[8]).to(torch.float64)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import pyro
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
@@ -28,16 +27,9 @@ from ppl_vi.models.cvae import (
 X_DIM, Z_DIM, HIDDEN, B = 784, 3, [16], 8
 
 
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-
-
 @pytest.fixture
-def x():
-    g = torch.Generator().manual_seed(123)
-    return torch.bernoulli(torch.rand(B, X_DIM, generator=g, dtype=torch.float64), generator=g)
+def x(binary_images):
+    return binary_images(B, X_DIM)
 
 
 @pytest.fixture

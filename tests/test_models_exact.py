@@ -36,20 +36,6 @@ B = 20  # datapoints
 KS = (1, 10, 100, 1000)
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_validate():
-    # one intra-op thread: these tensors are tiny, and on a loaded 2-core machine two OpenMP
-    # threads make every small matmul wait on the other (tens of times slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    pyro.enable_validation(True)
-    yield
-    pyro.clear_param_store()
-    torch.set_num_threads(threads)
-
-
 def _renyi(k):
     return RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
 

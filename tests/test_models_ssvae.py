@@ -21,21 +21,14 @@ from ppl_vi.models.ssvae import SSVAE, check_suite, enumerated_rows
 X_DIM, Z_DIM, HIDDEN, B, ALPHA = 784, 3, [16], 8, 2.5
 
 
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-
-
 @pytest.fixture
 def model():
     return SSVAE(X_DIM, Z_DIM, HIDDEN, alpha_scale=ALPHA).double()
 
 
 @pytest.fixture
-def x():
-    g = torch.Generator().manual_seed(123)
-    return torch.bernoulli(torch.rand(B, X_DIM, generator=g, dtype=torch.float64), generator=g)
+def x(binary_images):
+    return binary_images(B, X_DIM)
 
 
 @pytest.fixture

@@ -25,17 +25,9 @@ from ppl_vi.objectives.importance import IWAELoss
 X_DIM, Z_DIM, HIDDEN, B = 784, 4, [32], 16
 
 
-@pytest.fixture(autouse=True)
-def fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-
-
 @pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(123)
-    x = torch.bernoulli(torch.rand(B, X_DIM, generator=g, dtype=torch.float64), generator=g)
-    return {"x": x}
+def batch(binary_images):
+    return {"x": binary_images(B, X_DIM)}
 
 
 def make_vae():

@@ -61,14 +61,6 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert [r["epoch"] for r in hb] == list(range(1, len(hb) + 1)), "history.jsonl repeats or skips epochs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run every other run here must reproduce exactly."""

@@ -24,15 +24,6 @@ SMALL = ["--device", "cpu", "--no-progress", "--hidden", "64", "--z-dim", "4", "
 FIGURES = ("samples.png", "reconstructions.png", "training_curves.png", "bound_vs_k.png")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls on a shared 2-core machine: one intra-op thread is several times faster
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _history(run: Path) -> list:
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
 
