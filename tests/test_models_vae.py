@@ -51,7 +51,7 @@ class KLSignError(VAE):
     """A wrong hand bound: the KL enters the negative ELBO with the wrong sign."""
 
     def hand_negative_elbo(self, batch, draws, kl="mc", beta=1.0):
-        log_px_given_z, log_pz, log_qz = self._log_terms(batch["x"], draws["z"])
+        log_px_given_z, log_pz, log_qz = self.log_terms(batch, draws)
         return -(log_px_given_z + beta * (log_qz - log_pz)).mean(0)  # wrong: should be - β(log q - log p)
 
 
@@ -79,7 +79,7 @@ def test_mc_kl_matches_closed_form(batch):
         z = model.sample_draws(batch, k)["z"]  # (K, B, Z)
         q_loc, q_scale = model.encoder(x)  # (B, Z) each
         kl_draws = bounds.log_normal(z, q_loc, q_scale) - model.log_prior(z)  # (K, B)
-        closed = model.kl_to_prior(x)  # (B,)
+        closed = model.kl_to_prior(batch)  # (B,)
     se = kl_draws.std(0) / math.sqrt(k)  # (B,): SE of the MC mean
     diff = (kl_draws.mean(0) - closed).abs()
     assert torch.all(diff <= 4 * se), f"|MC - closed form| {diff.tolist()} vs 4 SE {(4 * se).tolist()}"

@@ -6,7 +6,10 @@ A model is an ``nn.Module`` with
 * ``hand_negative_elbo(batch, draws, kl="mc"|"analytic", beta=1.0)`` and
   ``hand_iwae_bound(batch, draws)``: the same bounds written by hand from :mod:`ppl_vi.bounds`,
   per datapoint, evaluated at the guide's ``draws`` so the checker can hold them against Pyro's
-  losses on the very same sample;
+  losses on the very same sample. :class:`LatentModel` writes both from the model's
+  ``log_terms(batch, draws)`` (log p(x|z), log p(z), log q(z|x) at the draws) and, for the
+  closed-form KL, ``kl_to_prior(batch)``; a model whose bounds take another form (a discrete
+  latent with a score-function surrogate, an enumerated label) overrides them instead;
 * optionally ``exact_log_likelihood(batch)`` where log p(x) is tractable.
 
 ``batch`` is a dict of tensors (``{"x": x}``, or ``{"x": x, "y": y}``) passed to model and guide as
@@ -18,13 +21,14 @@ parameters (the reparameterised path), so gradients of a hand bound are comparab
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import pyro
 import torch
 from pyro import poutine
 from torch import Tensor, nn
 
+from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
 
 Batch = Dict[str, Optional[Tensor]]
@@ -59,15 +63,40 @@ class LatentModel(nn.Module):
     def guide(self, **batch):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # ---- the hand-derived bounds: written once here from the model's log-densities -----------
+    def log_terms(self, batch: Batch, draws: Draws) -> Tuple[Tensor, Tensor, Tensor]:
+        """log p(x|z), log p(z), log q(z|x) at the guide's ``draws`` (K, B, ...); each (K, B).
+
+        What a model implements to inherit :meth:`hand_negative_elbo` and :meth:`hand_iwae_bound`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement log_terms(batch, draws)")
+
+    def kl_to_prior(self, batch: Batch) -> Tensor:
+        """KL(q(z|x) || p(z)) in closed form, per datapoint (B,), where the model has one."""
+        raise ConfigError(f"{type(self).__name__} has no closed-form KL(q(z|x) || p(z)); use kl='mc'")
+
     def hand_negative_elbo(self, batch: Batch, draws: Draws, kl: str = "mc", beta: float = 1.0) -> Tensor:
-        """Per-datapoint negative ELBO at ``draws`` (shape (B,)), written by hand."""
-        raise NotImplementedError
+        """Per-datapoint negative ELBO at the K ``draws`` (shape (B,)), written by hand:
+
+            kl="mc":        -ELBO_β(x) ≈ -(1/K) Σ_k [ log p(x|z_k) - β (log q(z_k|x) - log p(z_k)) ]
+            kl="analytic":  -ELBO_β(x) ≈ -(1/K) Σ_k log p(x|z_k) + β KL(q(z|x) || p(z))
+
+        from :meth:`log_terms`, and :meth:`kl_to_prior` for the closed-form KL. β = 1 is the ELBO;
+        β ≠ 1 the β-VAE objective."""
+        log_px_given_z, log_pz, log_qz = self.log_terms(batch, draws)
+        if kl == "mc":
+            return bounds.negative_elbo_mc(log_px_given_z, log_pz, log_qz, beta)
+        if kl == "analytic":
+            return bounds.negative_elbo_analytic(log_px_given_z, self.kl_to_prior(batch), beta)
+        raise ConfigError(f"unknown KL estimator {kl!r}; expected 'mc' or 'analytic'")
 
     def hand_iwae_bound(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
-        """Per-datapoint IWAE bound L_K at the K ``draws`` (shape (B,)), written by hand.
+        """Per-datapoint IWAE bound at the K ``draws`` (shape (B,)), written by hand from :meth:`log_terms`:
 
-        With β ≠ 1 the β-weighted bound of :func:`ppl_vi.bounds.iwae_bound_beta`."""
-        raise NotImplementedError
+            L_K(x) = log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x)
+
+        With β ≠ 1 the β-weighted bound of :func:`ppl_vi.bounds.iwae_bound_beta`,
+        β L_K(x) + (1 - β) (1/K) Σ_k log p(x|z_k)."""
+        return bounds.iwae_bound_beta(*self.log_terms(batch, draws), beta)
 
     def exact_log_likelihood(self, batch: Batch) -> Tensor:
         """Per-datapoint exact log p(x) (shape (B,)), where tractable."""

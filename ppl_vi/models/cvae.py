@@ -86,6 +86,31 @@ def masked_log_bernoulli(x: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
     return ((x * logits - nn.functional.softplus(logits)) * mask).sum(-1)
 
 
+class LabelConditionalGenerator:
+    """``generate(n, y)`` for the models with z ~ N(0, I) and a decoder on [z, onehot y]
+    (:class:`CVAE`, :class:`~ppl_vi.models.ssvae.SSVAE`); they provide ``decoder``, ``z_dim``,
+    ``num_classes`` and ``_one_hot``."""
+
+    def _labels(self, n: int, y, device) -> Tensor:
+        """None -> 0, 1, ..., C-1, 0, 1, ... (a grid with one column per class); int -> n copies."""
+        if y is None:
+            y = torch.arange(n, device=device) % self.num_classes
+        elif isinstance(y, int):
+            y = torch.full((n,), y, dtype=torch.long, device=device)
+        y = torch.as_tensor(y, device=device)
+        validate_labels(y, n, self.num_classes, model=type(self).__name__.lower())
+        return y
+
+    @torch.no_grad()
+    def generate(self, n: int, y: Union[None, int, Tensor] = None) -> Tensor:
+        """(n, D) pixel probabilities σ(dec(z, y)), z ~ N(0, I); ``y`` a class, (n,) labels, or
+        None for classes 0..C-1 cycled (n = rows × C gives a grid with one column per class)."""
+        p = next(self.parameters())
+        labels = self._labels(n, y, p.device)
+        z = torch.randn(n, self.z_dim, dtype=p.dtype, device=p.device)
+        return torch.sigmoid(self.decoder(broadcast_cat(z, self._one_hot(labels, z))))
+
+
 # --------------------------------------------------------------------------------------------
 # Class-conditional VAE
 
@@ -97,7 +122,7 @@ def masked_log_bernoulli(x: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
     defaults={"loss": "meanfield", "z_dim": 50, "hidden": [500, 500], "epochs": 20, "batch_size": 128,
               "lr": 1e-3},
 )
-class CVAE(LatentModel):
+class CVAE(LabelConditionalGenerator, LatentModel):
     latent_sites = ("z",)
     has_analytic_kl = True
     #: ``reconstruct`` needs the labels (the plots pass them). There is no ``encode_mean(x)`` hook:
@@ -151,59 +176,28 @@ class CVAE(LatentModel):
         """q(z|x,y) = N(loc, diag scale²): each (B, Z)."""
         return self.encoder(broadcast_cat(x, self._one_hot(y, x)))
 
-    def _log_terms(self, x: Tensor, y: Tensor, z: Tensor):
+    # ---- hand-derived bounds (hand_negative_elbo, hand_iwae_bound: LatentModel's) -----------
+    #   -ELBO_β(x|y) per datapoint at draws z (K, B, Z), MC or closed-form KL, and
+    #   L_K(x|y) = log (1/K) Σ_k p(x|y,z_k) p(z_k) / q(z_k|x,y), from these two:
+    def log_terms(self, batch: Batch, draws: Draws):
         """log p(x|y,z), log p(z), log q(z|x,y) at draws z (K, B, Z); each (K, B)."""
+        x, y, z = batch["x"], batch["y"], draws["z"]
         log_px = bounds.log_bernoulli_with_logits(x, self.decoder(broadcast_cat(z, self._one_hot(y, x))))
         log_pz = bounds.log_normal(z, torch.zeros_like(z), torch.ones_like(z))
         loc, scale = self.encode(x, y)
         return log_px, log_pz, bounds.log_normal(z, loc, scale)
 
-    def kl_to_prior(self, x: Tensor, y: Tensor) -> Tensor:
+    def kl_to_prior(self, batch: Batch) -> Tensor:
         """KL(q(z|x,y) || N(0, I)) in closed form, (B,)."""
-        loc, scale = self.encode(x, y)
+        loc, scale = self.encode(batch["x"], batch["y"])
         return bounds.kl_normal(loc, scale, torch.zeros_like(loc), torch.ones_like(scale))
-
-    # ---- hand-derived bounds ----------------------------------------------------------------
-    def hand_negative_elbo(self, batch: Batch, draws: Draws, kl: str = "mc", beta: float = 1.0) -> Tensor:
-        """-ELBO_β(x|y) per datapoint (B,) at draws z (K, B, Z); MC or closed-form KL."""
-        x, y = batch["x"], batch["y"]
-        log_px, log_pz, log_qz = self._log_terms(x, y, draws["z"])
-        if kl == "mc":
-            return bounds.negative_elbo_mc(log_px, log_pz, log_qz, beta)
-        if kl == "analytic":
-            return bounds.negative_elbo_analytic(log_px, self.kl_to_prior(x, y), beta)
-        raise ConfigError(f"unknown KL estimator {kl!r}; expected 'mc' or 'analytic'")
-
-    def hand_iwae_bound(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
-        """L_K(x|y) = log (1/K) Σ_k p(x|y,z_k) p(z_k) / q(z_k|x,y), (B,)."""
-        log_px, log_pz, log_qz = self._log_terms(batch["x"], batch["y"], draws["z"])
-        return bounds.iwae_bound_beta(log_px, log_pz, log_qz, beta)
 
     def elbo_terms(self, batch: Batch, draws: Draws) -> dict:
         """E_q log p(x|y,z) (MC over the K draws) and the closed-form KL, each (B,)."""
-        log_px, _, _ = self._log_terms(batch["x"], batch["y"], draws["z"])
-        return {"rec": log_px.mean(0), "kl": self.kl_to_prior(batch["x"], batch["y"])}
+        log_px, _, _ = self.log_terms(batch, draws)
+        return {"rec": log_px.mean(0), "kl": self.kl_to_prior(batch)}
 
-    # ---- image hooks ---------------------------------------------------------------------
-    def _labels(self, n: int, y, device) -> Tensor:
-        """None -> 0, 1, ..., C-1, 0, 1, ... (a grid with one column per class); int -> n copies."""
-        if y is None:
-            y = torch.arange(n, device=device) % self.num_classes
-        elif isinstance(y, int):
-            y = torch.full((n,), y, dtype=torch.long, device=device)
-        y = torch.as_tensor(y, device=device)
-        validate_labels(y, n, self.num_classes, model="cvae")
-        return y
-
-    @torch.no_grad()
-    def generate(self, n: int, y: Union[None, int, Tensor] = None) -> Tensor:
-        """(n, D) pixel probabilities σ(dec(z, y)), z ~ N(0, I); ``y`` a class, (n,) labels, or
-        None for classes 0..C-1 cycled (n = rows × C gives a grid with one column per class)."""
-        p = next(self.parameters())
-        labels = self._labels(n, y, p.device)
-        z = torch.randn(n, self.z_dim, dtype=p.dtype, device=p.device)
-        return torch.sigmoid(self.decoder(broadcast_cat(z, self._one_hot(labels, z))))
-
+    # ---- image hooks (generate: LabelConditionalGenerator's) ---------------------------------
     @torch.no_grad()
     def reconstruct(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """(B, D) pixel probabilities of the decoder at the guide's mean z."""
@@ -306,10 +300,12 @@ class CVAECompletion(LatentModel):
             loc, scale = self.recognition_net(x, c)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-    # ---- hand-derived bounds ----------------------------------------------------------------
-    def _log_terms(self, batch: Batch, z: Tensor):
+    # ---- hand-derived bounds (hand_negative_elbo, hand_iwae_bound: LatentModel's) -----------
+    #   -ELBO_β(x_M|c) per datapoint at draws z (K, B, Z), and
+    #   L_K(x_M|c) = log (1/K) Σ_k p(x_M|z_k,c) p(z_k|c) / q(z_k|x,c), from these two:
+    def log_terms(self, batch: Batch, draws: Draws):
         """log p(x_M|z,c), log p(z|c), log q(z|x,c) at draws z (K, B, Z); each (K, B)."""
-        x, c, mask = batch["x"], batch["c"], batch["mask"]
+        x, c, mask, z = batch["x"], batch["c"], batch["mask"], draws["z"]
         log_px = masked_log_bernoulli(x, self.decoder(broadcast_cat(z, c)), _as_float(mask, x))
         log_pz = bounds.log_normal(z, *self.prior_net(c))
         log_qz = bounds.log_normal(z, *self.recognition_net(x, c))
@@ -319,22 +315,8 @@ class CVAECompletion(LatentModel):
         """KL(q(z|x,c) || p(z|c)) in closed form, (B,)."""
         return bounds.kl_normal(*self.recognition_net(batch["x"], batch["c"]), *self.prior_net(batch["c"]))
 
-    def hand_negative_elbo(self, batch: Batch, draws: Draws, kl: str = "mc", beta: float = 1.0) -> Tensor:
-        """-ELBO_β(x_M | c) per datapoint (B,) at draws z (K, B, Z)."""
-        log_px, log_pz, log_qz = self._log_terms(batch, draws["z"])
-        if kl == "mc":
-            return bounds.negative_elbo_mc(log_px, log_pz, log_qz, beta)
-        if kl == "analytic":
-            return bounds.negative_elbo_analytic(log_px, self.kl_to_prior(batch), beta)
-        raise ConfigError(f"unknown KL estimator {kl!r}; expected 'mc' or 'analytic'")
-
-    def hand_iwae_bound(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
-        """L_K(x_M|c) = log (1/K) Σ_k p(x_M|z_k,c) p(z_k|c) / q(z_k|x,c), (B,)."""
-        log_px, log_pz, log_qz = self._log_terms(batch, draws["z"])
-        return bounds.iwae_bound_beta(log_px, log_pz, log_qz, beta)
-
     def elbo_terms(self, batch: Batch, draws: Draws) -> dict:
-        log_px, _, _ = self._log_terms(batch, draws["z"])
+        log_px, _, _ = self.log_terms(batch, draws)
         return {"rec": log_px.mean(0), "kl": self.kl_to_prior(batch)}
 
     # ---- completion ------------------------------------------------------------------------
@@ -366,7 +348,7 @@ def completion_nll(model: CVAECompletion, x: Tensor, quadrants: Union[int, Tenso
     running, done = None, 0
     while done < k:
         size = min(chunk or k, k - done)
-        log_px, log_pz, log_qz = model._log_terms(batch, model.sample_draws(batch, size)["z"])
+        log_px, log_pz, log_qz = model.log_terms(batch, model.sample_draws(batch, size))
         lse = torch.logsumexp(log_px + log_pz - log_qz, dim=0)  # (B,)
         running = lse if running is None else torch.logaddexp(running, lse)
         done += size
@@ -420,4 +402,5 @@ def baseline_nll(baseline: CompletionBaseline, x: Tensor, quadrants: Union[int, 
 
 
 __all__ = ["CVAE", "CVAECompletion", "CompletionBaseline", "completion_batch", "completion_nll", "baseline_nll",
-           "quadrant_masks", "validate_labels", "one_hot", "broadcast_cat", "masked_log_bernoulli"]
+           "quadrant_masks", "validate_labels", "one_hot", "broadcast_cat", "masked_log_bernoulli",
+           "LabelConditionalGenerator"]

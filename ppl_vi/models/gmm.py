@@ -116,8 +116,9 @@ class GMM(LatentModel):
         return bounds.kl_categorical(self.guide_logits(x), self.log_joint_all(x))
 
     # ---- hand-derived bounds ----------------------------------------------------------------
-    def _log_terms(self, x: Tensor, c: Tensor):
+    def log_terms(self, batch: Batch, draws: Draws):
         """log p(x|c), log p(c), log q(c|x) at draws c of shape (K, B); each (K, B)."""
+        x, c = batch["x"], draws["c"]
         log_px_given_c = bounds.log_normal(x, self.locs[c], self.scales[c])
         log_pc = self.log_weights()[c]
         log_qc = bounds.log_categorical(c, self.guide_logits(x).expand(c.shape + (self.num_components,)))
@@ -142,14 +143,14 @@ class GMM(LatentModel):
             return -expected_log_lik + beta * bounds.kl_categorical(q_logits, self.logits.expand_as(q_logits))
         if kl != "mc":
             raise ConfigError(f"unknown KL estimator {kl!r}; expected 'mc' or 'analytic'")
-        log_px_given_c, log_pc, log_qc = self._log_terms(x, draws["c"])
+        log_px_given_c, log_pc, log_qc = self.log_terms(batch, draws)
         value = bounds.negative_elbo_mc(log_px_given_c, log_pc, log_qc, beta)
         elbo_terms = log_px_given_c + beta * (log_pc - log_qc)  # (K, B)
         surrogate = -(log_px_given_c + beta * log_pc + log_qc * elbo_terms.detach()).mean(0)
         return value.detach() + (surrogate - surrogate.detach())
 
     def hand_iwae_bound(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
+        """log p(x) itself with the marginal guide (c summed out in the model), else LatentModel's L_K."""
         if self.guide_kind == "marginal":
             return self.exact_log_likelihood(batch)
-        log_px_given_c, log_pc, log_qc = self._log_terms(batch["x"], draws["c"])
-        return bounds.iwae_bound_beta(log_px_given_c, log_pc, log_qc, beta)
+        return super().hand_iwae_bound(batch, draws, beta)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import register
+from ppl_vi.models.base import Batch, register
 from ppl_vi.models.vae import VAE
 
 
@@ -82,5 +82,5 @@ class GMVAE(VAE):
         """n draws from the mixture: (n, Z)."""
         return self.mixture().sample((n,))
 
-    def kl_to_prior(self, x: Tensor) -> Tensor:
+    def kl_to_prior(self, batch: Batch) -> Tensor:
         raise ConfigError("the GMVAE's KL(q(z|x) || mixture prior) has no closed form; use kl='mc'")

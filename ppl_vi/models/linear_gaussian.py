@@ -108,36 +108,25 @@ class LinearGaussian(LatentModel):
         q_loc, q_tril = self._guide_gaussian(batch["x"])
         return bounds.kl_mvnormal(q_loc, q_tril, post_loc, post_tril)
 
-    # ---- hand-derived bounds ----------------------------------------------------------------
+    # ---- hand-derived bounds (hand_negative_elbo, hand_iwae_bound: LatentModel's) -----------
     def _guide_gaussian(self, x: Tensor):
         if self.guide_kind == "exact":
             return self.posterior(x)
         loc, scale = self.encode(x)
         return loc, torch.diag_embed(scale)
 
-    def _log_terms(self, x: Tensor, z: Tensor):
+    def log_terms(self, batch: Batch, draws: Draws):
         """log p(x|z), log p(z), log q(z|x) at draws z of shape (K, B, Z); each (K, B)."""
+        x, z = batch["x"], draws["z"]
         log_px_given_z = bounds.log_normal(x, z @ self.W.T + self.b, self.sigma.expand(self.x_dim))
         log_pz = bounds.log_normal(z, torch.zeros_like(z), torch.ones_like(z))
         q_loc, q_tril = self._guide_gaussian(x)
         log_qz = bounds.log_mvnormal(z, q_loc, q_tril)
         return log_px_given_z, log_pz, log_qz
 
-    def kl_to_prior(self, x: Tensor) -> Tensor:
+    def kl_to_prior(self, batch: Batch) -> Tensor:
         """KL(q(z|x) || N(0, I)) in closed form, per datapoint."""
+        x = batch["x"]
         q_loc, q_tril = self._guide_gaussian(x)
         eye = torch.eye(self.z_dim, dtype=x.dtype, device=x.device)
         return bounds.kl_mvnormal(q_loc, q_tril, torch.zeros_like(q_loc), eye)
-
-    def hand_negative_elbo(self, batch: Batch, draws: Draws, kl: str = "mc", beta: float = 1.0) -> Tensor:
-        x = batch["x"]
-        log_px_given_z, log_pz, log_qz = self._log_terms(x, draws["z"])
-        if kl == "mc":
-            return bounds.negative_elbo_mc(log_px_given_z, log_pz, log_qz, beta)
-        if kl == "analytic":
-            return bounds.negative_elbo_analytic(log_px_given_z, self.kl_to_prior(x), beta)
-        raise ConfigError(f"unknown KL estimator {kl!r}; expected 'mc' or 'analytic'")
-
-    def hand_iwae_bound(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
-        log_px_given_z, log_pz, log_qz = self._log_terms(batch["x"], draws["z"])
-        return bounds.iwae_bound_beta(log_px_given_z, log_pz, log_qz, beta)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -52,7 +52,7 @@ from torch import Tensor
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, register, scale_sites
-from ppl_vi.models.cvae import NUM_CLASSES, broadcast_cat, one_hot, validate_labels
+from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, broadcast_cat, one_hot, validate_labels
 from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, mlp
 
 if TYPE_CHECKING:  # ppl_vi.check imports the models package: import it lazily below
@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # ppl_vi.check imports the models package: import it lazily b
     defaults={"loss": "enum", "z_dim": 50, "hidden": [500], "epochs": 20, "batch_size": 128, "lr": 1e-3,
               "labels": 100, "alpha": 0.1},
 )
-class SSVAE(LatentModel):
+class SSVAE(LabelConditionalGenerator, LatentModel):
     #: every latent site the guide may have; :meth:`latent_sites_for` gives a batch's own.
     latent_sites = ("y", "z")
     latent_reparameterized = False  # y is discrete on unlabelled batches
@@ -273,29 +273,11 @@ class SSVAE(LatentModel):
         log_qy = bounds.log_categorical(y_k, q_logits.expand(y_k.shape + q_logits.shape[-1:]))
         return bounds.iwae_bound_beta(log_px, log_pz + self.log_prior_y(), log_qz + log_qy, beta)
 
-    # ---- classification and image hooks ----------------------------------------------------
+    # ---- classification and image hooks (generate: LabelConditionalGenerator's) --------------
     @torch.no_grad()
     def classify(self, x: Tensor) -> Tensor:
         """Predicted labels argmax_y q(y|x), (B,) int64."""
         return self.classifier(x).argmax(-1)
-
-    def _labels(self, n: int, y, device) -> Tensor:
-        if y is None:
-            y = torch.arange(n, device=device) % self.num_classes
-        elif isinstance(y, int):
-            y = torch.full((n,), y, dtype=torch.long, device=device)
-        y = torch.as_tensor(y, device=device)
-        validate_labels(y, n, self.num_classes, model="ssvae")
-        return y
-
-    @torch.no_grad()
-    def generate(self, n: int, y: Union[None, int, Tensor] = None) -> Tensor:
-        """(n, D) pixel probabilities σ(dec(z, y)), z ~ N(0, I); ``y`` a class, (n,) labels, or None
-        for classes 0..C-1 cycled (a grid with one column per class)."""
-        p = next(self.parameters())
-        labels = self._labels(n, y, p.device)
-        z = torch.randn(n, self.z_dim, dtype=p.dtype, device=p.device)
-        return torch.sigmoid(self.decoder(broadcast_cat(z, self._one_hot(labels, z))))
 
     @torch.no_grad()
     def encode_mean(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:

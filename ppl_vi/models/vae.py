@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from ppl_vi import bounds
-from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import Batch, Draws, LatentModel, register
 from ppl_vi.nets import BernoulliDecoder, GaussianEncoder
 
@@ -86,40 +85,27 @@ class VAE(LatentModel):
         ref = next(self.parameters())
         return torch.randn(n, self.z_dim, device=ref.device, dtype=ref.dtype)
 
-    # ---- hand-derived bounds ----------------------------------------------------------------
-    def _log_terms(self, x: Tensor, z: Tensor):
+    # ---- hand-derived bounds (hand_negative_elbo, hand_iwae_bound: LatentModel's) -----------
+    def log_terms(self, batch: Batch, draws: Draws):
         """log p(x|z), log p(z), log q(z|x) at draws z of shape (K, B, Z); each (K, B)."""
+        x, z = batch["x"], draws["z"]
         log_px_given_z = bounds.log_bernoulli_with_logits(x, self.decoder(z))
         log_pz = self.log_prior(z)
         q_loc, q_scale = self.encoder(x)  # (B, Z) each, broadcast over K
         log_qz = bounds.log_normal(z, q_loc, q_scale)
         return log_px_given_z, log_pz, log_qz
 
-    def kl_to_prior(self, x: Tensor) -> Tensor:
+    def kl_to_prior(self, batch: Batch) -> Tensor:
         """KL(q(z|x) || N(0, I)) in closed form, per datapoint: (B,)."""
-        q_loc, q_scale = self.encoder(x)
+        q_loc, q_scale = self.encoder(batch["x"])
         return bounds.kl_normal(q_loc, q_scale, torch.zeros_like(q_loc), torch.ones_like(q_scale))
-
-    def hand_negative_elbo(self, batch: Batch, draws: Draws, kl: str = "mc", beta: float = 1.0) -> Tensor:
-        x = batch["x"]
-        log_px_given_z, log_pz, log_qz = self._log_terms(x, draws["z"])
-        if kl == "mc":
-            return bounds.negative_elbo_mc(log_px_given_z, log_pz, log_qz, beta)
-        if kl == "analytic":
-            return bounds.negative_elbo_analytic(log_px_given_z, self.kl_to_prior(x), beta)
-        raise ConfigError(f"unknown KL estimator {kl!r}; expected 'mc' or 'analytic'")
-
-    def hand_iwae_bound(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
-        log_px_given_z, log_pz, log_qz = self._log_terms(batch["x"], draws["z"])
-        return bounds.iwae_bound_beta(log_px_given_z, log_pz, log_qz, beta)
 
     # ---- hooks for the trainer, evaluator and plots (see base.py) ------------------------------
     def elbo_terms(self, batch: Batch, draws: Draws) -> Dict[str, Tensor]:
         """E_q log p(x|z) ≈ (1/K) Σ_k log p(x|z_k), and KL(q || p): closed form where it exists,
         else (1/K) Σ_k [log q(z_k|x) - log p(z_k)]. Each (B,); ELBO = rec - kl."""
-        x = batch["x"]
-        log_px_given_z, log_pz, log_qz = self._log_terms(x, draws["z"])
-        kl = self.kl_to_prior(x) if self.has_analytic_kl else (log_qz - log_pz).mean(0)
+        log_px_given_z, log_pz, log_qz = self.log_terms(batch, draws)
+        kl = self.kl_to_prior(batch) if self.has_analytic_kl else (log_qz - log_pz).mean(0)
         return {"rec": log_px_given_z.mean(0), "kl": kl}
 
     @torch.no_grad()
