@@ -41,9 +41,10 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # ppl_vi without installing it
-import semi_supervised as issue4  # noqa: E402  (helpers and the RESULTS.md section)
+import runner  # noqa: E402  (device names, portable paths, results files)
+import semi_supervised as issue4  # noqa: E402  (the RESULTS.md section, rendered with the SSVAE rows)
+from runner import REPO  # noqa: E402
 
-REPO = issue4.REPO
 RESULTS_JSON = issue4.COMPLETION_JSON
 FULL_K = [1, 10, 100, 1000]
 QUICK_K = [1, 10]
@@ -244,14 +245,14 @@ def main(argv=None) -> int:
     command = "python experiments/completion.py " + " ".join(shlex.quote(a) for a in argv_shown)
     import torch
 
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+    if runner.cuda_missing(opts.device):
         print("completion: --device cuda but no CUDA GPU here; use --device cpu (with --quick)", file=sys.stderr)
         return 2
     from ppl_vi.errors import PplViError
 
     out_dir = Path(opts.out_dir).resolve()
     run_dir = out_dir / ("smoke-completion" if opts.quick else "completion")
-    dev_name = issue4.device_name(opts.device)
+    dev_name = runner.device_name(opts.device)
     print(f"completion: training cvae-completion into {run_dir} on {dev_name}", flush=True)
     try:
         start = time.perf_counter()
@@ -274,17 +275,17 @@ def main(argv=None) -> int:
         return 2
     record = dict(
         run=run_dir.name, mode="smoke" if opts.quick else "full", device=opts.device, device_name=dev_name,
-        command=command, seed=opts.seed, run_dir=issue4.portable(run_dir), ks=opts.ks, n_test=int(x.shape[0]),
+        command=command, seed=opts.seed, run_dir=runner.portable(run_dir), ks=opts.ks, n_test=int(x.shape[0]),
         nelbo_particles=NELBO_PARTICLES, hidden=opts.hidden_list, z_dim=opts.z_dim,
         train_subset=opts.train_subset, cvae_epochs=epochs, cvae_train_s=round(cvae_train_s, 1),
         cvae_final_val_loss=trainer.metrics.get("final_val_loss"), baseline_epochs=len(base_history),
         baseline_train_s=round(baseline_train_s, 1), baseline_history=base_history, eval_s=round(eval_s, 1),
         quadrants=quadrants, pyro_cvae=issue4.PYRO_CVAE, pyro_baseline=issue4.PYRO_BASELINE,
-        figures=[issue4.portable(figure), *(issue4.portable(p) for p in sorted((run_dir / "figures").glob("*.png"))
+        figures=[runner.portable(figure), *(runner.portable(p) for p in sorted((run_dir / "figures").glob("*.png"))
                                             if p.name != figure.name)],
         environment={k: v for k, v in json.loads((run_dir / "config.json").read_text())["environment"].items()
-                     if k in ("device", "device_name", "torch", "pyro", "cuda", "git_commit")},
-        finished=issue4.now())
+                     if k in runner.ENVIRONMENT_KEYS},
+        finished=runner.now())
     (run_dir / "completion.json").write_text(json.dumps(record, indent=2) + "\n")
     table = "\n".join(issue4.completion_table(record)) + "\n"
     (run_dir / "completion.md").write_text(
@@ -292,13 +293,7 @@ def main(argv=None) -> int:
         "Nats per test image, mean ± SE over images. CVAE -L_K: importance sampling with K draws from q(z|x,c); "
         f"CVAE -ELBO: {NELBO_PARTICLES} draws, closed-form KL (Pyro's reported quantity).\n")
     results_json = Path(opts.results_json)
-    kind = "cuda" if opts.device.startswith("cuda") else "cpu"
-    results = issue4.load_json(results_json, "ppl_vi issue 4, CVAE image completion; written by "
-                                             "experiments/completion.py")
-    results["rows"][f"{record['mode']}/{kind}"] = record
-    results["updated"] = issue4.now()
-    results_json.parent.mkdir(parents=True, exist_ok=True)
-    results_json.write_text(json.dumps(results, indent=2) + "\n")
+    runner.save_rows(results_json, issue4.COMPLETION_ABOUT, {issue4.completion_key(record): record})
     issue4.update_results_md(Path(opts.results_md), Path(opts.ssl_json), results_json)
     print(table, end="")
     print(f"written: {run_dir / 'completion.json'}, {run_dir / 'completion.md'}, {figure}, {results_json}, "

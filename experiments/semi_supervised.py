@@ -29,21 +29,18 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import json
 import math
-import os
-import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runner  # noqa: E402  (running rows, records, results files: shared with vae_family.py, completion.py)
+from runner import REPO, ROW_FILE  # noqa: E402
+
 SECTION = "## Semi-supervised and conditional VAEs (issue 4)"
-ROW_FILE = "row.json"
 RESULTS_JSON = REPO / "experiments" / "semi_supervised.json"
 COMPLETION_JSON = REPO / "experiments" / "completion.json"
 RESULTS_MD = REPO / "experiments" / "RESULTS.md"
@@ -57,43 +54,11 @@ PYRO_CVAE = {1: 71.8, 2: 51.0, 3: 24.2}
 PYRO_BASELINE = {1: 100.4, 2: 61.9, 3: 25.4}
 SSL_GPU_COMMAND = "python experiments/semi_supervised.py --device cuda --parallel 3 --minutes 8"
 COMPLETION_GPU_COMMAND = "python experiments/completion.py --device cuda --minutes 6 --k 1,10,100,1000"
+ABOUT = "ppl_vi issue 4, SSVAE (M2); written by experiments/semi_supervised.py"
+COMPLETION_ABOUT = "ppl_vi issue 4, CVAE image completion; written by experiments/completion.py"
 
 
-# ---- helpers shared with experiments/completion.py ---------------------------------------------------
-
-
-def device_name(device: str) -> str:
-    """A human name for the device (the GPU's, or the CPU model and core count)."""
-    if device.startswith("cuda"):
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return torch.cuda.get_device_name(0)
-        except Exception:  # noqa: BLE001 - informative only
-            pass
-        return "cuda (unavailable)"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def portable(path) -> str:
-    """A path relative to the repository root where it lies inside it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
-def shown(argv: List[str]) -> str:
-    return "python -m ppl_vi " + " ".join(shlex.quote(a) for a in argv)
-
-
-def now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+# ---- helpers ---------------------------------------------------------------------------------------
 
 
 def mean_sd(values: List[float]) -> tuple:
@@ -112,32 +77,22 @@ def run_name(opts, seed: int) -> str:
 
 
 def build_commands(opts, seed: int, run_dir: Path) -> tuple:
-    run_arg = os.path.relpath(run_dir, REPO) if run_dir.is_relative_to(REPO) else str(run_dir)
+    run_arg = runner.run_arg(run_dir)
     train = ["train", "ssvae", "--labels", str(opts.labels), "--device", opts.device, "--seed", str(seed),
              "--out", run_arg, "--overwrite", "--no-progress"]
-    if opts.quick:
-        train += QUICK_TRAIN
-    elif opts.minutes is not None:
-        train += ["--max-minutes", f"{opts.minutes:g}", "--epochs", str(opts.epochs or 100000)]
-    elif opts.epochs is not None:
-        train += ["--epochs", str(opts.epochs)]
+    train += QUICK_TRAIN if opts.quick else runner.budget_args(opts.minutes, opts.epochs)
     train += ["--eval-k", ",".join(map(str, opts.ks))]
     train += shlex.split(opts.train_args or "")
     evaluate = ["eval", run_arg, "--k", ",".join(map(str, opts.ks)), "--no-progress"]
     return train, evaluate
 
 
+KEEP = ("test_accuracy", "confusion_matrix", "test_nelbo", "test_nelbo_se", "test_kl", "test_rec",
+        "test_iwae", "test_iwae_se", "epochs_done", "steps", "train_seconds", "eval_seconds", "final_val_loss")
+
+
 def read_run(run_dir: Path) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text())
-    keep = ("test_accuracy", "confusion_matrix", "test_nelbo", "test_nelbo_se", "test_kl", "test_rec",
-            "test_iwae", "test_iwae_se", "epochs_done", "steps", "train_seconds", "eval_seconds", "final_val_loss")
-    out = {k: metrics[k] for k in keep if k in metrics}
-    out["environment"] = {k: config.get("environment", {}).get(k) for k in
-                          ("device", "device_name", "torch", "pyro", "cuda", "git_commit")}
-    out["config"] = config.get("config", {})
-    out["figures"] = sorted(portable(p) for p in (run_dir / "figures").glob("*.png"))
-    return out
+    return runner.read_run(run_dir, KEEP)
 
 
 def run_one(opts, seed: int, out_dir: Path, dev_name: str, threads: int) -> dict:
@@ -145,47 +100,14 @@ def run_one(opts, seed: int, out_dir: Path, dev_name: str, threads: int) -> dict
     run_dir = out_dir / name
     train, evaluate = build_commands(opts, seed, run_dir)
     record = dict(run=name, seed=seed, labels=opts.labels, mode="smoke" if opts.quick else "full",
-                  device=opts.device, device_name=dev_name, parallel=opts.parallel, train_command=shown(train),
-                  eval_command=shown(evaluate), run_dir=portable(run_dir), started=now())
-    if opts.dry_run:
-        print(f"[{name}] {shown(train)}\n[{name}] {shown(evaluate)}", flush=True)
-        return record
-    (run_dir / ROW_FILE).unlink(missing_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    logs = out_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    record["status"] = "ok"
-    for stage, argv in (("train", train), ("eval", evaluate)):
-        print(f"[{name}] {shown(argv)}", flush=True)
-        log = logs / f"{name}.{stage}.log"
-        start = time.perf_counter()
-        with open(log, "w") as handle:
-            rc = subprocess.run([sys.executable, "-m", "ppl_vi", *argv], cwd=REPO, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT).returncode
-        record[f"{stage}_wall_s"] = round(time.perf_counter() - start, 1)
-        record[f"{stage}_log"] = portable(log)
-        if rc != 0:
-            tail = log.read_text().strip().splitlines()[-3:]
-            record["status"] = f"{stage} failed (exit {rc}): " + " / ".join(tail)
-            print(f"[{name}] {record['status']}", flush=True)
-            break
-        print(f"[{name}] {stage} done in {record[f'{stage}_wall_s']:.0f} s", flush=True)
-    if record["status"] == "ok":
-        record.update(read_run(run_dir))
-        (run_dir / ROW_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+                  device=opts.device, device_name=dev_name, parallel=opts.parallel, train_command=runner.shown(train),
+                  eval_command=runner.shown(evaluate), run_dir=runner.portable(run_dir), started=runner.now())
+    return runner.run_row(name, run_dir, (("train", train), ("eval", evaluate)), record, out_dir, threads, read_run,
+                          opts.dry_run)
 
 
 def collect(out_dir: Path) -> List[dict]:
-    records = []
-    for row in sorted(out_dir.glob(f"*ssvae-l*/{ROW_FILE}")):
-        record = json.loads(row.read_text())
-        record.update(read_run(row.parent))
-        record["run_dir"] = portable(row.parent)
-        records.append(record)
-    return records
+    return runner.collect(out_dir, "*ssvae-l*", read_run)
 
 
 def collect_completion(out_dir: Path, completion_json: Path) -> None:
@@ -194,24 +116,13 @@ def collect_completion(out_dir: Path, completion_json: Path) -> None:
     found = sorted(out_dir.glob("*completion/completion.json"))
     if not found:
         return
-    results = load_json(completion_json, "ppl_vi issue 4, CVAE image completion; written by experiments/completion.py")
-    for path in found:
-        record = json.loads(path.read_text())
-        kind = "cuda" if str(record.get("device", "")).startswith("cuda") else "cpu"
-        results["rows"][f"{record['mode']}/{kind}"] = record
-    results["updated"] = now()
-    Path(completion_json).write_text(json.dumps(results, indent=2) + "\n")
+    records = [json.loads(path.read_text()) for path in found]
+    runner.save_rows(completion_json, COMPLETION_ABOUT, {completion_key(r): r for r in records})
 
 
-def record_key(record: dict) -> str:
-    kind = "cuda" if str(record.get("device", "")).startswith("cuda") else "cpu"
-    return f"{record['mode']}/{kind}/{record['run']}"
-
-
-def load_json(path: Path, about: str) -> dict:
-    if Path(path).is_file():
-        return json.loads(Path(path).read_text())
-    return {"about": about, "rows": {}}
+def completion_key(record: dict) -> str:
+    """Completion rows are kept per (smoke|full, cpu|cuda)."""
+    return f"{record['mode']}/{runner.device_kind(record.get('device', ''))}"
 
 
 def groups(rows: Dict[str, dict]) -> Dict[tuple, List[dict]]:
@@ -236,13 +147,6 @@ def summary(records: List[dict]) -> dict:
 # ---- RESULTS.md ------------------------------------------------------------------------------------
 
 
-def rel(path: str, base: Path) -> str:
-    try:
-        return os.path.relpath(REPO / path, base)
-    except ValueError:
-        return path
-
-
 def _pm(value, se, digits=2) -> str:
     if value is None:
         return "–"
@@ -259,7 +163,7 @@ def ssl_table(records: List[dict], base: Path) -> List[str]:
             continue
         ks = sorted((int(k) for k in r.get("test_iwae", {})), reverse=True)
         iw = f"{_pm(r['test_iwae'][str(ks[0])], r['test_iwae_se'][str(ks[0])])} (k={ks[0]})" if ks else "–"
-        figures = ", ".join(f"[{Path(f).stem}]({rel(f, base)})" for f in r.get("figures", [])
+        figures = ", ".join(f"[{Path(f).stem}]({runner.rel(f, base)})" for f in r.get("figures", [])
                             if Path(f).stem in ("style_grid", "confusion_matrix", "samples", "training_curves"))
         lines.append(f"| {r['run']} (labelled-set seed {r['seed']}) | `{r['train_command']}`; `{r['eval_command']}` "
                      f"| {r['device_name']} | {r.get('train_wall_s', 0):.0f} s + {r.get('eval_wall_s', 0):.0f} s "
@@ -290,7 +194,7 @@ def completion_table(record: dict) -> List[str]:
 
 
 def completion_block(record: dict, base: Path) -> List[str]:
-    figs = ", ".join(f"[{Path(f).stem}]({rel(f, base)})" for f in record.get("figures", []))
+    figs = ", ".join(f"[{Path(f).stem}]({runner.rel(f, base)})" for f in record.get("figures", []))
     return [f"- **{record['mode']}** run `{record['command']}` on {record['device_name']}: CVAE "
             f"{record['cvae_epochs']} epoch(s) ({record['cvae_train_s']:.0f} s), baseline {record['baseline_epochs']} "
             f"epoch(s) ({record['baseline_train_s']:.0f} s), {record['n_test']} test images, networks "
@@ -419,25 +323,14 @@ def section(ssl: dict, completion: dict, base: Path) -> str:
 
 def write_results_md(path: Path, text: str) -> None:
     """Replace (or append) this section of RESULTS.md; every other section is kept as is."""
-    path = Path(path)
-    if not path.is_file():
-        path.write_text("# Results\n\nOne section per experiment; each says how its figures were produced.\n\n" + text)
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        path.write_text("".join(lines).rstrip("\n") + "\n\n" + text)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + text + ("\n" + rest if rest else ""))
+    runner.write_section(path, SECTION, text)
 
 
 def update_results_md(results_md: Path = RESULTS_MD, ssl_json: Path = RESULTS_JSON,
                       completion_json: Path = COMPLETION_JSON) -> None:
     """Re-render the issue-4 section from both JSON files (also called by experiments/completion.py)."""
-    ssl = load_json(ssl_json, "")
-    completion = load_json(completion_json, "")
+    ssl = runner.load_json(ssl_json, "")
+    completion = runner.load_json(completion_json, "")
     write_results_md(results_md, section(ssl, completion, Path(results_md).parent.resolve()))
 
 
@@ -493,16 +386,13 @@ def main(argv=None) -> int:
             print(f"no finished ssvae runs (*ssvae-l*/{ROW_FILE}) under {out_dir}", file=sys.stderr)
             return 2
     else:
-        if opts.device.startswith("cuda") and not opts.dry_run:
-            import torch
-
-            if not torch.cuda.is_available():
-                print("semi_supervised: --device cuda but no CUDA GPU here; use --device cpu (with --quick)",
-                      file=sys.stderr)
-                return 2
+        if runner.cuda_missing(opts.device, opts.dry_run):
+            print("semi_supervised: --device cuda but no CUDA GPU here; use --device cpu (with --quick)",
+                  file=sys.stderr)
+            return 2
         out_dir.mkdir(parents=True, exist_ok=True)
-        dev_name = device_name(opts.device)
-        threads = max(1, (os.cpu_count() or 1) // opts.parallel)
+        dev_name = runner.device_name(opts.device)
+        threads = runner.threads_per_run(opts.parallel)
         print(f"{len(opts.seed_list)} ssvae runs ({opts.labels} labels) on {dev_name}, {opts.parallel} at a time; "
               f"runs in {out_dir}", flush=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=opts.parallel) as pool:
@@ -510,12 +400,7 @@ def main(argv=None) -> int:
         if opts.dry_run:
             return 0
     results_json = Path(opts.results_json)
-    results = load_json(results_json, "ppl_vi issue 4, SSVAE (M2); written by experiments/semi_supervised.py")
-    for record in records:
-        results["rows"][record_key(record)] = record
-    results["updated"] = now()
-    results_json.parent.mkdir(parents=True, exist_ok=True)
-    results_json.write_text(json.dumps(results, indent=2) + "\n")
+    runner.save_rows(results_json, ABOUT, {runner.record_key(r): r for r in records})
     if opts.collect:
         collect_completion(out_dir, Path(opts.completion_json))
     update_results_md(Path(opts.results_md), results_json, Path(opts.completion_json))

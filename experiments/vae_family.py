@@ -38,20 +38,18 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runner  # noqa: E402  (running rows, records, results files: shared with semi_supervised.py)
+from runner import REPO, ROW_FILE  # noqa: E402
+
 SECTION = "## VAE family (issue 3)"
-ROW_FILE = "row.json"  # written into each run directory after its eval
+ABOUT = "ppl_vi issue 3, the VAE family; written by experiments/vae_family.py"
 
 FULL_K = [1, 10, 100, 1000, 5000]
 QUICK_K = [1, 10]
@@ -88,50 +86,15 @@ TARGETS = [
 # ---- running -------------------------------------------------------------------------------------
 
 
-def device_name(device: str) -> str:
-    """A human name for the device the runs use (the GPU's, or the CPU model)."""
-    if device.startswith("cuda"):
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return torch.cuda.get_device_name(0)
-        except Exception:  # noqa: BLE001 - the name is informative only
-            pass
-        return "cuda (unavailable)"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def portable(path) -> str:
-    """A path relative to the repository root where it lies inside it (records travel between machines)."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
-def shown(argv: List[str]) -> str:
-    """The command as a user would type it (``python -m ppl_vi ...``)."""
-    return "python -m ppl_vi " + " ".join(shlex.quote(a) for a in argv)
-
-
 def build_commands(spec: dict, opts, run_dir: Path) -> tuple:
     """The train and eval argv (the subprocesses run in the repository root: paths relative to it)."""
-    run_arg = os.path.relpath(run_dir, REPO) if run_dir.is_relative_to(REPO) else str(run_dir)
+    run_arg = runner.run_arg(run_dir)
     train = ["train", *spec["args"], "--device", opts.device, "--seed", str(opts.seed), "--out", run_arg,
              "--overwrite", "--no-progress"]
     if opts.quick:
         train += [*QUICK_TRAIN, "--eval-k", ",".join(map(str, QUICK_K))]
     else:
-        if opts.minutes is not None:
-            train += ["--max-minutes", f"{opts.minutes:g}", "--epochs", str(opts.epochs or 100000)]
-        elif opts.epochs is not None:
-            train += ["--epochs", str(opts.epochs)]
-        train += ["--eval-k", ",".join(map(str, opts.ks))]
+        train += [*runner.budget_args(opts.minutes, opts.epochs), "--eval-k", ",".join(map(str, opts.ks))]
     train += shlex.split(opts.train_args or "")
     evaluate = ["eval", run_arg, "--k", ",".join(map(str, opts.ks)), "--no-progress"]
     return train, evaluate
@@ -143,71 +106,27 @@ def run_one(spec: dict, opts, out_dir: Path, dev_name: str, threads: int) -> dic
     train, evaluate = build_commands(spec, opts, run_dir)
     record = dict(run=spec["name"], what=spec["what"], mode="smoke" if opts.quick else "full",
                   device=opts.device, device_name=dev_name, seed=opts.seed, parallel=opts.parallel,
-                  train_command=shown(train), eval_command=shown(evaluate), run_dir=portable(run_dir),
-                  started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+                  train_command=runner.shown(train), eval_command=runner.shown(evaluate),
+                  run_dir=runner.portable(run_dir), started=runner.now())
     if opts.skip_done and (run_dir / ROW_FILE).is_file():
         old = json.loads((run_dir / ROW_FILE).read_text())
         if old.get("train_command") == record["train_command"] and old.get("status") == "ok":
             print(f"[{spec['name']}] done already: {run_dir} (--skip-done)", flush=True)
             return old
-    if opts.dry_run:
-        print(f"[{spec['name']}] {shown(train)}\n[{spec['name']}] {shown(evaluate)}", flush=True)
-        return record
-    (run_dir / ROW_FILE).unlink(missing_ok=True)  # a stale row must not outlive a failed re-run
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    logs = out_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    record["status"] = "ok"
-    for stage, argv in (("train", train), ("eval", evaluate)):
-        print(f"[{spec['name']}] {shown(argv)}", flush=True)
-        log = logs / f"{spec['name']}.{stage}.log"
-        start = time.perf_counter()
-        with open(log, "w") as handle:
-            rc = subprocess.run([sys.executable, "-m", "ppl_vi", *argv], cwd=REPO, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT).returncode
-        record[f"{stage}_wall_s"] = round(time.perf_counter() - start, 1)
-        record[f"{stage}_log"] = portable(log)
-        if rc != 0:
-            tail = log.read_text().strip().splitlines()[-3:]
-            record["status"] = f"{stage} failed (exit {rc}): " + " / ".join(tail)
-            print(f"[{spec['name']}] {record['status']}", flush=True)
-            break
-        print(f"[{spec['name']}] {stage} done in {record[f'{stage}_wall_s']:.0f} s", flush=True)
-    if record["status"] == "ok":
-        record.update(read_run(run_dir))
-        (run_dir / ROW_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return runner.run_row(spec["name"], run_dir, (("train", train), ("eval", evaluate)), record, out_dir, threads,
+                          read_run, opts.dry_run)
+
+
+KEEP = ("test_nelbo", "test_nelbo_se", "test_kl", "test_kl_se", "test_rec", "test_rec_se", "test_iwae",
+        "test_iwae_se", "epochs_done", "steps", "train_seconds", "eval_seconds", "final_val_loss")
 
 
 def read_run(run_dir: Path) -> dict:
     """What the table needs from a run directory: metrics, the device it ran on, its figures."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text())
-    keep = ("test_nelbo", "test_nelbo_se", "test_kl", "test_kl_se", "test_rec", "test_rec_se", "test_iwae",
-            "test_iwae_se", "epochs_done", "steps", "train_seconds", "eval_seconds", "final_val_loss")
-    out = {k: metrics[k] for k in keep if k in metrics}
-    out["environment"] = {k: config.get("environment", {}).get(k) for k in
-                          ("device", "device_name", "torch", "pyro", "cuda", "git_commit")}
-    out["config"] = config.get("config", {})
-    out["figures"] = sorted(portable(p) for p in (run_dir / "figures").glob("*.png"))
-    return out
+    return runner.read_run(run_dir, KEEP)
 
 
 # ---- collecting ------------------------------------------------------------------------------------
-
-
-def record_key(record: dict) -> str:
-    """Rows are kept per (smoke|full, cpu|cuda, run): a smoke test never replaces a result."""
-    kind = "cuda" if str(record.get("device", "")).startswith("cuda") else "cpu"
-    return f"{record['mode']}/{kind}/{record['run']}"
-
-
-def load_results(path: Path) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"about": "ppl_vi issue 3, the VAE family; written by experiments/vae_family.py", "rows": {}}
 
 
 def largest_k(record: dict) -> Optional[str]:
@@ -225,14 +144,6 @@ def fmt(record: dict, key: str, k: Optional[str] = None) -> str:
     return f"{value:.2f} ± {se:.2f}" if se is not None else f"{value:.2f}"
 
 
-def rel(path: str, base: Path) -> str:
-    """``path`` (absolute, or relative to the repository root) relative to ``base``: a link from RESULTS.md."""
-    try:
-        return os.path.relpath(REPO / path, base)
-    except ValueError:
-        return path
-
-
 def table(records: List[dict], base: Path) -> List[str]:
     lines = ["| run | command (train; eval) | device | wall: train + eval (concurrent runs) | seed | epochs | "
              "test NELBO | KL (rate) | distortion | NLL = -IWAE-k (largest k) | figures |",
@@ -243,7 +154,7 @@ def table(records: List[dict], base: Path) -> List[str]:
                          f"| – | **{r['status']}** | | | | |")
             continue
         k = largest_k(r)
-        figures = ", ".join(f"[{Path(f).stem}]({rel(f, base)})" for f in r.get("figures", []))
+        figures = ", ".join(f"[{Path(f).stem}]({runner.rel(f, base)})" for f in r.get("figures", []))
         wall = f"{r.get('train_wall_s', 0):.0f} s + {r.get('eval_wall_s', 0):.0f} s ({r.get('parallel', 1)})"
         lines.append(
             f"| {r['run']} ({r['what']}) | `{r['train_command']}`; `{r['eval_command']}` | {r['device_name']} | {wall} "
@@ -326,29 +237,12 @@ def section(results: dict, base: Path) -> str:
 
 def write_results_md(path: Path, text: str) -> None:
     """Replace (or add) the VAE-family section of RESULTS.md; every other section is kept as is."""
-    if not path.is_file():
-        path.write_text("# Results\n\nOne section per experiment; each says how its figures were produced.\n\n" + text)
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        body = "".join(lines).rstrip("\n") + "\n\n"
-        path.write_text(body + text)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + text + ("\n" + rest if rest else ""))
+    runner.write_section(path, SECTION, text)
 
 
 def collect(out_dir: Path) -> List[dict]:
     """Records of every finished run under ``out_dir`` (RUN/row.json), refreshed from metrics.json."""
-    records = []
-    for row in sorted(out_dir.glob(f"*/{ROW_FILE}")):
-        record = json.loads(row.read_text())
-        record.update(read_run(row.parent))
-        record["run_dir"] = portable(row.parent)
-        records.append(record)
-    return records
+    return runner.collect(out_dir, "*", read_run)
 
 
 # ---- main ------------------------------------------------------------------------------------------
@@ -408,27 +302,19 @@ def main(argv=None) -> int:
             print(f"no finished runs (*/{ROW_FILE}) under {out_dir}", file=sys.stderr)
             return 2
     else:
-        if opts.device.startswith("cuda") and not opts.dry_run:
-            import torch
-
-            if not torch.cuda.is_available():
-                print("vae_family: --device cuda but no CUDA GPU here; use --device cpu (with --quick)", file=sys.stderr)
-                return 2
+        if runner.cuda_missing(opts.device, opts.dry_run):
+            print("vae_family: --device cuda but no CUDA GPU here; use --device cpu (with --quick)", file=sys.stderr)
+            return 2
         out_dir.mkdir(parents=True, exist_ok=True)
-        dev_name = device_name(opts.device)
-        threads = max(1, (os.cpu_count() or 1) // opts.parallel)
+        dev_name = runner.device_name(opts.device)
+        threads = runner.threads_per_run(opts.parallel)
         print(f"{len(opts.specs)} runs on {dev_name}, {opts.parallel} at a time, {threads} CPU thread(s) each; "
               f"runs in {out_dir}", flush=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=opts.parallel) as pool:
             records = list(pool.map(lambda s: run_one(s, opts, out_dir, dev_name, threads), opts.specs))
         if opts.dry_run:
             return 0
-    results = load_results(results_json)
-    for record in records:
-        results["rows"][record_key(record)] = record
-    results["updated"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    results_json.parent.mkdir(parents=True, exist_ok=True)
-    results_json.write_text(json.dumps(results, indent=2) + "\n")
+    results = runner.save_rows(results_json, ABOUT, {runner.record_key(r): r for r in records})
     write_results_md(results_md, section(results, results_md.parent.resolve()))
     for r in records:
         k = largest_k(r)
