@@ -106,6 +106,17 @@ def cuda_missing(device: str, dry_run: bool = False) -> bool:
     return not torch.cuda.is_available()
 
 
+def check_run_options(parser, opts) -> None:
+    """The checks of the options every row-running script takes (``--parallel``, ``--minutes``,
+    ``--device``): ``parser.error`` (exit status 2) on the first bad one."""
+    if opts.parallel < 1:
+        parser.error("--parallel must be >= 1")
+    if opts.minutes is not None and opts.minutes <= 0:
+        parser.error("--minutes must be > 0")
+    if opts.device not in ("cpu", "cuda") and not opts.device.startswith("cuda:"):
+        parser.error("--device must be cpu or cuda")
+
+
 def threads_per_run(parallel: int) -> int:
     """CPU threads for each of ``parallel`` concurrent runs."""
     return max(1, (os.cpu_count() or 1) // parallel)

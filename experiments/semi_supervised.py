@@ -357,12 +357,7 @@ def parse_args(argv=None):
     p.add_argument("--collect", action="store_true", help="run nothing: collect finished runs under --out-dir")
     p.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")
     opts = p.parse_args(argv)
-    if opts.parallel < 1:
-        p.error("--parallel must be >= 1")
-    if opts.minutes is not None and opts.minutes <= 0:
-        p.error("--minutes must be > 0")
-    if opts.device not in ("cpu", "cuda") and not opts.device.startswith("cuda:"):
-        p.error("--device must be cpu or cuda")
+    runner.check_run_options(p, opts)
     try:
         opts.ks = [int(k) for k in opts.k.split(",")] if opts.k else FULL_K
         opts.seed_list = [int(s) for s in opts.seeds.split(",") if s.strip()]
