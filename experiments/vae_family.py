@@ -241,8 +241,10 @@ def write_results_md(path: Path, text: str) -> None:
 
 
 def collect(out_dir: Path) -> List[dict]:
-    """Records of every finished run under ``out_dir`` (RUN/row.json), refreshed from metrics.json."""
-    return runner.collect(out_dir, "*", read_run)
+    """Records of this script's finished runs under ``out_dir`` (RUN/row.json), refreshed from
+    metrics.json; runs of other scripts sharing the folder (ssvae, completion) are left out."""
+    names = {spec["name"] for group in row_specs(0).values() for spec in group}
+    return [r for r in runner.collect(out_dir, "*", read_run) if r.get("run") in names]
 
 
 # ---- main ------------------------------------------------------------------------------------------

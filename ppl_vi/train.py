@@ -412,7 +412,7 @@ class Trainer:
 
 
 def train(config: TrainConfig, run_dir: Optional[Path] = None, *, resume: bool = False, progress: bool = True,
-          figures: bool = True, overwrite: bool = False) -> Dict:
+          figures: bool = True, overwrite: bool = False) -> "Trainer":
     """Train ``config`` into ``run_dir`` (optional); returns the trainer, ``.metrics`` as in metrics.json.
 
     The data load before a new run directory is created, so a bad data folder leaves nothing
