@@ -184,10 +184,6 @@ def get_spec(name: str) -> ModelSpec:
     return REGISTRY[name]
 
 
-def to_float64(module: nn.Module) -> nn.Module:
-    """Cast a module's parameters to float64 in place (for same-sample checks)."""
-    return module.to(torch.float64)
-
 
 class _ScaleSites(poutine.messenger.Messenger):
     """Multiply the log-density of the named sample sites by ``scale`` (β on the latent site)."""

@@ -21,7 +21,6 @@ import math
 
 import torch
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
-from pyro.infer.util import torch_item  # noqa: F401  (re-exported for users)
 
 from ppl_vi.errors import ConfigError
 from ppl_vi.objectives.importance import IWAELoss
