@@ -101,7 +101,8 @@ class BudgetHook:
         if trainer.epoch != 1:
             return
         cfg, budget = trainer.config, 60 * self.profile.train_minutes
-        epochs = int(max(1, min(self.profile.max_epochs, math.floor(budget / record["seconds"]))))
+        seconds = trainer.train_seconds()  # the first epoch with its validation pass
+        epochs = int(max(1, min(self.profile.max_epochs, math.floor(budget / seconds))))
         gamma = (self.profile.lr_final / cfg.lr) ** (1 / (epochs - 1)) if epochs > 1 else 1.0
         cfg.epochs, cfg.lr_decay = epochs, gamma
         trainer.scheduler.gamma = gamma
@@ -109,7 +110,7 @@ class BudgetHook:
             rundir.save_config(trainer.run_dir, cfg.to_dict(), rundir.environment(trainer.device))
         self.progress.set_units("train", epochs * trainer.steps_per_epoch())
         self.log(f"{epochs} epochs fit the {self.profile.train_minutes:g}-minute training budget here (epoch 1 took "
-                 f"{record['seconds']:.1f} s); learning rate {cfg.lr:g} -> {self.profile.lr_final:g}")
+                 f"{seconds:.1f} s); learning rate {cfg.lr:g} -> {self.profile.lr_final:g}")
 
 
 def scaled_down(profile: Profile, config, n_test: int, budget: Optional[float]) -> List[str]:
@@ -149,6 +150,13 @@ def plan_lines(profile: Profile, config, device: torch.device, run_dir: Path, n_
     return lines
 
 
+def record_job(run_dir: Path, job: dict) -> None:
+    """The job's profile and what it scales down, in config.json (``job``) and metrics.json."""
+    saved = rundir.read_json(run_dir / rundir.CONFIG)
+    rundir.write_json(run_dir / rundir.CONFIG, {**saved, "job": job})
+    rundir.update_metrics(run_dir, **job)
+
+
 def run_job(model: str, out: Optional[str], *, full: bool = False, overrides: Optional[dict] = None,
             progress: bool = True, log: Log = print) -> dict:
     """The main job for ``model`` into ``out`` (default runs/MODEL-TIMESTAMP); returns metrics.json's content."""
@@ -174,15 +182,19 @@ def run_job(model: str, out: Optional[str], *, full: bool = False, overrides: Op
     row_seconds = probe_eval_seconds_per_row(trainer, max(config.eval_k))
     n_iwae = config.eval_images or n_test
     steps = trainer.steps_per_epoch()
-    # before any step is timed: the budget (cpu), or a step estimated at 3 passes of a batch (full)
-    bar.set_units("train", (10 if budget else config.epochs) * steps)
-    bar.set_estimate("train", budget / (steps * 10) if budget else 3 * row_seconds * config.batch_size)
+    if budget:  # until the first epoch has said how many fit: the budget's remaining seconds
+        bar.phases["train"].budget = budget
+    else:  # the configured epochs, a step first estimated at 3 passes of a batch
+        bar.set_units("train", config.epochs * steps)
+        bar.set_estimate("train", 3 * row_seconds * config.batch_size)
     bar.set_units("eval", n_test + n_iwae * max(config.eval_k))
     bar.set_estimate("eval", row_seconds)
     notes = scaled_down(profile, config, n_test, budget)
     for line in plan_lines(profile, config, device, run_dir, n_test, n_test * 5001 * row_seconds, budget, notes):
         bar.write(line)
+    job = {"profile": profile.name, "scaled_down": notes, "run_directory": str(run_dir)}
     trainer.tracker = bar
+    trainer.epoch_hooks.append(lambda t, _: record_job(run_dir, job) if t.epoch == 1 else None)
     if budget:
         trainer.epoch_hooks.append(BudgetHook(profile, bar, bar.write))
     run_training(trainer, run_dir, log=bar.write)
@@ -190,11 +202,7 @@ def run_job(model: str, out: Optional[str], *, full: bool = False, overrides: Op
     metrics = evaluate_run(run_dir, config.eval_k, progress=lambda n: bar.advance("eval", n), log=bar.write,
                            data=trainer.data)
     bar.begin("report")
-    job = {"profile": profile.name, "scaled_down": notes, "run_directory": str(run_dir),
-           "job_seconds": time.perf_counter() - start}
-    saved = rundir.read_json(run_dir / rundir.CONFIG)
-    rundir.write_json(run_dir / rundir.CONFIG, {**saved, "job": job})
-    metrics = rundir.update_metrics(run_dir, **job)
+    record_job(run_dir, {**job, "job_seconds": time.perf_counter() - start})
     write_report(run_dir)
     bar.advance("report")
     bar.close()

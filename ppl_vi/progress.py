@@ -6,6 +6,7 @@ time over its units done) and *estimated* before (from a short probe, or a budge
 
     ETA = Σ_{phases} remaining units × seconds per unit
 
+(a phase given a time budget before its units are known counts the budget's remaining seconds)
 and the bar shows elapsed / (elapsed + ETA): its unit is the second. Drawn with tqdm; with
 ``enabled=False`` nothing is drawn, but :meth:`RunProgress.write` still prints.
 """
@@ -27,6 +28,7 @@ class Phase:
     done: float = 0.0
     started: Optional[float] = None
     finished: bool = False
+    budget: Optional[float] = None  # seconds the phase is given, until its units are known (set_units)
 
     def cost_per_unit(self, now: float) -> float:
         """Measured seconds per unit once enough of the phase has run, else the estimate."""
@@ -35,7 +37,11 @@ class Phase:
         return self.seconds_per_unit
 
     def remaining(self, now: float) -> float:
-        return 0.0 if self.finished else max(self.units - self.done, 0.0) * self.cost_per_unit(now)
+        if self.finished:
+            return 0.0
+        if self.budget is not None:
+            return max(self.budget - (now - self.started if self.started is not None else 0.0), 0.0)
+        return max(self.units - self.done, 0.0) * self.cost_per_unit(now)
 
 
 class RunProgress:
@@ -70,7 +76,7 @@ class RunProgress:
 
     def set_units(self, name: str, units: float) -> None:
         """Change a phase's amount of work (e.g. once the epochs that fit a budget are known)."""
-        self.phases[name].units = units
+        self.phases[name].units, self.phases[name].budget = units, None
         self._refresh(force=True)
 
     def set_estimate(self, name: str, seconds_per_unit: float) -> None:

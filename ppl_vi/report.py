@@ -83,6 +83,8 @@ figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
 details summary { cursor: pointer; color: var(--muted); }
 .nowrap { white-space: nowrap; }
 .columns { display: flex; flex-wrap: wrap; gap: 32px; }
+.scaled { border-left: 4px solid #bf8700; background: #fff8c5; padding: 6px 12px; margin: 8px 0; }
+.scaled ul { margin: 4px 0; }
 .scroll { max-height: 28em; overflow-y: auto; display: inline-block; border-bottom: 1px solid var(--line); }
 .scroll th { position: sticky; top: 0; }
 """
@@ -243,6 +245,16 @@ def _check_section(check: Optional[dict]) -> str:
             + _table(("kind", "check", "reference", "value", "abs diff", "rel diff", "ok", "tolerance / note"), rows))
 
 
+def _scaled_down_note(metrics: dict) -> str:
+    """What a ``ppl-vi run`` profile scaled down, said at the top (nothing for the full protocol)."""
+    notes = metrics.get("scaled_down") or []
+    if not notes:
+        return ""
+    items = "".join(f"<li>{_esc(n)}</li>" for n in notes)
+    return (f"<div class='scaled'><b>Scaled down ({_esc(metrics.get('profile', '?'))} profile)</b>; "
+            f"<code>ppl-vi run --full</code> runs the full protocol:<ul>{items}</ul></div>")
+
+
 def _config_section(config: dict) -> str:
     """The fields that apply to the run's model (:mod:`ppl_vi.fields`); the others are named below it."""
     model = config.get("model", "?")
@@ -303,6 +315,7 @@ def render_report(run_dir: Path, check: Optional[dict] = None) -> str:
         f"<p class='sub'><code>{_esc(run_dir.resolve())}</code> · written {_esc(now)}</p>",
         f"<p>{_badge(check)} &nbsp; {summary}</p>",
         f"<p>{' · '.join(headline)}</p>" if headline else "",
+        _scaled_down_note(metrics),
         "<h2>Metrics</h2>", _metrics_section(metrics),
         _figures_section(run_dir),
         _history_section(history),

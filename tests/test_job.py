@@ -36,6 +36,8 @@ def test_run_tiny_main_job(tmp_path, capsys):
     saved = json.loads((out / "config.json").read_text())
     assert saved["job"]["profile"] == "cpu" and saved["config"]["eval_images"] == 40
     assert (out / "report.html").is_file() and (out / "figures" / "bound_vs_k.png").is_file()
+    page = (out / "report.html").read_text()
+    assert "Scaled down (cpu profile)" in page and "IWAE-k on the first 40 of the 10,000 test images" in page
     assert metrics["eval_checkpoint"] == "checkpoints/best.pt"
 
 
@@ -61,8 +63,8 @@ def test_budget_hook_fits_epochs_and_decays_the_learning_rate():
     profile = job.Profile("cpu", {}, train_minutes=3.5, lr_final=2e-4)
     bar = progress.RunProgress([progress.Phase("train", 2, 1.0)], enabled=False)
     said = []
-    trainer.epoch = 1
-    job.BudgetHook(profile, bar, said.append)(trainer, {"seconds": 10.0})
+    trainer.epoch, trainer.seconds_before = 1, 10.0  # the first epoch took 10 s
+    job.BudgetHook(profile, bar, said.append)(trainer, {"seconds": 9.0})
     assert trainer.config.epochs == 21  # floor(210 s / 10 s)
     gamma = (2e-4 / 1e-3) ** (1 / 20)
     assert trainer.config.lr_decay == pytest.approx(gamma) and trainer.scheduler.gamma == pytest.approx(gamma)
@@ -87,4 +89,11 @@ def test_eta_sums_measured_and_estimated_phases(monkeypatch):
     bar.begin("eval")
     assert bar.eta() == pytest.approx(1000 * 0.01)
     bar.close()
-    assert bar.eta() == 0 and bar.bar.total == pytest.approx(12.0)  # done: the bar's total is the time taken
+    assert bar.eta() == 0 and bar.bar.total == pytest.approx(12.0)
+    budgeted = progress.RunProgress([progress.Phase("train", 1, 1.0, budget=210.0)], enabled=False)
+    budgeted.begin("train")
+    clock[0] += 60.0
+    budgeted.advance("train", 500)  # whatever the steps: 150 s of the budget are left
+    assert budgeted.eta() == pytest.approx(150.0)
+    budgeted.set_units("train", 2000)  # once the epochs are known: 1500 steps left at 0.12 s each
+    assert budgeted.eta() == pytest.approx(1500 * 0.12)  # done: the bar's total is the time taken
