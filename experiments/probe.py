@@ -1,7 +1,7 @@
 """How many training runs can share one device before each run slows down? A short probe.
 
 ``N`` worker processes (the largest level asked for) each build the same training run a row
-would (``ppl_vi.train.Trainer``: VAE z=50, 784-500-500, batch 128, the fast path, so a CUDA graph
+would (``ppl_vi.training.Trainer``: VAE z=50, 784-500-500, batch 128, the fast path, so a CUDA graph
 on CUDA), take a few warm-up steps (the graph is captured there) and wait. Then, level by level
 (1, 2, 4, 8, ... concurrent runs), the first ``L`` workers are told at the same moment to train
 for ``window`` seconds; each answers with the steps it took (synchronised with the device every
@@ -12,9 +12,9 @@ level, against the solo rate, say how many concurrent runs the device sustains; 
 Workers start once and are reused by every level, so start-up (imports, data, CUDA context,
 capture) is paid once: the whole probe is start-up + levels × window.
 
-The worker is this file run as ``python experiments/probe.py --worker``: it reads one JSON
-command per line on stdin (``{"run": SECONDS}`` or ``{"quit": true}``) and answers one JSON line
-on stdout (``{"ready": ..., "mode": ...}`` once, then ``{"steps": N, "seconds": S}`` per run).
+The worker is ``experiments/probe_worker.py`` (torch is imported there, not here): it reads one
+JSON command per line on stdin (``{"run": SECONDS}`` or ``{"quit": true}``) and answers one JSON
+line on stdout (``{"ready": ..., "mode": ...}`` once, then ``{"steps": N, "seconds": S}`` per run).
 """
 
 from __future__ import annotations
@@ -29,61 +29,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-CHUNK = 20  # steps between device synchronisations in a timed window
-WARMUP = 8  # warm-up steps (>= 4: the CUDA graph is captured on the fourth)
+WORKER = Path(__file__).resolve().parent / "probe_worker.py"
+CHUNK = 20  # steps between device synchronisations in a timed window (probe_worker.CHUNK)
 SUSTAIN = 0.8  # a level is "sustained" while each run keeps >= 80 % of the solo steps/s
 FLAT = 0.9  # sharing "costs nothing" while the aggregate stays >= 90 % of the best aggregate
-
-
-# ---- the worker ---------------------------------------------------------------------------------
-
-
-def worker(device: str, seed: int, train_subset: int, hidden: List[int]) -> int:
-    """Build a Trainer, warm up, say ready, then answer timed-window commands until told to quit."""
-    import torch
-
-    from ppl_vi.config import TrainConfig
-    from ppl_vi.objectives.graph_step import fast_note
-    from ppl_vi.train import Trainer
-
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    config = TrainConfig(model="vae", device=device, seed=seed, val_size=0, train_subset=train_subset,
-                         hidden=hidden, fast=True)
-    trainer = Trainer(config, progress=False)
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    full = config.batch_size
-
-    def steps():  # full batches only, epoch after epoch (a short last batch would leave the graph)
-        while True:
-            for batches in trainer.batches():
-                if batches[0]["x"].shape[0] == full:
-                    yield batches
-
-    stream = steps()
-    for _ in range(WARMUP):
-        trainer.train_step(next(stream))
-    sync()
-    print(json.dumps({"ready": True, "mode": fast_note(trainer), "device": str(trainer.device)}), flush=True)
-    for line in sys.stdin:
-        command = json.loads(line)
-        if command.get("quit"):
-            break
-        window = float(command["run"])
-        sync()
-        start, done = time.perf_counter(), 0
-        while True:
-            for _ in range(CHUNK):
-                trainer.train_step(next(stream))
-            sync()
-            done += CHUNK
-            elapsed = time.perf_counter() - start
-            if elapsed >= window:
-                break
-        print(json.dumps({"steps": done, "seconds": elapsed}), flush=True)
-    return 0
 
 
 # ---- the coordinator ----------------------------------------------------------------------------
@@ -147,7 +99,7 @@ def run_probe(levels: Sequence[int], device: str, window: float, deadline: float
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
-    argv = [python, str(Path(__file__).resolve()), "--worker", "--device", device, "--train-subset",
+    argv = [python, str(WORKER), "--device", device, "--train-subset",
             str(train_subset), "--hidden", ",".join(map(str, hidden))]
     result = {"device": device, "window_s": window, "levels": [], "status": "ok", "model": "vae z=50, batch 128",
               "hidden": list(hidden), "chunk": CHUNK}
@@ -222,13 +174,11 @@ def choose_parallel(result: dict, runs: int, flat: float = FLAT) -> tuple:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--worker", action="store_true", help="run as a probe worker (stdin/stdout protocol)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-subset", type=int, default=0)
+    p.add_argument("--train-subset", type=int, default=0, help="first N training images (0: all; else >= 128)")
     p.add_argument("--hidden", default="500,500")
-    p.add_argument("--levels", default="1,2,4,8", help="concurrent runs to measure (coordinator)")
-    p.add_argument("--window", type=float, default=3.0, help="seconds per level (coordinator)")
+    p.add_argument("--levels", default="1,2,4,8", help="concurrent runs to measure")
+    p.add_argument("--window", type=float, default=3.0, help="seconds per level")
     p.add_argument("--log-dir", default="/tmp/ppl_vi_probe")
     args = p.parse_args(argv)
     try:
@@ -236,8 +186,6 @@ def main(argv=None) -> int:
         levels = [int(v) for v in args.levels.split(",")]
     except ValueError:
         p.error("--hidden and --levels must be comma-separated integers")
-    if args.worker:
-        return worker(args.device, args.seed, args.train_subset, hidden)
     if min(levels) < 1 or args.window <= 0:
         p.error("--levels must be >= 1 and --window > 0")
     result = run_probe(levels, args.device, args.window, time.monotonic() + 600, Path(args.log_dir),

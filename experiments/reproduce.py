@@ -916,7 +916,7 @@ def run_section(ctx: Ctx, record: Optional[dict]) -> str:
                    f"| {_cell(t.get('why'))} |")
     p = record.get("probe", {})
     out += ["", "### Concurrency probe", "",
-            f"{p.get('status', 'not run')}. Each worker: {p.get('model', '')} through `ppl_vi.train.Trainer` "
+            f"{p.get('status', 'not run')}. Each worker: {p.get('model', '')} through `ppl_vi.training.Trainer` "
             f"({'; '.join(p.get('mode', [])) or '–'}); {p.get('window_s', '–')} s per level; start-up "
             f"{p.get('startup_s', '–')} s. Sustained (each run ≥ {throughput.SUSTAIN:.0%} of solo): "
             f"{p.get('sustained', '–')} at once. Chosen: {p.get('why', '–')} (per row: {p.get('allocation', {})}, "
