@@ -280,3 +280,50 @@ def test_bench_section_replaces_the_legacy_heading_once(tmp_path):
     reproduce.write_bench_section(path, "## GPU\n\nnewer\n")
     text = path.read_text()
     assert text == "# B\n\n## CPU (measured)\n\ncpu text\n\n## GPU\n\nnewer\n"
+
+
+# ---- the GPU commands, which the dry run does not run, still parse -----------------------------------------
+
+
+def _gpu_ctx(tmp_path):
+    ctx = reproduce.Ctx(device="cuda", dry=False, root=tmp_path, work=tmp_path / "work", minutes=5.2)
+    ctx.parallel, _ = reproduce.allocate(13, {r.name: r.runs for r in reproduce.ROWS if r.runs})
+    return ctx
+
+
+def test_every_gpu_command_parses_with_its_script(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import completion
+    import semi_supervised
+    import svi_speed
+    import vae_family
+
+    parsers = {"benchmarks/svi_speed.py": svi_speed.parse_args, "experiments/vae_family.py": vae_family.parse_args,
+               "experiments/semi_supervised.py": semi_supervised.parse_args,
+               "experiments/completion.py": completion.parse_args}
+    ctx = _gpu_ctx(tmp_path)
+    for row in reproduce.ROWS:
+        argv = row.command(ctx)
+        if argv[:2] == ["-m", "pytest"]:
+            assert argv[-len(reproduce.cuda_test_files()):] == reproduce.cuda_test_files()
+            continue
+        opts = parsers[argv[0]](argv[1:])  # an unknown or renamed flag exits here
+        assert opts.device == "cuda"
+        if row.collect:
+            parsers[argv[0]](row.collect(ctx, tmp_path / "runs")[1:])
+    assert completion.parse_args(reproduce.completion_command(ctx)[1:]).baseline_minutes == pytest.approx(0.78)
+
+
+def test_rows_start_as_many_runs_as_they_say(tmp_path):
+    """``Row.runs`` sizes --parallel: a script that starts more runs by default must say so there."""
+    ctx = _gpu_ctx(tmp_path)
+    for row in reproduce.ROWS:
+        if not row.collect:  # scripts without runner rows (completion: one run, in-process)
+            continue
+        argv = [a if a != "cuda" else "cpu" for a in row.command(ctx)] + ["--dry-run", "--parallel", "1"]  # one
+        # thread prints the commands (threads' lines can interleave)
+        out = subprocess.run([sys.executable, *argv], cwd=REPO, env=_env(), capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        names = {line.split("]")[0] for line in out.stdout.splitlines() if "] python -m ppl_vi train " in line}
+        assert len(names) == row.runs, (row.name, sorted(names))
