@@ -230,47 +230,45 @@ def tests_command(ctx: Ctx) -> List[str]:
             str(ctx.results / "cuda_tests.xml"), *cuda_test_files()]
 
 
+def script(ctx: Ctx, name: str, *extra: str) -> List[str]:
+    """``experiments/NAME.py`` on the call's device: its runs in the work folder, its results JSON in
+    the root, its RESULTS.md section into a scratch file (rows run side by side; the re-collection
+    writes the real section afterwards)."""
+    return [f"experiments/{name}.py", "--device", ctx.device, "--out-dir", str(ctx.runs), "--results-md",
+            str(ctx.scratch(f"{name}.md")), "--results-json", str(ctx.file(f"experiments/{name}.json")), *extra]
+
+
+def shared_budget(ctx: Ctx, name: str, dry: List[str]) -> List[str]:
+    """A runner-based script's budget: ``dry`` in a dry run, else its --parallel and --minutes."""
+    return dry if ctx.dry else ["--parallel", str(ctx.parallel[name]), "--minutes", f"{ctx.minutes:.2f}"]
+
+
 def vae_family_command(ctx: Ctx) -> List[str]:
-    out = ["experiments/vae_family.py", "--device", ctx.device, "--out-dir", str(ctx.runs),
-           "--results-md", str(ctx.scratch("vae_family.md")), "--results-json", str(ctx.file("experiments/vae_family.json"))]
-    if ctx.dry:
-        return out + ["--quick", "--rows", "vae", "--k", "1,10", "--parallel", "1",
-                      "--train-args=--hidden 64 --z-dim 8 --val-size 500 --train-subset 512"]
-    return out + ["--parallel", str(ctx.parallel.get("vae_family", 9)), "--minutes", f"{ctx.minutes:.2f}"]
-
-
-def vae_family_collect(ctx: Ctx, runs: Path) -> List[str]:
-    return ["experiments/vae_family.py", "--collect", "--out-dir", str(runs), "--results-md",
-            str(ctx.file("experiments/RESULTS.md")), "--results-json", str(ctx.file("experiments/vae_family.json"))]
+    return script(ctx, "vae_family", *shared_budget(ctx, "vae_family", [
+        "--quick", "--rows", "vae", "--k", "1,10", "--parallel", "1",
+        "--train-args=--hidden 64 --z-dim 8 --val-size 500 --train-subset 512"]))
 
 
 def ssl_command(ctx: Ctx) -> List[str]:
-    out = ["experiments/semi_supervised.py", "--device", ctx.device, "--out-dir", str(ctx.runs),
-           "--results-md", str(ctx.scratch("semi_supervised.md")),
-           "--results-json", str(ctx.file("experiments/semi_supervised.json")),
-           "--completion-json", str(ctx.scratch("completion-read.json"))]
-    if ctx.dry:
-        return out + ["--quick", "--seeds", "0", "--k", "1", "--parallel", "1",
-                      "--train-args=--train-subset 512 --val-size 500"]
-    return out + ["--parallel", str(ctx.parallel.get("semi_supervised", 3)), "--minutes", f"{ctx.minutes:.2f}"]
-
-
-def ssl_collect(ctx: Ctx, runs: Path) -> List[str]:
-    """Also merges the completion run's record (RUN/completion.json) and renders the issue-4 section."""
-    return ["experiments/semi_supervised.py", "--collect", "--out-dir", str(runs), "--results-md",
-            str(ctx.file("experiments/RESULTS.md")), "--results-json", str(ctx.file("experiments/semi_supervised.json")),
-            "--completion-json", str(ctx.file("experiments/completion.json"))]
+    return script(ctx, "semi_supervised", "--completion-json", str(ctx.scratch("completion-read.json")),
+                  *shared_budget(ctx, "semi_supervised", ["--quick", "--seeds", "0", "--k", "1", "--parallel", "1",
+                                                          "--train-args=--train-subset 512 --val-size 500"]))
 
 
 def completion_command(ctx: Ctx) -> List[str]:
-    out = ["experiments/completion.py", "--device", ctx.device, "--out-dir", str(ctx.runs),
-           "--results-md", str(ctx.scratch("completion.md")), "--results-json", str(ctx.file("experiments/completion.json")),
-           "--ssl-json", str(ctx.scratch("ssl-read.json"))]
+    out = script(ctx, "completion", "--ssl-json", str(ctx.scratch("ssl-read.json")))
     if ctx.dry:
         return out + ["--quick", "--epochs", "1", "--train-subset", "512", "--n-test", "100", "--k", "1,10"]
     # the CVAE gets 80 % of the window, the baseline (same epochs, or fewer at its cap) the rest
     return out + ["--minutes", f"{0.8 * ctx.minutes:.2f}", "--baseline-minutes", f"{0.15 * ctx.minutes:.2f}",
                   "--k", "1,10,100,1000"]
+
+
+def collect_command(ctx: Ctx, name: str, runs: Path, *extra: str) -> List[str]:
+    """``experiments/NAME.py --collect`` over the run copies, into the root's JSON and RESULTS.md."""
+    return [f"experiments/{name}.py", "--collect", "--out-dir", str(runs), "--results-md",
+            str(ctx.file("experiments/RESULTS.md")), "--results-json", str(ctx.file(f"experiments/{name}.json")),
+            *extra]
 
 
 ROWS: List[Row] = [
@@ -280,9 +278,12 @@ ROWS: List[Row] = [
     Row("cuda_tests", "pytest -k cuda over " + ", ".join(CUDA_TESTS) + ": the tests that take a CUDA device",
         "shared", tests_command, read=read_tests),
     Row("vae_family", "experiments/vae_family.py: VAE z=50, β 0.5/2/4, KL annealing, IWAE k=5/50, GMVAE z=10 vs "
-        "VAE z=10", "shared", vae_family_command, runs=9, results="vae_family.json", collect=vae_family_collect),
+        "VAE z=10", "shared", vae_family_command, runs=9, results="vae_family.json",
+        collect=lambda ctx, runs: collect_command(ctx, "vae_family", runs)),
     Row("semi_supervised", "experiments/semi_supervised.py: SSVAE (M2), 100 labels, 3 labelled-set seeds", "shared",
-        ssl_command, runs=3, results="semi_supervised.json", collect=ssl_collect),
+        ssl_command, runs=3, results="semi_supervised.json",  # its collection also merges the completion run
+        collect=lambda ctx, runs: collect_command(ctx, "semi_supervised", runs, "--completion-json",
+                                                  str(ctx.file("experiments/completion.json")))),
     Row("completion", "experiments/completion.py: CVAE image completion against the MLP baseline", "shared",
         completion_command, runs=1, results="completion.json"),
 ]
