@@ -165,6 +165,9 @@ def cmd_check(args) -> int:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.json_out and Path(args.json_out).is_dir():
+        raise ConfigError(f"--json {args.json_out} is a directory; expected a file name such as "
+                          f"{Path(args.json_out) / 'check.json'}")
     spec = get_spec(args.model)
     config = build_config(args.model, overrides={"seed": args.seed, "data_dir": args.data_dir, "device": "cpu",
                                                  "n_train": 1000, "n_test": 200})
@@ -220,16 +223,17 @@ def cmd_report(args) -> int:
         raise ConfigError(f"{run_dir} is not a run directory (no {rundir.CONFIG}); train into it first "
                           f"(ppl-vi train MODEL --out {run_dir})")
     status = 0
-    if args.check:
-        import ppl_vi.models  # noqa: F401  (registry first: ppl_vi.check is imported by some model modules)
+    with rundir.locked(run_dir):
+        if args.check:
+            import ppl_vi.models  # noqa: F401  (registry first: ppl_vi.check is imported by some model modules)
+            from ppl_vi.config import build_config
 
-        saved = rundir.load_config_dict(run_dir)
-        argv = ["check", saved["model"], "--repeats", "20", "--seed", str(saved.get("seed", 0)),
-                "--json", str(run_dir / CHECK)]
-        if saved.get("data_dir"):
-            argv += ["--data-dir", saved["data_dir"]]
-        status = cmd_check(build_parser().parse_args(argv))
-    path = write_report(run_dir)
+            saved = build_config(None, rundir.load_config_dict(run_dir))  # validated: a hand-edited file is one line
+            argv = ["check", saved.model, "--repeats", "20", "--seed", str(saved.seed), "--json", str(run_dir / CHECK)]
+            if saved.data_dir:
+                argv += ["--data-dir", saved.data_dir]
+            status = cmd_check(build_parser().parse_args(argv))
+        path = write_report(run_dir)
     print(f"report written: {path}")
     return status
 
