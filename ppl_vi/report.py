@@ -1,4 +1,4 @@
-"""The run report: one self-contained HTML page, and optional TensorBoard scalars.
+"""The run report: one self-contained HTML page per run directory.
 
 ``write_report(RUN_DIR)`` reads what a run directory holds and writes ``RUN_DIR/report.html``:
 
@@ -14,6 +14,9 @@
 The page has no scripts and loads nothing from anywhere: it can be mailed, archived or opened
 from a file system. ``ppl-vi train`` writes it at the end of training; ``ppl-vi eval`` refreshes
 it; ``ppl-vi report RUN_DIR`` (re)writes it at any time.
+
+Floor 2, beside :mod:`ppl_vi.plots`: it reads only the files of a run directory, so training,
+evaluation and the command line can all (re)write it without importing one another.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 from ppl_vi import run as rundir
 from ppl_vi.errors import ConfigError, PplViError
 
-REPORT, CHECK, TENSORBOARD = rundir.REPORT, rundir.CHECK, rundir.TENSORBOARD
+REPORT, CHECK = rundir.REPORT, rundir.CHECK
 MAX_FIGURE_BYTES = 64 * 2**20
 PNG_SIGNATURE, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"  # a PNG's first 8 and last 8 bytes
 
@@ -340,22 +343,3 @@ def write_report(run_dir, check: Optional[dict] = None) -> Path:
         path = run_dir / REPORT
         rundir.atomic_write(path, lambda h: h.write(text.encode("utf-8")))
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# TensorBoard (optional): scalars only, written at the trainer's existing read-back points.
-
-
-def tensorboard_writer(run_dir: Optional[Path]):
-    """A ``SummaryWriter`` into ``RUN_DIR/tensorboard``, or a one-line ConfigError if unavailable.
-
-    Returns None when there is no run directory (nothing to write into; e.g. DDP ranks > 0).
-    """
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                          "(or train without --tensorboard)") from None
-    if run_dir is None:
-        return None
-    return SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD))

@@ -53,8 +53,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import filelock
+import pyro
 import torch
 
+import ppl_vi
 from ppl_vi.errors import CheckpointError, ConfigError, RunDirError
 
 CONFIG, METRICS, HISTORY = "config.json", "metrics.json", "history.jsonl"
@@ -398,10 +400,6 @@ def locked(run_dir: Path, *, create: bool = False) -> Iterator[Path]:
 
 def environment(device: torch.device) -> dict:
     """Versions, device and git commit: what a reproduction needs to know."""
-    import pyro
-
-    import ppl_vi
-
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
