@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -24,7 +26,7 @@ from ppl_vi.config import FIELDS, TrainConfig, build_config, parse_int_list, rea
 from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
 from ppl_vi.data.sources import load_data
 from ppl_vi.distributed import is_main_process
-from ppl_vi.errors import ConfigError, PplViError
+from ppl_vi.errors import ConfigError, PplViError, Terminated
 from ppl_vi.evaluate import evaluate_run
 from ppl_vi.models import REGISTRY
 from ppl_vi.models.base import default_make_batch, get_spec
@@ -111,8 +113,7 @@ def cmd_train(args) -> int:
     overrides = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name, None) is not None}
     if args.resume:
         run_dir = rundir.prepare_run_dir(args.resume, resume=True)
-        saved = rundir.load_config_dict(run_dir)
-        config = build_config(saved["model"], saved, overrides)
+        config = build_config(None, rundir.load_config_dict(run_dir), overrides)
     else:
         file_values = read_config_file(args.config_file) if args.config_file else {}
         config = build_config(args.model, file_values, overrides)
@@ -133,8 +134,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     if args.k is not None:
         ks = parse_int_list(args.k, "--k")
-    else:
-        ks = rundir.load_config_dict(Path(args.run_dir)).get("eval_k", [1, 10])
+    else:  # the run's own eval_k, validated (config.json may have been edited by hand)
+        ks = build_config(None, rundir.load_config_dict(Path(args.run_dir))).eval_k
     if not ks or any(k < 1 for k in ks):
         raise ConfigError(f"--k values must be integers >= 1, got {args.k}")
     if args.batch_size < 1:
@@ -217,9 +218,16 @@ def cmd_report(args) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "check": cmd_check, "list": cmd_list, "report": cmd_report}
 
 
+def _terminated(signum, frame):
+    raise Terminated("terminated by SIGTERM; every file in the run directory is whole (atomic writes)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; a user mistake is one line and exit 2, SIGTERM one line and exit 143 (128 + 15)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # training refines it
     try:
         return COMMANDS[args.command](args)
     except PplViError as exc:
@@ -227,9 +235,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"ppl-vi {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"ppl-vi {args.command}: {exc}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("ppl-vi: interrupted; the last checkpoint in the run directory is intact", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -157,7 +157,18 @@ def load_trained(run_dir: Path, checkpoint: str = "best", device: Optional[str] 
 
 def evaluate_run(run_dir: Path, ks: Sequence[int], *, device: Optional[str] = None, batch_size: int = 500,
                  progress: bool = True, max_rows: int = 200_000) -> Dict:
-    """``ppl-vi eval``: test metrics of a run's best checkpoint, merged into its metrics.json."""
+    """``ppl-vi eval``: test metrics of a run's best checkpoint, merged into its metrics.json.
+
+    Holds the run directory's lock throughout (a run still training there is named and refused).
+    """
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    with rundir.locked(Path(run_dir)):
+        return _evaluate_locked(Path(run_dir), ks, device, batch_size, progress, max_rows)
+
+
+def _evaluate_locked(run_dir: Path, ks: Sequence[int], device: Optional[str], batch_size: int, progress: bool,
+                     max_rows: int) -> Dict:
     model, config, data = load_trained(run_dir, device=device)
     start = time.perf_counter()
     labelled = data.kind in ("mnist-labelled", "mnist-completion")

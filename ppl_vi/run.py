@@ -607,6 +607,5 @@ def check_resume_state(state: dict, path: Path) -> None:
                                                         for s in cuda)):
             problems.append("rng.cuda is not a list of generator states")
     if problems:
-        raise CheckpointError(f"cannot resume from {path}: {'; '.join(problems[:3])}"
-                              f"{' (and more)' if len(problems) > 3 else ''}; expected a checkpoint written by "
-                              "ppl-vi train")
+        raise CheckpointError(f"cannot resume from {path}: it is incomplete or foreign ({'; '.join(problems[:3])}"
+                              f"{'; ...' if len(problems) > 3 else ''}); expected a checkpoint written by ppl-vi train")

@@ -81,6 +81,9 @@ class Trainer:
         self.step_in_epoch, self.epoch_losses = 0, []
         self.last_saved: Optional[Tuple[int, int]] = None  # (epoch, step) of the last checkpoint written or loaded
         self._last_batches = None  # the latest step's batches (NaN diagnosis)
+        self.in_steps = self.stop_requested = False  # SIGTERM: checkpoint after the current step (training.signals)
+        self.resume_note: Optional[str] = None  # what a resume restored and changed (training.workflow)
+        self.schedule_note: Optional[str] = None  # a learning rate changed on resume (training.checkpoint)
         # config.fast: validation and param-store registration off in the hot path, a sync-free loss,
         # and on CUDA the whole step captured in a CUDA graph (ppl_vi.objectives.graph_step)
         self.fast = FastStep(self, quiet=not self.progress) if config.fast else None

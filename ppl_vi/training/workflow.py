@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,7 @@ from ppl_vi.config import TrainConfig
 from ppl_vi.metrics import final_metrics
 from ppl_vi.report import write_report
 from ppl_vi.runtime import seed_everything
+from ppl_vi.training.signals import stop_on_sigterm
 from ppl_vi.training.trainer import Trainer
 
 
@@ -32,25 +34,55 @@ def train(config: TrainConfig, run_dir: Optional[Path] = None, *, resume: bool =
     The data load before a new run directory is created, so a bad data folder leaves nothing
     behind (``overwrite`` replaces a non-empty one). ``resume`` continues from checkpoints/last.pt,
     mid-epoch ones included, and drops history records written after that checkpoint.
+
+    The run directory is locked (:func:`ppl_vi.run.locked`) from before a resume reads it, or from
+    when a new one is made, to the end: a second process training, resuming or evaluating it is
+    refused with a line naming this one. SIGTERM checkpoints and stops (:mod:`.signals`).
     """
-    trainer = Trainer(config, run_dir, progress)
-    if run_dir is not None:
-        start_or_resume(trainer, Path(run_dir), resume=resume, overwrite=overwrite)
-    summary = trainer.fit()
-    trainer.metrics = finish(trainer, summary, figures=figures)
+    run_dir = None if run_dir is None else Path(run_dir)
+    writer = run_dir is not None and distributed.is_main_process()  # under torchrun only rank 0 writes
+    with contextlib.ExitStack() as stack:
+        if writer and resume:  # before the data load: a second --resume is refused at once
+            stack.enter_context(rundir.locked(run_dir))
+        trainer = Trainer(config, run_dir, progress)
+        if writer and not resume:
+            stack.enter_context(rundir.locked(run_dir, create=True))
+        stack.enter_context(stop_on_sigterm(trainer))
+        if run_dir is not None:
+            start_or_resume(trainer, run_dir, resume=resume, overwrite=overwrite)
+        summary = trainer.fit()
+        trainer.metrics = finish(trainer, summary, figures=figures)
     return trainer
 
 
 def start_or_resume(trainer: Trainer, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Prepare ``run_dir`` for a new run, or load its last checkpoint into ``trainer``."""
+    """Prepare ``run_dir`` for a new run, or load its last checkpoint into ``trainer`` (holding the lock).
+
+    A resume also removes temporary files a killed writer left, records in config.json what the
+    new flags changed (``resumes``: epoch, step and each changed field's old and new value), and
+    sets ``trainer.resume_note``, the line it prints: where it resumed and what changed.
+    """
     config = trainer.config
     last = run_dir / rundir.CHECKPOINTS / "last.pt"
+    if trainer.run_dir is not None and resume:
+        rundir.check_folders(run_dir)
+        rundir.remove_orphans(run_dir)
     if resume and last.is_file():
         trainer.load_state(rundir.load_checkpoint(last, trainer.device))
         trainer.history = rundir.truncate_history(trainer.run_dir, trainer.step, trainer.epoch) \
             if trainer.run_dir is not None else rundir.read_history(run_dir)
-        if trainer.run_dir is not None and rundir.load_config_dict(run_dir) != config.to_dict():
-            rundir.save_config(run_dir, config.to_dict(), rundir.environment(trainer.device))  # e.g. more --epochs
+        changed = {}
+        if trainer.run_dir is not None:
+            record = rundir.read_run_record(run_dir)
+            changed = {k: [record["config"].get(k), v] for k, v in config.to_dict().items()
+                       if record["config"].get(k) != v}
+            if changed:  # e.g. more --epochs, a lower --lr
+                resumes = list(record.get("resumes") or []) + [{"epoch": trainer.epoch, "step": trainer.step,
+                                                                 "changed": changed}]
+                rundir.save_config(run_dir, config.to_dict(), rundir.environment(trainer.device), resumes)
+        trainer.resume_note = resume_note(trainer, last, changed)
+        if trainer.dist.is_main:
+            print(trainer.resume_note, flush=True)
         if trainer.dist.rank > 0:  # the checkpoint holds rank 0's RNG: give the other ranks their own
             seed_everything(config.seed + trainer.dist.rank + trainer.dist.world_size * trainer.step)
     elif trainer.run_dir is not None:
@@ -59,6 +91,17 @@ def start_or_resume(trainer: Trainer, run_dir: Path, *, resume: bool, overwrite:
         else:
             rundir.prepare_run_dir(run_dir, overwrite=overwrite)
         rundir.save_config(run_dir, config.to_dict(), rundir.environment(trainer.device))
+
+
+def resume_note(trainer: Trainer, last: Path, changed: dict) -> str:
+    """"resumed RUN/checkpoints/last.pt at epoch E, step S (...); changed: lr 0.001 -> 0.01 (...)"."""
+    where = f"epoch {trainer.epoch}, step {trainer.step}"
+    if trainer.step_in_epoch:
+        where += f", {trainer.step_in_epoch} steps into epoch {trainer.epoch + 1}"
+    parts = [f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items() if k not in ("lr", "lr_decay")]
+    if getattr(trainer, "schedule_note", None):
+        parts.append(trainer.schedule_note)
+    return f"resumed from {last} at {where}" + (f"; changed: {'; '.join(parts)}" if parts else "")
 
 
 def finish(trainer: Trainer, summary: dict, *, figures: bool = True) -> dict:
