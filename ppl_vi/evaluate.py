@@ -169,6 +169,7 @@ def evaluate_run(run_dir: Path, ks: Sequence[int], *, device: Optional[str] = No
 
 def _evaluate_locked(run_dir: Path, ks: Sequence[int], device: Optional[str], batch_size: int, progress: bool,
                      max_rows: int) -> Dict:
+    rundir.check_folders(run_dir)  # figures/ must not be a link out of the run directory
     model, config, data = load_trained(run_dir, device=device)
     start = time.perf_counter()
     labelled = data.kind in ("mnist-labelled", "mnist-completion")

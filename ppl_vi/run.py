@@ -360,7 +360,8 @@ def locked(run_dir: Path, *, create: bool = False) -> Iterator[Path]:
     """Hold ``RUN_DIR``'s lock for the block (re-entrant within a process); refuse if another has it.
 
     ``create`` makes the folder first (a new run). The lock is an exclusive, non-blocking flock
-    on ``RUN_DIR/.lock`` through ``filelock``; ``RUN_DIR/.lock.json`` says who holds it.
+    on ``RUN_DIR/.lock`` through ``filelock``; ``RUN_DIR/.lock.json`` says who holds it. Taking
+    it removes the temporary files a killed writer left behind.
     """
     run_dir = Path(run_dir)
     key = str(run_dir.resolve())
@@ -383,6 +384,7 @@ def locked(run_dir: Path, *, create: bool = False) -> Iterator[Path]:
         raise RunDirError(_os_message("lock", run_dir, exc)) from None
     _HELD[key] = 1
     try:
+        remove_orphans(run_dir)  # no other writer can be mid-write now
         write_json(run_dir / LOCK_HOLDER, {
             "pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
             "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})

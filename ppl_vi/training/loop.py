@@ -17,7 +17,9 @@ Per epoch:
 from __future__ import annotations
 
 import math
+import re
 import time
+import warnings
 from typing import List, Optional
 
 import torch
@@ -36,12 +38,18 @@ def fit(trainer) -> dict:
     cfg, start = trainer.config, time.perf_counter()
     if cfg.tensorboard and trainer.tb is None:
         trainer.tb = tensorboard_writer(trainer.run_dir)
-    for epoch in range(trainer.epoch, cfg.epochs):
-        losses = run_epoch(trainer, epoch)
-        finish_epoch(trainer, losses, time.perf_counter() - start)
-        if cfg.max_minutes is not None and distributed.any_rank(time.perf_counter() - start > 60 * cfg.max_minutes,
-                                                                trainer.dist):
-            break
+    trainer.in_fit = True  # SIGTERM now waits for a step or an epoch to end (ppl_vi.training.signals)
+    try:
+        for epoch in range(trainer.epoch, cfg.epochs):
+            losses = run_epoch(trainer, epoch)
+            finish_epoch(trainer, losses, time.perf_counter() - start)
+            if trainer.stop_requested:
+                stop(trainer, [], [])
+            if cfg.max_minutes is not None and distributed.any_rank(time.perf_counter() - start > 60 * cfg.max_minutes,
+                                                                    trainer.dist):
+                break
+    finally:
+        trainer.in_fit = False
     return summary(trainer, time.perf_counter() - start)
 
 
@@ -55,7 +63,6 @@ def run_epoch(trainer, epoch: int) -> List[Tensor]:
     checked = len(losses)  # losses[:checked] have been read back (found finite)
     bar = tqdm(total=trainer.steps_per_epoch(), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not trainer.progress, leave=False, dynamic_ncols=True)
-    trainer.in_steps = True  # SIGTERM now waits for the step to end (ppl_vi.training.signals)
     try:
         for batches in trainer.batches(skip):
             if cfg.kl_anneal:
@@ -76,16 +83,17 @@ def run_epoch(trainer, epoch: int) -> List[Tensor]:
                 trainer.step_in_epoch, trainer.epoch_losses = len(losses), losses
                 trainer.save_checkpoint("last")
     finally:
-        trainer.in_steps = False
         bar.close()
     read_back(trainer, losses[checked:], None)
     return losses
 
 
 def stop(trainer, losses: List[Tensor], unchecked: List[Tensor]) -> None:
-    """SIGTERM arrived during the step just done: check it, write a mid-epoch last.pt, raise Terminated."""
+    """SIGTERM arrived: check the steps not yet read back, write last.pt where the run stands (mid-epoch
+    after ``losses``, or at an epoch's end when ``losses`` is empty) and raise Terminated."""
     read_back(trainer, unchecked, None)
-    where = f"after step {trainer.step} (epoch {trainer.epoch + 1}, step {len(losses)} of {trainer.steps_per_epoch()})"
+    where = (f"after step {trainer.step} (epoch {trainer.epoch + 1}, step {len(losses)} of "
+             f"{trainer.steps_per_epoch()})" if losses else f"at the end of epoch {trainer.epoch} (step {trainer.step})")
     if trainer.run_dir is None:
         raise Terminated(f"terminated by SIGTERM {where}; no run directory, so nothing was saved")
     trainer.step_in_epoch, trainer.epoch_losses = len(losses), losses
@@ -99,7 +107,9 @@ def finish_epoch(trainer, losses: List[Tensor], seconds: float) -> dict:
     cfg = trainer.config
     trainer.epoch += 1
     trainer.step_in_epoch, trainer.epoch_losses = 0, []
-    trainer.scheduler.step()
+    with warnings.catch_warnings():  # a resume at an epoch's last step has no optimizer.step() in this process
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        trainer.scheduler.step()
     record = {"epoch": trainer.epoch, "step": trainer.step, "train_loss": mean_finite(losses),
               "beta": float(trainer.beta), "seconds": seconds}
     if trainer.dist.is_main and (trainer.epoch % cfg.eval_every == 0 or trainer.epoch == cfg.epochs):

@@ -1,9 +1,10 @@
 """SIGTERM during training (a scheduler's preemption, ``kill``, ``docker stop``): stop, losing nothing.
 
-While an epoch's steps run (:func:`ppl_vi.training.loop.run_epoch`), SIGTERM only sets
-``trainer.stop_requested``. The loop then finishes the current step, reads its losses back (the
-NaN check), writes a mid-epoch ``checkpoints/last.pt`` (an exact resume point) and raises
-:class:`~ppl_vi.errors.Terminated`. Anywhere else (data loading, validation, final metrics,
+While the epochs run (:func:`ppl_vi.training.loop.fit`), SIGTERM only sets
+``trainer.stop_requested``. The loop then finishes the current step (or the epoch's end:
+validation, record, checkpoints), reads the losses back (the NaN check), writes
+``checkpoints/last.pt`` where the run stands (mid-epoch or at the epoch's end: an exact resume
+point) and raises :class:`~ppl_vi.errors.Terminated`. Anywhere else (data loading, final metrics,
 figures, report), and on a second SIGTERM, Terminated is raised at once: every file is written
 atomically, so the last checkpoint is intact. Under torchrun the ranks could stop at different
 steps (and wait on each other's all-reduce), so there Terminated is always raised at once.
@@ -29,7 +30,7 @@ def stop_on_sigterm(trainer) -> Iterator[None]:
         return
 
     def handler(signum, frame):
-        if trainer.in_steps and not trainer.stop_requested and not trainer.dist.enabled:
+        if trainer.in_fit and not trainer.stop_requested and not trainer.dist.enabled:
             trainer.stop_requested = True  # the loop checkpoints after this step, then raises
             return
         raise Terminated(f"terminated by SIGTERM; {diagnosis.kept(trainer.run_dir, trainer.last_saved)}")

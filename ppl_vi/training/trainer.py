@@ -81,7 +81,7 @@ class Trainer:
         self.step_in_epoch, self.epoch_losses = 0, []
         self.last_saved: Optional[Tuple[int, int]] = None  # (epoch, step) of the last checkpoint written or loaded
         self._last_batches = None  # the latest step's batches (NaN diagnosis)
-        self.in_steps = self.stop_requested = False  # SIGTERM: checkpoint after the current step (training.signals)
+        self.in_fit = self.stop_requested = False  # SIGTERM: checkpoint at the next step or epoch end (training.signals)
         self.resume_note: Optional[str] = None  # what a resume restored and changed (training.workflow)
         self.schedule_note: Optional[str] = None  # a learning rate changed on resume (training.checkpoint)
         # config.fast: validation and param-store registration off in the hot path, a sync-free loss,

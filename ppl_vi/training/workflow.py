@@ -58,15 +58,13 @@ def train(config: TrainConfig, run_dir: Optional[Path] = None, *, resume: bool =
 def start_or_resume(trainer: Trainer, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Prepare ``run_dir`` for a new run, or load its last checkpoint into ``trainer`` (holding the lock).
 
-    A resume also removes temporary files a killed writer left, records in config.json what the
-    new flags changed (``resumes``: epoch, step and each changed field's old and new value), and
+    A resume also records in config.json what the new flags changed (``resumes``: epoch, step and each changed field's old and new value), and
     sets ``trainer.resume_note``, the line it prints: where it resumed and what changed.
     """
     config = trainer.config
     last = run_dir / rundir.CHECKPOINTS / "last.pt"
     if trainer.run_dir is not None and resume:
         rundir.check_folders(run_dir)
-        rundir.remove_orphans(run_dir)
     if resume and last.is_file():
         trainer.load_state(rundir.load_checkpoint(last, trainer.device))
         trainer.history = rundir.truncate_history(trainer.run_dir, trainer.step, trainer.epoch) \
