@@ -20,6 +20,7 @@ import pydantic
 from ppl_vi.errors import ConfigError
 
 LOSSES = ("trace", "meanfield", "enum", "iwae", "renyi")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass
@@ -32,7 +33,7 @@ class TrainConfig:
     z_dim: int = 50  # latent dimension
     hidden: List[int] = dataclasses.field(default_factory=lambda: [500, 500])  # hidden layer widths
     components: int = 3  # mixture components (GMM, GMVAE prior)
-    guide: Optional[str] = None  # model-specific guide choice (gmm: amortised|posterior|prior|marginal)
+    guide: Optional[str] = None  # model-specific guide (gmm: amortised|posterior|prior|marginal; linear-gaussian: amortised|exact)
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # datapoints per SVI step
     lr: float = 1e-3  # Adam learning rate
@@ -48,10 +49,11 @@ class TrainConfig:
     alpha: float = 0.1  # semi-supervised: weight of the classifier term, times the data size
     eval_every: int = 1  # epochs between validation passes
     eval_k: List[int] = dataclasses.field(default_factory=lambda: [1, 10, 100, 1000, 5000])  # IWAE ks at eval
+    eval_images: int = 0  # test images IWAE-k is computed on at eval (0: all); the NELBO always uses all
     checkpoint_every: int = 1  # epochs between checkpoints
     checkpoint_every_steps: int = 0  # also checkpoint every N steps, mid-epoch (0: off); resumes exactly
     log_every: int = 50  # steps between loss read-backs (each is a host sync)
-    max_minutes: Optional[float] = None  # wall-clock budget for training; stops after the epoch that passes it
+    max_minutes: Optional[float] = None  # training-time budget (resumes included); stops after the epoch that passes it
     nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
     fast: bool = True  # compiled / graph-captured step where possible (falls back to eager)
     tensorboard: bool = False  # also log scalars (losses, β, lr) to RUN_DIR/tensorboard (needs `pip install tensorboard`)
@@ -88,7 +90,7 @@ class TrainConfig:
              f"max_minutes must be > 0 (or null: no budget), got {self.max_minutes}"),
             (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
              f"device must be cpu, cuda, cuda:N or auto, got {_short(self.device)}"),
-            (self.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip, got {_short(self.nan_policy)}"),
+            (self.nan_policy in NAN_POLICIES, f"nan_policy must be stop or skip, got {_short(self.nan_policy)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -106,13 +108,13 @@ MAX_LAYERS, MAX_EVAL_KS = 64, 64
 #: (lowest, highest) for every integer field (elementwise for the lists)
 INT_RANGES = {
     "k": (1, 100_000), "kl_anneal": (0, INT_MAX), "z_dim": (1, MAX_WIDTH), "hidden": (1, MAX_WIDTH),
-    "components": (1, MAX_WIDTH), "epochs": (0, INT_MAX), "batch_size": (1, INT_MAX), "seed": (0, 2**32 - 1),
+    "components": (1, MAX_WIDTH), "epochs": (1, INT_MAX), "batch_size": (1, INT_MAX), "seed": (0, 2**32 - 1),
     "val_size": (0, INT_MAX), "train_subset": (0, INT_MAX), "n_train": (1, 10_000_000), "n_test": (1, 10_000_000),
     "labels": (0, INT_MAX), "eval_every": (1, INT_MAX), "eval_k": (1, 1_000_000), "checkpoint_every": (1, INT_MAX),
-    "checkpoint_every_steps": (0, INT_MAX), "log_every": (1, INT_MAX),
+    "checkpoint_every_steps": (0, INT_MAX), "log_every": (1, INT_MAX), "eval_images": (0, INT_MAX),
 }
 INT_NOTES = {"seed": " (what numpy and Python's random accept)", "hidden": " per layer",
-             "checkpoint_every_steps": " (0: off)", "train_subset": " (0: all)", "kl_anneal": " (0: no annealing)"}
+             "checkpoint_every_steps": " (0: off)", "train_subset": " (0: all)", "eval_images": " (0: all)", "kl_anneal": " (0: no annealing)"}
 _STRICT = pydantic.ConfigDict(strict=True, allow_inf_nan=False)
 _HINTS = typing.get_type_hints(TrainConfig)
 #: one strict pydantic validator per field, from the dataclass's own annotations

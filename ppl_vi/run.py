@@ -611,3 +611,14 @@ def check_resume_state(state: dict, path: Path) -> None:
     if problems:
         raise CheckpointError(f"cannot resume from {path}: it is incomplete or foreign ({'; '.join(problems[:3])}"
                               f"{'; ...' if len(problems) > 3 else ''}); expected a checkpoint written by ppl-vi train")
+
+
+def default_run_dir(model: str, root: Path = Path("runs"), now: Optional[datetime.datetime] = None) -> Path:
+    """``runs/MODEL-YYYYmmdd-HHMMSS`` (``-2``, ``-3``, ... if that exists): where ``ppl-vi train``
+    puts a run when no ``--out`` is given, so that nothing trained is lost."""
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / f"{model}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{model}-{stamp}-{n}"
+    return path
