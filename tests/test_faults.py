@@ -215,7 +215,7 @@ def test_sigkill_at_random_moments_of_figures_report_and_eval(reference, tmp_pat
     assert cli(["train", "--resume", run, "--no-progress"])[0] == 0  # the lock died with its holder
     before = (run / rundir.METRICS).stat().st_mtime_ns
     proc = start(["eval", run, "--k", "1,3", "--no-progress"])
-    try:  # eval writes metrics.json, then bound_vs_k.png, then the report
+    try:  # eval writes bound_vs_k.png, then metrics.json, then (lock note and) the report
         wait_until(lambda: (run / rundir.METRICS).stat().st_mtime_ns != before, proc)
         time.sleep(rng.uniform(0.0, 0.2))
     finally:
