@@ -74,9 +74,9 @@ class TrainConfig:
         for name, (low, high) in INT_RANGES.items():
             values = getattr(self, name)
             for value in values if isinstance(values, list) else [values]:
-                if not low <= value <= high:
-                    raise ConfigError(f"{name} must be an integer from {low} to {high}{INT_NOTES.get(name, '')}, "
-                                      f"got {_short(value)}")
+                if not low <= value <= high:  # the limit passed, named
+                    bound = f">= {low}" if value < low else f"<= {high}"
+                    raise ConfigError(f"{name} must be {bound}{INT_NOTES.get(name, '')}, got {_short(value)}")
         if not self.hidden or len(self.hidden) > MAX_LAYERS:
             raise ConfigError(f"hidden must list 1 to {MAX_LAYERS} layer widths, got {len(self.hidden)}")
         if not self.eval_k or len(self.eval_k) > MAX_EVAL_KS:
@@ -113,7 +113,7 @@ INT_RANGES = {
     "labels": (0, INT_MAX), "eval_every": (1, INT_MAX), "eval_k": (1, 1_000_000), "checkpoint_every": (1, INT_MAX),
     "checkpoint_every_steps": (0, INT_MAX), "log_every": (1, INT_MAX), "eval_images": (0, INT_MAX),
 }
-INT_NOTES = {"seed": " (what numpy and Python's random accept)", "hidden": " per layer",
+INT_NOTES = {"seed": " (what numpy and Python's random accept)", "epochs": " (passes over the training set)", "hidden": " per layer",
              "checkpoint_every_steps": " (0: off)", "train_subset": " (0: all)", "eval_images": " (0: all)", "kl_anneal": " (0: no annealing)"}
 _STRICT = pydantic.ConfigDict(strict=True, allow_inf_nan=False)
 _HINTS = typing.get_type_hints(TrainConfig)

@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ppl_vi import run as rundir
-from ppl_vi.cli import main
 from ppl_vi.config import build_config, read_config_file
 from ppl_vi.errors import ConfigError, PplViError
+from test_robustness import cli as run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 LG = ["linear-gaussian", "--device", "cpu", "--n-train", "100", "--n-test", "50", "--batch-size", "50", "--no-progress"]
@@ -39,13 +39,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*enumerate sites")
 
 
 def cli(argv) -> tuple:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            status = main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = exc.code
-    return status, err.getvalue()
+    """``ppl-vi ARGV`` in-process: (exit status, stderr)."""
+    status, _, err = run_cli(argv)
+    return status, err
 
 
 def _env() -> dict:
@@ -198,30 +194,31 @@ def test_a_kill_at_every_write_of_train_and_eval(reference, tmp_path, monkeypatc
 # real SIGKILLs at random moments of train's end (figures, report) and of eval
 
 
+def kill_soon_after(proc: subprocess.Popen, condition, rng: random.Random) -> None:
+    """SIGKILL ``proc`` 0-0.2 s (drawn from ``rng``) after ``condition()`` holds."""
+    try:
+        wait_until(condition, proc)
+        time.sleep(rng.uniform(0.0, 0.2))
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
 def test_sigkill_at_random_moments_of_figures_report_and_eval(reference, tmp_path):
     """SIGKILL a real training process while it writes its figures and report, resume (the kernel has
     dropped its lock); SIGKILL a real eval while it writes metrics, figure and report, and eval again."""
     rng = random.Random(13)
     run = tmp_path / "run"
-    proc = start(["train", *LG, "--epochs", "2", "--checkpoint-every-steps", "1", "--out", run])
-    try:  # metrics.json is written right before the figures and the report
-        wait_until(lambda: (run / rundir.METRICS).is_file(), proc)
-        time.sleep(rng.uniform(0.0, 0.2))
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    # train writes metrics.json right before the figures and the report
+    kill_soon_after(start(["train", *LG, "--epochs", "2", "--checkpoint-every-steps", "1", "--out", run]),
+                    lambda: (run / rundir.METRICS).is_file(), rng)
     assert_whole(run)
     assert cli(["train", "--resume", run, "--no-progress"])[0] == 0  # the lock died with its holder
     before = (run / rundir.METRICS).stat().st_mtime_ns
-    proc = start(["eval", run, "--k", "1,3", "--no-progress"])
-    try:  # eval writes bound_vs_k.png, then metrics.json, then (lock note and) the report
-        wait_until(lambda: (run / rundir.METRICS).stat().st_mtime_ns != before, proc)
-        time.sleep(rng.uniform(0.0, 0.2))
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    # eval writes bound_vs_k.png, then metrics.json, then (a lock note and) the report
+    kill_soon_after(start(["eval", run, "--k", "1,3", "--no-progress"]),
+                    lambda: (run / rundir.METRICS).stat().st_mtime_ns != before, rng)
     assert_whole(run)
     assert cli(["eval", run, "--k", "1,3", "--no-progress"])[0] == 0
     assert_whole(run)

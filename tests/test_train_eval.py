@@ -171,9 +171,9 @@ def test_check_full_size_exits_0(model, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "no-such-model"], "unknown model"),
-    (["train", "vae", "--k", "0"], "k must be an integer from 1 to 100000, got 0"),
+    (["train", "vae", "--k", "0"], "k must be >= 1, got 0"),
     (["train", "vae", "--beta", "-1"], "beta must be >= 0"),
-    (["train", "vae", "--train-subset", "-1"], "train_subset must be an integer from 0 to"),
+    (["train", "vae", "--train-subset", "-1"], "train_subset must be >= 0"),
     (["train", "vae", "--loss", "nope"], "unknown loss"),
 ])
 def test_bad_train_input_exits_2(argv, message, tmp_path, capsys):
