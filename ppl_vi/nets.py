@@ -8,6 +8,10 @@ import torch
 from torch import Tensor, nn
 
 
+#: the hidden-layer nonlinearities a config can name (``activation``)
+ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU}
+
+
 def mlp(sizes: Sequence[int], activation=nn.Softplus) -> nn.Sequential:
     """Linear layers of the given sizes with ``activation`` between them (none after the last)."""
     layers = []
@@ -21,13 +25,15 @@ def mlp(sizes: Sequence[int], activation=nn.Softplus) -> nn.Sequential:
 class GaussianEncoder(nn.Module):
     """x (and optional extra inputs, concatenated) -> (loc, scale) of a diagonal Gaussian.
 
-    ``scale = softplus(raw) + min_scale`` keeps the scale positive and bounded away from 0.
+    ``scale = softplus(raw) + min_scale`` keeps the scale positive and bounded away from 0;
+    ``activation`` is the hidden layers' nonlinearity.
     """
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], z_dim: int, min_scale: float = 1e-4):
+    def __init__(self, in_dim: int, hidden: Sequence[int], z_dim: int, min_scale: float = 1e-4,
+                 activation=nn.Softplus):
         super().__init__()
-        self.body = mlp([in_dim, *hidden], activation=nn.Softplus)
-        self.act = nn.Softplus()
+        self.body = mlp([in_dim, *hidden], activation=activation)
+        self.act = activation()
         self.loc = nn.Linear(hidden[-1], z_dim)
         self.raw_scale = nn.Linear(hidden[-1], z_dim)
         self.min_scale = min_scale
@@ -40,9 +46,9 @@ class GaussianEncoder(nn.Module):
 class BernoulliDecoder(nn.Module):
     """z (and optional extra inputs, concatenated) -> Bernoulli logits over the pixels."""
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], x_dim: int):
+    def __init__(self, in_dim: int, hidden: Sequence[int], x_dim: int, activation=nn.Softplus):
         super().__init__()
-        self.net = mlp([in_dim, *hidden, x_dim], activation=nn.Softplus)
+        self.net = mlp([in_dim, *hidden, x_dim], activation=activation)
 
     def forward(self, *inputs: Tensor) -> Tensor:
         return self.net(torch.cat(inputs, dim=-1) if len(inputs) > 1 else inputs[0])
