@@ -183,6 +183,9 @@ def print_results(metrics: dict) -> None:
         if key in metrics:
             print(f"{key:>22}: {metrics[key]:.4f} ± {metrics.get(key + '_se', float('nan')):.4f}")
     subset = metrics.get("test_iwae_images")
+    if "test_nelbo_on_iwae_images" in metrics:
+        print(f"{'test_nelbo':>22}: {metrics['test_nelbo_on_iwae_images']:.4f} ± "
+              f"{metrics['test_nelbo_on_iwae_images_se']:.4f}   ({subset} test images, as IWAE below)")
     for k, value in metrics["test_iwae"].items():
         print(f"{'-IWAE_' + k:>22}: {value:.4f} ± {metrics['test_iwae_se'][k]:.4f}"
               + (f"   ({subset} test images)" if subset and subset != metrics.get("test_nelbo_images") else ""))

@@ -29,6 +29,10 @@ def test_run_tiny_main_job(tmp_path, capsys):
     assert metrics["test_iwae_images"] == 40 and metrics["test_nelbo_images"] == 10_000
     assert set(metrics["test_iwae"]) == {"1", "5"}
     assert metrics["test_iwae"]["5"] <= metrics["test_iwae"]["1"] + 4 * metrics["test_iwae_se"]["1"]
+    # the NELBO on IWAE's 40 images and -IWAE_1 estimate one quantity on the same images
+    assert abs(metrics["test_nelbo_on_iwae_images"] - metrics["test_iwae"]["1"]) <= 4 * (
+        metrics["test_nelbo_on_iwae_images_se"] + metrics["test_iwae_se"]["1"])
+    assert "(40 test images, as IWAE below)" in text
     notes = metrics["scaled_down"]
     assert "cpu: 1 epochs (the full protocol: 10)" in notes
     assert "cpu: a 784-16-4 relu VAE (the full protocol: 784-500-500-50 softplus)" in notes
