@@ -41,6 +41,7 @@ class TrainConfig:
     n_test: int = 2000  # synthetic data sets: test points
     labels: int = 100  # semi-supervised: labelled training images, class-balanced
     alpha: float = 0.1  # semi-supervised: weight of the classifier term, times the data size
+    m1: Optional[str] = None  # m1m2: run directory of a trained vae (M1), loaded and frozen (None: trained jointly)
     eval_every: int = 1  # epochs between validation passes
     eval_k: List[int] = dataclasses.field(default_factory=lambda: [1, 10, 100, 1000, 5000])  # IWAE ks at eval
     checkpoint_every: int = 1  # epochs between checkpoints

@@ -321,7 +321,8 @@ def enumerated_rows(model: SSVAE, batch: Batch, hand: EnumHand, params: Sequence
     against ``hand(batch, draws)`` at the enumerated draws of :meth:`SSVAE.enum_draws`.
 
     Same sample: TraceEnum's guide run is recorded; the RNG is re-seeded and ``enum_draws`` re-runs
-    the guide as TraceEnum does; its z (C, K, B, Z) must equal the recorded one exactly, then the
+    the guide as TraceEnum does; every draw it returns besides y (z (C, K, B, Z) here; z1 and z2 for
+    :class:`~ppl_vi.models.m1m2.M1M2`) must equal the recorded one exactly, then the
     loss and every gradient are compared. Statistical: means over ``repeats`` seeds, TraceEnum's
     against the hand bound's on independent enumerated draws, within 4 SE.
     """
@@ -339,15 +340,17 @@ def enumerated_rows(model: SSVAE, batch: Batch, hand: EnumHand, params: Sequence
     pyro_value, pyro_grads = pyro_loss_and_grads(loss, pyro_model, _recording(guide, traces), batch, params)
     pyro.set_rng_seed(seed)
     draws = model.enum_draws(batch, k)
-    recorded = traces[-1].nodes["z"]["value"]
-    if recorded.numel() != draws["z"].numel() or not torch.equal(recorded.detach().reshape(draws["z"].shape),
-                                                                  draws["z"].detach()):
-        return [Row("same sample", name, pyro_value, passed=False,
-                    note="could not reproduce TraceEnum's enumerated draws by re-seeding")]
+    continuous = [site for site in draws if site != "y"]  # every drawn site: z (M2), z1 and z2 (M1+M2)
+    for site in continuous:
+        recorded = traces[-1].nodes[site]["value"]
+        if recorded.numel() != draws[site].numel() or not torch.equal(recorded.detach().reshape(draws[site].shape),
+                                                                      draws[site].detach()):
+            return [Row("same sample", name, pyro_value, passed=False,
+                        note=f"could not reproduce TraceEnum's enumerated draws of {site!r} by re-seeding")]
     hand_total = hand(batch, draws).sum()
     hand_grads = torch.autograd.grad(hand_total, list(params), allow_unused=True)
     hand_value, tol = hand_total.item(), f"rel <= {rtol:g}"
-    note = f"K={k}, z {tuple(draws['z'].shape)} verified identical"
+    note = f"K={k}, " + ", ".join(f"{site} {tuple(draws[site].shape)}" for site in continuous) + " verified identical"
     rows = [Row("same sample", f"{name}: loss", pyro_value, hand_value, abs(pyro_value - hand_value),
                 _rel(pyro_value, hand_value), tol, _rel(pyro_value, hand_value) <= rtol, note)]
     worst, worst_name, worst_abs = 0.0, "", 0.0
@@ -375,7 +378,7 @@ def enumerated_rows(model: SSVAE, batch: Batch, hand: EnumHand, params: Sequence
     return rows
 
 
-def _prefixed(rows: List[Row], prefix: str) -> List[Row]:
+def prefixed(rows: List[Row], prefix: str) -> List[Row]:
     for r in rows:
         r.name = f"{prefix} {r.name}"
     return rows
@@ -454,7 +457,7 @@ def check_suite(model: SSVAE, labelled_batch, unlabelled_batch=None, *, num_part
         Comparison(f"RenyiELBO(0, K={iw_k}) vs -(IWAE + a'log q)", RenyiELBO(alpha=0, **{**kw, "num_particles": iw_k}),
                    lambda b, d: -(model.hand_iwae_bound(b, d) + model.classifier_term(b)), iw_k),
     ]
-    rows = _prefixed(check(model.model, model.guide, labelled, labelled_comparisons, params, **common).rows, "[L]")
+    rows = prefixed(check(model.model, model.guide, labelled, labelled_comparisons, params, **common).rows, "[L]")
 
     # ---- unlabelled: y enumerated (TraceEnum) or sampled (the others) ----------------------------
     hand = unlabelled_hand or (lambda b, d: model.hand_negative_elbo(b, d, kl="mc"))
@@ -504,4 +507,4 @@ def check_suite(model: SSVAE, labelled_batch, unlabelled_batch=None, *, num_part
         warnings.filterwarnings("ignore", message=r"(?s).*use TraceEnum_ELBO instead")
         report = check(model.model, model.guide, unlabelled, unlabelled_comparisons, params,
                        extra_rows=[enum_rows, closed_form_rows, ladder_rows], **common)
-    return CheckReport(rows + _prefixed(report.rows, "[U]"))
+    return CheckReport(rows + prefixed(report.rows, "[U]"))
