@@ -41,6 +41,9 @@ class TrainConfig:
     n_test: int = 2000  # synthetic data sets: test points
     labels: int = 100  # semi-supervised: labelled training images, class-balanced
     alpha: float = 0.1  # semi-supervised: weight of the classifier term, times the data size
+    labelled_every: int = 1  # semi-supervised: a labelled batch every k-th step (1: every step; 0: once per epoch)
+    labelled_batch_size: int = 0  # semi-supervised: images per labelled batch (0: all labels, at most batch_size)
+    baseline_steps: int = 1000  # semi-supervised: Adam steps of the supervised-only baseline classifier (0: none)
     m1: Optional[str] = None  # m1m2: run directory of a trained vae (M1), loaded and frozen (None: trained jointly)
     eval_every: int = 1  # epochs between validation passes
     eval_k: List[int] = dataclasses.field(default_factory=lambda: [1, 10, 100, 1000, 5000])  # IWAE ks at eval
@@ -79,6 +82,10 @@ class TrainConfig:
             (self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}"),
             (self.train_subset >= 0, f"train_subset must be >= 0 (0: all), got {self.train_subset}"),
             (self.labels >= 0, f"labels must be >= 0, got {self.labels}"),
+            (self.labelled_every >= 0, f"labelled_every must be >= 0 (0: once per epoch), got {self.labelled_every}"),
+            (self.labelled_batch_size >= 0,
+             f"labelled_batch_size must be >= 0 (0: all labels, at most batch_size), got {self.labelled_batch_size}"),
+            (self.baseline_steps >= 0, f"baseline_steps must be >= 0 (0: no baseline), got {self.baseline_steps}"),
             (self.eval_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1,
              "eval_every, checkpoint_every and log_every must be >= 1"),
             (self.checkpoint_every_steps >= 0, f"checkpoint_every_steps must be >= 0 (0: off), got {self.checkpoint_every_steps}"),

@@ -59,7 +59,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from torch import Tensor
+from torch import Tensor, nn
 
 from ppl_vi import bounds
 from ppl_vi import run as rundir
@@ -68,7 +68,7 @@ from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, regist
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, broadcast_cat, one_hot, validate_labels
 from ppl_vi.models.ssvae import batches_from_data, enumerated_rows, prefixed
 from ppl_vi.models.vae import VAE
-from ppl_vi.nets import GaussianEncoder, mlp
+from ppl_vi.nets import GaussianEncoder, fresh_copy, mlp
 
 if TYPE_CHECKING:  # ppl_vi.check imports the models package: import it lazily below
     from ppl_vi.check import CheckReport, Row
@@ -100,6 +100,25 @@ def load_m1(run_dir: str, x_dim: int) -> VAE:
     return m1
 
 
+class FeatureClassifier(nn.Module):
+    """logits = head(z1) on the features of a Gaussian encoder: z1 ~ q(z1|x) in training mode,
+    its mean in eval mode. The encoder is read, never trained (its output is computed without grad)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            loc, scale = self.encoder(x)
+            z1 = loc + scale * torch.randn_like(loc) if self.training else loc
+        return self.head(z1)
+
+    def parameters(self, recurse: bool = True):
+        """The head's parameters only: the encoder is not this network's to train."""
+        return self.head.parameters(recurse)
+
+
 @register(
     "m1m2",
     description="stacked semi-supervised VAE (Kingma et al. 2014, M1+M2): M2 on the latent z1 of a VAE (--m1 RUN_DIR)",
@@ -127,6 +146,7 @@ class M1M2(LabelConditionalGenerator, LatentModel):
         if self.m1.x_dim != x_dim:
             raise ConfigError(f"M1 models {self.m1.x_dim} pixels but the data have {x_dim}")
         self.x_dim, self.z1_dim, self.z_dim, self.num_classes = x_dim, self.m1.z_dim, z_dim, num_classes
+        self.hidden = list(hidden)
         self.alpha_scale = float(alpha_scale)  # α': weight of -log q(y|z1) per labelled datapoint
         self.m1_frozen = bool(m1 is not None and freeze_m1)
         for p in self.m1.parameters():
@@ -139,6 +159,10 @@ class M1M2(LabelConditionalGenerator, LatentModel):
     def from_config(cls, config, data_info) -> "M1M2":
         """M1 from ``config.m1`` (a trained vae run, frozen) or a fresh one (trained jointly);
         α' = config.alpha · train_size / n_labelled, as for M2."""
+        if config.loss not in cls.losses:
+            raise ConfigError(f"m1m2 trains with --loss enum (default) or trace, not {config.loss!r}: meanfield's "
+                              "closed-form KL needs a mean-field guide (q(z2|z1,y) depends on z1); renyi and iwae "
+                              "have no score-function term for the sampled y")
         m1 = load_m1(config.m1, data_info["x_dim"]) if getattr(config, "m1", None) else None
         n_labelled = int(data_info.get("n_labelled") or 0)
         alpha_scale = config.alpha * data_info["train_size"] / max(n_labelled, 1)
@@ -325,6 +349,14 @@ class M1M2(LabelConditionalGenerator, LatentModel):
         return {"rec": log_px.mean(0), "kl": (log_qz1 + kl_y + kl_rest).mean(0)}
 
     # ---- classification and image hooks ------------------------------------------------------
+    def baseline_classifiers(self) -> dict:
+        """Label-only references (:mod:`ppl_vi.training.baseline`), freshly initialised:
+        ``"baseline"``, M2's classifier network on the pixels (x_dim-hidden-C, as q(y|x) of ``ssvae``),
+        and ``"baseline_m1"``, this model's classifier network on M1's features (z1 ~ q(z1|x) while
+        training, μ1(x) to predict; M1 itself is not trained by it)."""
+        return {"baseline": mlp([self.x_dim, *self.hidden, self.num_classes]),
+                "baseline_m1": FeatureClassifier(self.m1.encoder, fresh_copy(self.classifier))}
+
     @torch.no_grad()
     def features(self, x: Tensor) -> Tensor:
         """μ1(x), the mean of q(z1|x): (B, Z1)."""

@@ -53,7 +53,7 @@ from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, register, scale_sites
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, broadcast_cat, one_hot, validate_labels
-from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, mlp
+from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, fresh_copy, mlp
 
 if TYPE_CHECKING:  # ppl_vi.check imports the models package: import it lazily below
     from ppl_vi.check import CheckReport, Row
@@ -274,6 +274,11 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
         return bounds.iwae_bound_beta(log_px, log_pz + self.log_prior_y(), log_qz + log_qy, beta)
 
     # ---- classification and image hooks (generate: LabelConditionalGenerator's) --------------
+    def baseline_classifiers(self) -> dict:
+        """The supervised-only baseline (:mod:`ppl_vi.training.baseline`): q(y|x)'s network, freshly
+        initialised, to be trained on the labelled images alone."""
+        return {"baseline": fresh_copy(self.classifier)}
+
     @torch.no_grad()
     def classify(self, x: Tensor) -> Tensor:
         """Predicted labels argmax_y q(y|x), (B,) int64."""
