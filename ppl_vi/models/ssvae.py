@@ -21,11 +21,24 @@ model has an observed site ``y_aux ~ Cat(classifier(x))`` at ``obs=y`` under
 ``poutine.scale(α')``. Its log-density α' log q(y|x) does not depend on z, so it adds to the ELBO
 and also factors out of the IWAE log-mean-exp (RenyiELBO gives -(L_K + α' log q(y|x))).
 
-**α' (``alpha_scale``)**: Kingma et al. add α · E_{labelled}[-log q(y|x)] to the summed objective
-with α = 0.1 · N (N training images). As a weight on each labelled datapoint's term that is
-α' = α_config · N / N_labelled, which :meth:`SSVAE.from_config` uses (``config.alpha`` = 0.1,
-N = ``train_size``, N_labelled = ``n_labelled``): 0.1 · 60000 / 100 = 60 for 100 labels, the
-same order as Pyro's ``examples/vae/ss_vae_M2.py`` (46).
+**The training objective per epoch** (Kingma et al. 2014's J^α, written as a loss): with N_u
+unlabelled images x_u and N_l labelled pairs (x_l, y_l), one pass over the unlabelled set minimises
+
+    J = Σ_u -U(x_u) + Σ_l [-L(x_l, y_l) - α' log q(y_l|x_l)],
+    U(x) = Σ_y q(y|x) ELBO(x, y) + H[q(y|x)],   L(x, y) = ELBO(x, y),
+
+each labelled image counted once per epoch. The trainer holds this whatever the batching: its
+labelled batches (``labelled_every``, ``labelled_batch_size``) are scaled by ``poutine.scale(w)``,
+w = N_l / (m b_l) for m labelled batches of b_l images per epoch, and every step is divided by the
+same batch size, so that one epoch's expected loss is J (:mod:`ppl_vi.training.batches`;
+``tests/test_schedule.py`` holds the gradients equal). Pairing every unlabelled batch with all
+100 labels unweighted, as before, counted each labelled term ≈ 430 times per epoch (α' ≈ 23,600).
+
+**α' (``alpha_scale``)**: Kingma et al. add α · E_{labelled}[-log q(y|x)] to J with α = 0.1 · N
+(N training images); spread over the labelled images that is α' = α · N / N_l per labelled
+datapoint, which :meth:`SSVAE.from_config` uses (``config.alpha``, N = ``train_size``, N_l =
+``n_labelled``): 0.1 · 55000 / 100 = 55 for 100 labels, as Pyro's ``examples/vae/ss_vae_M2.py``
+weighs its auxiliary loss (46 per labelled image, its labelled batch once per epoch).
 
 **Enumeration**: on an unlabelled batch the guide marks ``y`` ``{"enumerate": "parallel"}``, so
 ``TraceEnum_ELBO(max_plate_nesting=1)`` sums it out exactly: y takes the value
