@@ -65,13 +65,13 @@ from ppl_vi import bounds
 from ppl_vi import run as rundir
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, register, scale_sites
-from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, broadcast_cat, one_hot, validate_labels
-from ppl_vi.models.ssvae import batches_from_data, enumerated_rows, prefixed
+from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, broadcast_cat, validate_labels
+from ppl_vi.models.ssvae import SemiSupervisedPair, enumerated_rows, prefixed, suite_from_cli, suite_inputs
 from ppl_vi.models.vae import VAE
 from ppl_vi.nets import GaussianEncoder, fresh_copy, mlp
 
 if TYPE_CHECKING:  # ppl_vi.check imports the models package: import it lazily below
-    from ppl_vi.check import CheckReport, Row
+    from ppl_vi.check import CheckReport
 
 #: M1's architecture when no trained M1 is given (the ``vae`` defaults).
 M1_Z_DIM, M1_HIDDEN = 50, (500, 500)
@@ -126,9 +126,11 @@ class FeatureClassifier(nn.Module):
     defaults={"loss": "enum", "z_dim": 50, "hidden": [500], "epochs": 100, "batch_size": 128, "lr": 1e-3,
               "labels": 100, "alpha": 0.1},
 )
-class M1M2(LabelConditionalGenerator, LatentModel):
+class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     #: every latent site the guide may have; :meth:`latent_sites_for` gives a batch's own.
     latent_sites = ("z1", "y", "z2")
+    labelled_sites = ("z1", "z2")
+    name = "m1m2"
     latent_reparameterized = False  # y is discrete on unlabelled batches
     enumerable_guide = True
     has_analytic_kl = False  # q(z2|z1,y) depends on z1: no mean-field closed form
@@ -138,10 +140,7 @@ class M1M2(LabelConditionalGenerator, LatentModel):
     def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: Sequence[int] = (500,), m1: Optional[VAE] = None,
                  num_classes: int = NUM_CLASSES, alpha_scale: float = 1.0, freeze_m1: bool = True):
         super().__init__()
-        if num_classes < 2:
-            raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
-        if alpha_scale < 0:
-            raise ConfigError(f"alpha_scale must be >= 0, got {alpha_scale}")
+        self.check_sizes(num_classes, alpha_scale)
         self.m1 = m1 if m1 is not None else VAE(x_dim, M1_Z_DIM, M1_HIDDEN)  # q(z1|x), p(x|z1)
         if self.m1.x_dim != x_dim:
             raise ConfigError(f"M1 models {self.m1.x_dim} pixels but the data have {x_dim}")
@@ -164,23 +163,8 @@ class M1M2(LabelConditionalGenerator, LatentModel):
                               "closed-form KL needs a mean-field guide (q(z2|z1,y) depends on z1); renyi and iwae "
                               "have no score-function term for the sampled y")
         m1 = load_m1(config.m1, data_info["x_dim"]) if getattr(config, "m1", None) else None
-        n_labelled = int(data_info.get("n_labelled") or 0)
-        alpha_scale = config.alpha * data_info["train_size"] / max(n_labelled, 1)
         return cls(data_info["x_dim"], config.z_dim, config.hidden, m1, data_info.get("num_classes") or NUM_CLASSES,
-                   alpha_scale)
-
-    def make_batch(self, x: Tensor, y: Optional[Tensor] = None) -> Batch:
-        """``{"x": x, "y": y}``: labelled when ``y`` is given (checked: integers in 0..C-1), else unlabelled."""
-        validate_labels(y, x.shape[0], self.num_classes, required=False, model="m1m2")
-        return {"x": x, "y": y}
-
-    @staticmethod
-    def latent_sites_for(batch: Batch) -> tuple:
-        """The guide's latent sites on this batch: ("z1", "z2") labelled, ("z1", "y", "z2") unlabelled."""
-        return ("z1", "z2") if batch.get("y") is not None else ("z1", "y", "z2")
-
-    def _one_hot(self, y: Tensor, like: Tensor) -> Tensor:
-        return one_hot(y, self.num_classes, like.dtype)
+                   cls.alpha_scale_for(config, data_info))
 
     def _register(self) -> None:
         """``pyro.module`` for the trainable networks (a frozen M1 stays out of the param store)."""
@@ -224,10 +208,6 @@ class M1M2(LabelConditionalGenerator, LatentModel):
         return {name: trace.nodes[name]["value"] for name in ("y", "z1", "z2")}
 
     # ---- log-densities, one line per term ------------------------------------------------------
-    def log_prior_y(self) -> float:
-        """log p(y) = -log C."""
-        return -math.log(self.num_classes)
-
     def log_px_and_qz1(self, x: Tensor, z1: Tensor):
         """log p(x|z1) and log q(z1|x) at z1 (..., B, Z1)."""
         loc1, scale1 = self.m1.encoder(x)
@@ -251,9 +231,6 @@ class M1M2(LabelConditionalGenerator, LatentModel):
     def classifier_term(self, batch: Batch, z1: Tensor) -> Tensor:
         """α' (1/K) Σ_k log q(y|z1_k) per labelled datapoint, (B,), at draws z1 (K, B, Z1)."""
         return self.alpha_scale * self.log_qy(batch["y"], z1).mean(0)
-
-    def _class_values(self, x: Tensor) -> Tensor:
-        return torch.arange(self.num_classes, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
 
     # ---- hand-derived bounds ----------------------------------------------------------------
     def log_weights_labelled(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
@@ -421,20 +398,9 @@ def check_suite(model: M1M2, labelled_batch, unlabelled_batch=None, *, num_parti
     from ppl_vi.objectives.importance import IWAELoss
 
     if not isinstance(labelled_batch, dict):  # ppl-vi check m1m2: check_suite(model, data, args)
-        data, args = labelled_batch, unlabelled_batch
-        labelled_batch, unlabelled_batch = batches_from_data(model, data, args.batch_size, args.seed)
-        return check_suite(model, labelled_batch, unlabelled_batch, num_particles=args.k, beta=args.beta,
-                           seed=args.seed, repeats=args.repeats, ks=ks, ladder_repeats=ladder_repeats, dtype=dtype)
-    model = model.to(dtype)
-
-    def cast(batch: Batch) -> Batch:
-        return {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in batch.items()}
-
-    labelled, unlabelled = cast(labelled_batch), cast(unlabelled_batch)
-    if labelled.get("y") is None or unlabelled.get("y") is not None:
-        raise ConfigError("check_suite needs a labelled batch (with y) and an unlabelled one (y None)")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params, names = [p for _, p in named], [n for n, _ in named]
+        return suite_from_cli(check_suite, model, labelled_batch, unlabelled_batch, ks=ks,
+                              ladder_repeats=ladder_repeats, dtype=dtype)
+    model, labelled, unlabelled, params, names = suite_inputs(model, labelled_batch, unlabelled_batch, dtype)
     k, nest = num_particles, model.max_plate_nesting
     kw = dict(num_particles=k, vectorize_particles=True, max_plate_nesting=nest)
     iw_k = max(k, 2)

@@ -72,6 +72,46 @@ if TYPE_CHECKING:  # ppl_vi.check imports the models package: import it lazily b
     from ppl_vi.check import CheckReport, Row
 
 
+class SemiSupervisedPair:
+    """What the semi-supervised pairs (:class:`SSVAE`, :class:`~ppl_vi.models.m1m2.M1M2`) share:
+    batches labelled or not, the uniform p(y), the α' of Kingma et al., one-hot labels."""
+
+    #: the registry name, for messages; the guide's latent sites on a labelled batch.
+    name = "ssvae"
+    labelled_sites: tuple = ("z",)
+
+    def check_sizes(self, num_classes: int, alpha_scale: float) -> None:
+        if num_classes < 2:
+            raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
+        if alpha_scale < 0:
+            raise ConfigError(f"alpha_scale must be >= 0, got {alpha_scale}")
+
+    @staticmethod
+    def alpha_scale_for(config, data_info) -> float:
+        """α' = config.alpha · train_size / n_labelled (Kingma et al.'s α = 0.1 N per labelled point)."""
+        n_labelled = int(data_info.get("n_labelled") or 0)  # None / 0: no labelled batches, α' unused
+        return config.alpha * data_info["train_size"] / max(n_labelled, 1)
+
+    def make_batch(self, x: Tensor, y: Optional[Tensor] = None) -> Batch:
+        """``{"x": x, "y": y}``: labelled when ``y`` is given (checked: integers in 0..C-1), else unlabelled."""
+        validate_labels(y, x.shape[0], self.num_classes, required=False, model=self.name)
+        return {"x": x, "y": y}
+
+    def latent_sites_for(self, batch: Batch) -> tuple:
+        """The guide's latent sites on this batch: ``labelled_sites``, or all of ``latent_sites``."""
+        return self.labelled_sites if batch.get("y") is not None else self.latent_sites
+
+    def _one_hot(self, y: Tensor, like: Tensor) -> Tensor:
+        return one_hot(y, self.num_classes, like.dtype)
+
+    def log_prior_y(self) -> float:
+        """log p(y) = -log C."""
+        return -math.log(self.num_classes)
+
+    def _class_values(self, x: Tensor) -> Tensor:
+        return torch.arange(self.num_classes, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
+
+
 @register(
     "ssvae",
     description="semi-supervised VAE (Kingma et al. 2014, M2): y summed out by enumeration, classifier q(y|x)",
@@ -79,7 +119,7 @@ if TYPE_CHECKING:  # ppl_vi.check imports the models package: import it lazily b
     defaults={"loss": "enum", "z_dim": 50, "hidden": [500], "epochs": 20, "batch_size": 128, "lr": 1e-3,
               "labels": 100, "alpha": 0.1},
 )
-class SSVAE(LabelConditionalGenerator, LatentModel):
+class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     #: every latent site the guide may have; :meth:`latent_sites_for` gives a batch's own.
     latent_sites = ("y", "z")
     latent_reparameterized = False  # y is discrete on unlabelled batches
@@ -89,10 +129,7 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
     def __init__(self, x_dim: int, z_dim: int = 50, hidden: Sequence[int] = (500,),
                  num_classes: int = NUM_CLASSES, alpha_scale: float = 1.0):
         super().__init__()
-        if num_classes < 2:
-            raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
-        if alpha_scale < 0:
-            raise ConfigError(f"alpha_scale must be >= 0, got {alpha_scale}")
+        self.check_sizes(num_classes, alpha_scale)
         self.x_dim, self.z_dim, self.num_classes = x_dim, z_dim, num_classes
         self.alpha_scale = float(alpha_scale)  # α': weight of -log q(y|x) per labelled datapoint
         self.classifier = mlp([x_dim, *hidden, num_classes])  # logits of q(y|x)
@@ -101,24 +138,9 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
 
     @classmethod
     def from_config(cls, config, data_info) -> "SSVAE":
-        """α' = config.alpha · train_size / n_labelled (Kingma et al.'s α = 0.1 N per labelled point)."""
-        n_labelled = int(data_info.get("n_labelled") or 0)  # None / 0: no labelled batches, α' unused
-        alpha_scale = config.alpha * data_info["train_size"] / max(n_labelled, 1)
+        """α' = config.alpha · train_size / n_labelled (:meth:`SemiSupervisedPair.alpha_scale_for`)."""
         return cls(data_info["x_dim"], config.z_dim, config.hidden, data_info.get("num_classes", NUM_CLASSES),
-                   alpha_scale)
-
-    def make_batch(self, x: Tensor, y: Optional[Tensor] = None) -> Batch:
-        """``{"x": x, "y": y}``: labelled when ``y`` is given (checked: integers in 0..C-1), else unlabelled."""
-        validate_labels(y, x.shape[0], self.num_classes, required=False, model="ssvae")
-        return {"x": x, "y": y}
-
-    @staticmethod
-    def latent_sites_for(batch: Batch) -> tuple:
-        """The guide's latent sites on this batch: ("z",) labelled, ("y", "z") unlabelled."""
-        return ("z",) if batch.get("y") is not None else ("y", "z")
-
-    def _one_hot(self, y: Tensor, like: Tensor) -> Tensor:
-        return one_hot(y, self.num_classes, like.dtype)
+                   cls.alpha_scale_for(config, data_info))
 
     # ---- the Pyro pair -------------------------------------------------------------------
     def model(self, x: Tensor, y: Optional[Tensor] = None, **_):
@@ -161,10 +183,6 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
         return {"y": trace.nodes["y"]["value"], "z": trace.nodes["z"]["value"]}
 
     # ---- closed forms ----------------------------------------------------------------------
-    def log_prior_y(self) -> float:
-        """log p(y) = -log C."""
-        return -math.log(self.num_classes)
-
     def _log_terms(self, x: Tensor, y: Tensor, z: Tensor):
         """log p(x|y,z), log p(z), log q(z|x,y) at z (..., B, Z), y broadcastable to z's batch shape.
 
@@ -183,9 +201,6 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
     def classifier_term(self, batch: Batch) -> Tensor:
         """α' log q(y|x) per labelled datapoint, (B,)."""
         return self.alpha_scale * bounds.log_categorical(batch["y"], self.classifier(batch["x"]))
-
-    def _class_values(self, x: Tensor) -> Tensor:
-        return torch.arange(self.num_classes, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
 
     # ---- hand-derived bounds ----------------------------------------------------------------
     def negative_elbo_xy(self, x: Tensor, y: Tensor, z: Tensor, kl: str = "mc", beta: float = 1.0,
@@ -402,6 +417,29 @@ def prefixed(rows: List[Row], prefix: str) -> List[Row]:
     return rows
 
 
+def suite_from_cli(suite: Callable, model, data, args, **kwargs):
+    """``suite`` (a check suite of a semi-supervised model) as ``ppl-vi check MODEL`` runs it: on the
+    batches of :func:`batches_from_data`, with the command's ``k``, ``beta``, ``seed``, ``repeats``."""
+    labelled, unlabelled = batches_from_data(model, data, args.batch_size, args.seed)
+    return suite(model, labelled, unlabelled, num_particles=args.k, beta=args.beta, seed=args.seed,
+                 repeats=args.repeats, **kwargs)
+
+
+def suite_inputs(model, labelled_batch: Batch, unlabelled_batch: Batch, dtype):
+    """The model in ``dtype``, both batches cast to it (labelled with y, unlabelled without), and the
+    trainable parameters with their names: what every semi-supervised check suite starts from."""
+    model = model.to(dtype)
+
+    def cast(batch: Batch) -> Batch:
+        return {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in batch.items()}
+
+    labelled, unlabelled = cast(labelled_batch), cast(unlabelled_batch)
+    if labelled.get("y") is None or unlabelled.get("y") is not None:
+        raise ConfigError("check_suite needs a labelled batch (with y) and an unlabelled one (y None)")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return model, labelled, unlabelled, [p for _, p in named], [n for n, _ in named]
+
+
 def batches_from_data(model: SSVAE, data, batch_size: int, seed: int = 0):
     """The first ``batch_size`` labelled and unlabelled training images of a loaded data bundle
     (``train_x``, ``train_y``, ``labelled_idx``, ``unlabelled_idx``), binarised with ``seed``."""
@@ -439,20 +477,9 @@ def check_suite(model: SSVAE, labelled_batch, unlabelled_batch=None, *, num_part
     from ppl_vi.objectives.importance import IWAELoss
 
     if not isinstance(labelled_batch, dict):  # ppl-vi check ssvae: check_suite(model, data, args)
-        data, args = labelled_batch, unlabelled_batch
-        labelled_batch, unlabelled_batch = batches_from_data(model, data, args.batch_size, args.seed)
-        return check_suite(model, labelled_batch, unlabelled_batch, num_particles=args.k, beta=args.beta,
-                           seed=args.seed, repeats=args.repeats, ks=ks, ladder_repeats=ladder_repeats, dtype=dtype)
-    model = model.to(dtype)
-
-    def cast(batch: Batch) -> Batch:
-        return {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in batch.items()}
-
-    labelled, unlabelled = cast(labelled_batch), cast(unlabelled_batch)
-    if labelled.get("y") is None or unlabelled.get("y") is not None:
-        raise ConfigError("check_suite needs a labelled batch (with y) and an unlabelled one (y None)")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params, names = [p for _, p in named], [n for n, _ in named]
+        return suite_from_cli(check_suite, model, labelled_batch, unlabelled_batch, ks=ks,
+                              ladder_repeats=ladder_repeats, dtype=dtype)
+    model, labelled, unlabelled, params, names = suite_inputs(model, labelled_batch, unlabelled_batch, dtype)
     k, nest = num_particles, model.max_plate_nesting
     kw = dict(num_particles=k, vectorize_particles=True, max_plate_nesting=nest)
     iw_k = max(k, 2)
