@@ -179,7 +179,7 @@ def test_m1m2_trains_on_a_trained_m1(m1_run, tmp_path):
     assert (run / "figures" / "accuracy.png").is_file()
     # M1's weights in the m1m2 checkpoint are the vae run's, untouched by training
     m1_state = load_checkpoint(m1_run / "checkpoints" / "best.pt")["model"]
-    model, _, _ = load_trained(run)
+    model = load_trained(run).model
     for name, value in m1_state.items():
         assert torch.equal(model.m1.state_dict()[name], value), name
 
