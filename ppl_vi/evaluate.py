@@ -213,10 +213,20 @@ def keep_training_values(previous: Dict, new: Dict) -> Dict:
     return {"at_end_of_training": {"weights": where, **kept}}
 
 
-def evaluate_run(run_dir: Path, ks: Sequence[int], *, checkpoint: str = "best", device: Optional[str] = None,
-                 batch_size: int = 500, progress: Union[bool, Callable[[int], None]] = True,
-                 max_rows: Optional[int] = None, iwae_images: Optional[int] = None,
-                 log: Optional[Callable[[str], None]] = None, data: Optional[DataBundle] = None) -> Dict:
+def evaluate_run(run_dir: Path, ks: Sequence[int], **options) -> Dict:
+    """``ppl-vi eval``: :func:`score_run` holding the run directory's lock (a process still training or
+    evaluating there is named and refused), once figures/ is known not to be a link out of it."""
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    with rundir.locked(Path(run_dir)):
+        rundir.check_folders(Path(run_dir))
+        return score_run(Path(run_dir), ks, **options)
+
+
+def score_run(run_dir: Path, ks: Sequence[int], *, checkpoint: str = "best", device: Optional[str] = None,
+              batch_size: int = 500, progress: Union[bool, Callable[[int], None]] = True,
+              max_rows: Optional[int] = None, iwae_images: Optional[int] = None,
+              log: Optional[Callable[[str], None]] = None, data: Optional[DataBundle] = None) -> Dict:
     """``ppl-vi eval``: test metrics of a run's checkpoint, merged into its metrics.json.
 
     metrics.json records the checkpoint scored (``eval_checkpoint``, ``eval_checkpoint_epoch``,

@@ -17,10 +17,13 @@ from ppl_vi import run as rundir  # noqa: E402
 
 
 def _save(fig, run_dir: Path, name: str) -> Path:
+    """RUN_DIR/figures/NAME.png, written atomically: a kill leaves the old image or none, never a part,
+    and a symbolic link there is replaced, not written through."""
     path = Path(run_dir) / rundir.FIGURES / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        rundir.atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 

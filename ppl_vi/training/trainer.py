@@ -87,6 +87,9 @@ class Trainer:
         self.step_in_epoch, self.epoch_losses = 0, []
         self.last_saved: Optional[Tuple[int, int]] = None  # (epoch, step) of the last checkpoint written or loaded
         self._last_batches = None  # the latest step's batches (NaN diagnosis)
+        self.in_fit = self.stop_requested = False  # SIGTERM: checkpoint at the next step or epoch end (training.signals)
+        self.resume_note: Optional[str] = None  # what a resume restored and changed (training.workflow)
+        self.schedule_note: Optional[str] = None  # a learning rate changed on resume (training.checkpoint)
         self.tracker = None  # a job's single progress bar (ppl_vi.progress.RunProgress); None: a bar per epoch
         self.epoch_hooks: List[Callable[["Trainer", dict], None]] = []  # run at each epoch's end (loop.finish_epoch)
         # config.fast: validation and param-store registration off in the hot path, a sync-free loss,
