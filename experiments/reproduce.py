@@ -252,6 +252,7 @@ def vae_family_command(ctx: Ctx) -> List[str]:
 def ssl_command(ctx: Ctx) -> List[str]:
     return script(ctx, "semi_supervised", "--completion-json", str(ctx.scratch("completion-read.json")),
                   *shared_budget(ctx, "semi_supervised", ["--quick", "--seeds", "0", "--k", "1", "--parallel", "1",
+                                                          "--models", "ssvae",  # M1+M2: tests/test_models_m1m2.py
                                                           "--train-args=--train-subset 512 --val-size 500"]))
 
 
