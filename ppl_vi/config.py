@@ -49,6 +49,10 @@ class TrainConfig:
     n_test: int = 2000  # synthetic data sets: test points
     labels: int = 100  # semi-supervised: labelled training images, class-balanced
     alpha: float = 0.1  # semi-supervised: weight of the classifier term, times the data size
+    labelled_every: int = 1  # semi-supervised: a labelled batch every k-th step (1: every step; 0: once per epoch)
+    labelled_batch_size: int = 0  # semi-supervised: images per labelled batch (0: all labels, at most batch_size)
+    baseline_steps: int = 1000  # semi-supervised: Adam steps of the supervised-only baseline classifier (0: none)
+    m1: Optional[str] = None  # m1m2: run directory of a trained vae (M1), loaded and frozen (None: trained jointly)
     eval_every: int = 1  # epochs between validation passes
     eval_k: List[int] = dataclasses.field(default_factory=lambda: [1, 10, 100, 1000, 5000])  # IWAE ks at eval
     eval_images: int = 0  # test images IWAE-k is computed on at eval (0: all); the NELBO always uses all
@@ -116,9 +120,12 @@ INT_RANGES = {
     "val_size": (0, INT_MAX), "train_subset": (0, INT_MAX), "n_train": (1, 10_000_000), "n_test": (1, 10_000_000),
     "labels": (0, INT_MAX), "eval_every": (1, INT_MAX), "eval_k": (1, 1_000_000), "checkpoint_every": (1, INT_MAX),
     "checkpoint_every_steps": (0, INT_MAX), "log_every": (1, INT_MAX), "eval_images": (0, INT_MAX),
+    "labelled_every": (0, INT_MAX), "labelled_batch_size": (0, INT_MAX), "baseline_steps": (0, INT_MAX),
 }
 INT_NOTES = {"seed": " (what numpy and Python's random accept)", "epochs": " (passes over the training set)", "hidden": " per layer",
-             "checkpoint_every_steps": " (0: off)", "train_subset": " (0: all)", "eval_images": " (0: all)", "kl_anneal": " (0: no annealing)"}
+             "checkpoint_every_steps": " (0: off)", "train_subset": " (0: all)", "eval_images": " (0: all)", "kl_anneal": " (0: no annealing)",
+             "labelled_every": " (0: once per epoch)", "labelled_batch_size": " (0: all labels, at most batch_size)",
+             "baseline_steps": " (0: no baseline)"}
 _STRICT = pydantic.ConfigDict(strict=True, allow_inf_nan=False)
 _HINTS = typing.get_type_hints(TrainConfig)
 #: one strict pydantic validator per field, from the dataclass's own annotations

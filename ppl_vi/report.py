@@ -48,12 +48,15 @@ FIGURE_CAPTIONS = {
     "latent_scatter": "Guide means of test images, coloured by label.",
     "gmm_density": "Data and the fitted mixture's log-density contours.",
     "confusion_matrix": "Classifier confusion matrix on the test set.",
+    "accuracy": "Classifier accuracy per epoch (validation, test) against the supervised-only baseline "
+                "(the same classifier network trained on the labelled images alone).",
 }
 
 #: metrics shown first in the metrics table (when present), in this order.
 METRIC_ORDER = (
     "final_train_loss", "final_val_loss", "test_nelbo", "test_kl", "test_rec", "test_iwae",
     "test_log_likelihood", "train_log_likelihood", "true_log_likelihood", "test_accuracy",
+    "baseline_test_accuracy", "baseline_m1_test_accuracy", "final_test_accuracy",
     "epochs_done", "steps", "train_seconds", "skipped_steps", "eval_seconds", "eval_device",
 )
 
@@ -337,7 +340,8 @@ def render_report(run_dir: Path, check: Optional[dict] = None) -> str:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     headline = []
     for key, label in (("final_train_loss", "train loss"), ("final_val_loss", "val loss"),
-                       ("test_log_likelihood", "test log p(x)"), ("test_accuracy", "test accuracy")):
+                       ("test_log_likelihood", "test log p(x)"), ("test_accuracy", "test accuracy"),
+                       ("baseline_test_accuracy", "supervised-only baseline")):
         if isinstance(metrics.get(key), (int, float)):
             headline.append(f"{label} <b>{_fmt_number(metrics[key])}</b>")
     summary = (f"model <b>{_esc(model)}</b> · loss <b>{_esc(config.get('loss', '?'))}</b> · "

@@ -28,7 +28,7 @@ from ppl_vi.objectives.graph_step import plain_optimizer
 from ppl_vi.training.step import beta_at
 
 #: settings that decide an epoch's batches: a mid-epoch resume must keep them
-DATA_ORDER_FIELDS = ("seed", "batch_size", "n_train", "val_size", "labels")
+DATA_ORDER_FIELDS = ("seed", "batch_size", "n_train", "val_size", "labels", "labelled_every", "labelled_batch_size")
 
 
 def trainer_state(trainer) -> dict:

@@ -7,7 +7,8 @@ Per epoch:
    ``log_every`` steps (one host sync), where a NaN/inf stops the run naming the step
    (:mod:`ppl_vi.training.diagnosis`); with ``checkpoint_every_steps``, mid-epoch checkpoints;
 2. :func:`finish_epoch`: the learning-rate schedule, the epoch record (train loss, β, seconds,
-   validation loss every ``eval_every`` epochs) appended to history.jsonl, and the checkpoints
+   validation loss every ``eval_every`` epochs, and for a model that classifies its validation and
+   test accuracy) appended to history.jsonl, and the checkpoints
    (best first, then last) every ``checkpoint_every`` epochs and at the end;
 3. the ``max_minutes`` budget, checked after each epoch (agreed over ranks when distributed).
 
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from ppl_vi import distributed
 from ppl_vi import run as rundir
 from ppl_vi.errors import Terminated, TrainingDiverged
+from ppl_vi.metrics import classifier_accuracies
 from ppl_vi.training.step import beta_at
 from ppl_vi.training.tensorboard import log_epoch, tensorboard_writer
 
@@ -121,6 +123,8 @@ def finish_epoch(trainer, losses: List[Tensor], seconds: float) -> dict:
               "beta": float(trainer.beta), "seconds": seconds}
     if trainer.dist.is_main and (trainer.epoch % cfg.eval_every == 0 or trainer.epoch == cfg.epochs):
         record["val_loss"] = trainer.validation_loss()
+        # a classifier's accuracy per epoch (semi-supervised models): a curve only, nothing is selected on it
+        record.update(classifier_accuracies(trainer.model, trainer.data))
     for hook in trainer.epoch_hooks:
         hook(trainer, record)
     with warnings.catch_warnings():  # a resume at an epoch's last step has no optimizer.step() in this process

@@ -7,7 +7,8 @@
 2. :func:`start_or_resume`: a new run directory (config.json written), or ``resume``: the state of
    checkpoints/last.pt, mid-epoch ones included, and history.jsonl cut back to that checkpoint;
 3. ``trainer.fit()``;
-4. :func:`finish`: metrics.json (training summary + :func:`ppl_vi.metrics.final_metrics`), the
+4. :func:`finish`: metrics.json (training summary + :func:`ppl_vi.metrics.final_metrics`, and for
+   a semi-supervised run its supervised-only baseline, :mod:`ppl_vi.training.baseline`), the
    figures and report.html (rank 0 only under torchrun).
 """
 
@@ -23,6 +24,7 @@ from ppl_vi.config import TrainConfig
 from ppl_vi.metrics import final_metrics
 from ppl_vi.report import write_report
 from ppl_vi.runtime import seed_everything
+from ppl_vi.training.baseline import train_baselines
 from ppl_vi.training.signals import stop_on_sigterm
 from ppl_vi.training.trainer import Trainer
 
@@ -153,10 +155,14 @@ def drop_stale_evaluation(run_dir: Path) -> Optional[str]:
 def finish(trainer: Trainer, summary: dict, *, figures: bool = True) -> dict:
     """metrics.json, figures and report.html after ``fit``; closes TensorBoard and the process group."""
     run_dir = trainer.run_dir  # None on ranks > 0 under torchrun: only rank 0 writes
-    metrics = {**summary, **final_metrics(trainer.model, trainer.data)} if trainer.dist.is_main else summary
+    if trainer.dist.is_main:  # + the supervised-only baseline of a semi-supervised run (labels alone)
+        metrics = {**summary, **final_metrics(trainer.model, trainer.data),
+                   **train_baselines(trainer.model, trainer.data, trainer.config, trainer.progress)}
+    else:
+        metrics = summary
     metrics = rundir.update_metrics(run_dir, **metrics)
     if run_dir is not None and figures:
-        plots.training_figures(run_dir, trainer.model, trainer.data, trainer.history)
+        plots.training_figures(run_dir, trainer.model, trainer.data, trainer.history, metrics)
     if run_dir is not None:
         write_report(run_dir)
     if trainer.tb is not None:
