@@ -209,16 +209,17 @@ def run_job(model: str, out: Optional[str], *, full: bool = False, overrides: Op
     trainer.epoch_hooks.append(lambda t, _: record_job(run_dir, job) if t.epoch == 1 else None)
     if budget:
         trainer.epoch_hooks.append(BudgetHook(profile, bar, bar.write))
-    run_training(trainer, run_dir, log=bar.write)
-    bar.begin("eval")
-    metrics = evaluate_run(run_dir, config.eval_k, progress=lambda n: bar.advance("eval", n), log=bar.write,
-                           data=trainer.data)
-    bar.begin("report")
-    record_job(run_dir, {**job, "job_seconds": time.perf_counter() - start})
-    write_report(run_dir)
-    bar.advance("report")
-    bar.close()
-    metrics = rundir.update_metrics(run_dir, job_seconds=time.perf_counter() - start)
+    with rundir.locked(run_dir, create=True):  # the whole job: no other process trains or scores it meanwhile
+        run_training(trainer, run_dir, log=bar.write)
+        bar.begin("eval")
+        metrics = evaluate_run(run_dir, config.eval_k, progress=lambda n: bar.advance("eval", n), log=bar.write,
+                               data=trainer.data)
+        bar.begin("report")
+        record_job(run_dir, {**job, "job_seconds": time.perf_counter() - start})
+        write_report(run_dir)
+        bar.advance("report")
+        bar.close()
+        metrics = rundir.update_metrics(run_dir, job_seconds=time.perf_counter() - start)
     scored = describe_checkpoint({"file": metrics["eval_checkpoint"], "epoch": metrics["eval_checkpoint_epoch"],
                                   "step": metrics["eval_checkpoint_step"]})
     log(f"done in {metrics['job_seconds'] / 60:.1f} min; scored {scored}")
