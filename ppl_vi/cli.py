@@ -66,13 +66,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, only_for: Optional[str] = None) -> None:
     """One flag per TrainConfig field, its help from the field's comment (ppl_vi.fields), with the default,
-    each model's own default and the models it applies to. Defaults stay None here: the model's then apply."""
+    each model's own default and the models it applies to. Defaults stay None here: the model's then apply.
+    ``only_for``: just the fields that model reads."""
     model_defaults = {name: spec.defaults for name, spec in REGISTRY.items()}
     group = parser.add_argument_group("configuration (one flag per field of the run's config.json)")
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "model":
+        if field.name == "model" or (only_for and not fields.applies(field.name, only_for, REGISTRY[only_for].data)):
             continue
         help_text = fields.help_text(field.name, model_defaults)
         if field.type in ("bool", bool):
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training budget: the epochs that fit it, the learning rate decayed over them "
                           "(default: the cpu profile's 3.5; the full profile trains its epochs)")
     job.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    add_config_flags(job)
+    add_config_flags(job, only_for="vae")
 
     ev = sub.add_parser("eval", help="test-set NELBO, KL, reconstruction and IWAE-k of a trained run")
     ev.add_argument("run_dir", help="a run directory written by ppl-vi train")

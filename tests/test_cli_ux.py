@@ -214,12 +214,20 @@ def test_reconstruction_grid_has_rows_of_originals_over_reconstructions(small_va
     (["train", "gmm", "--activation", "relu"], "--activation does not apply to gmm (it applies to: vae, gmvae); drop it"),
     (["train", "linear-gaussian", "--val-size", "10"], "--val-size does not apply to linear-gaussian (it applies to: "
                                                        "MNIST models); drop it"),
-    (["run", "vae", "--n-train", "10"], "--n-train does not apply to vae (it applies to: gmm, linear-gaussian); drop it"),
+    (["train", "vae", "--n-train", "10"], "--n-train does not apply to vae (it applies to: gmm, linear-gaussian); drop it"),
 ])
 def test_a_flag_the_model_does_not_read_is_refused(argv, message, tmp_path, capsys):
     assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip() == f"ppl-vi {argv[0]}: error: {message}"
     assert not (tmp_path / "run").exists()
+
+
+def test_run_offers_only_the_vae_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--activation" in out and "--eval-images" in out
+    assert "--components" not in out and "--n-train" not in out and "--labels" not in out
 
 
 def test_relu_vae_is_checked_and_trains(tmp_path):
