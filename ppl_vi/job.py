@@ -115,6 +115,12 @@ class BudgetHook:
                  f"{seconds:.1f} s); learning rate {cfg.lr:g} -> {final:g}")
 
 
+def decoder_macs(config, x_dim: int = 784) -> int:
+    """Multiply-adds of one decoder pass (z -> hidden ... -> x): what one IWAE particle row costs."""
+    widths = [config.z_dim, *config.hidden[::-1], x_dim]
+    return sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
 def architecture(config) -> str:
     """"784-400-50 relu": the encoder's layer widths (the decoder mirrors them) and the nonlinearity."""
     return f"{'-'.join(map(str, [784, *config.hidden, config.z_dim]))} {config.activation}"
@@ -140,7 +146,7 @@ def scaled_down(profile: Profile, config, n_test: int, budget: Optional[float]) 
     return notes
 
 
-def plan_lines(profile: Profile, config, device: torch.device, run_dir: Path, n_test: int, full_eval_s: float,
+def plan_lines(profile: Profile, config, full, device: torch.device, run_dir: Path, n_test: int, full_eval_s: float,
                budget: Optional[float], notes: List[str]) -> List[str]:
     """What the job will do, said before it starts."""
     arch = f"{config.model} {architecture(config)}"
@@ -152,7 +158,7 @@ def plan_lines(profile: Profile, config, device: torch.device, run_dir: Path, n_
     lines += [f"scaled down: {note}" for note in notes]
     if notes:
         lines.append(f"(pass --full for the full protocol; its IWAE-5000 on all {n_test:,} test images alone would "
-                     f"take about {full_eval_s / 60:.0f} minutes here)")
+                     f"take about {full_eval_s / 60:.0f} minutes here, on its {architecture(full)} network)")
     return lines
 
 
@@ -202,7 +208,11 @@ def run_job(model: str, out: Optional[str], *, full: bool = False, overrides: Op
     bar.set_units("eval", n_test + n_iwae * max(config.eval_k))
     bar.set_estimate("eval", row_seconds)
     notes = scaled_down(profile, config, n_test, budget)
-    for line in plan_lines(profile, config, device, run_dir, n_test, n_test * 5001 * row_seconds, budget, notes):
+    full = build_config(config.model, PROFILES["full"].config)
+    # the full protocol's IWAE on its own network: this network's row time scaled by the decoders' FLOPs
+    full_row_seconds = row_seconds * decoder_macs(full) / decoder_macs(config)
+    full_eval = n_test * (max(full.eval_k) + 1) * full_row_seconds
+    for line in plan_lines(profile, config, full, device, run_dir, n_test, full_eval, budget, notes):
         bar.write(line)
     job = {"profile": profile.name, "scaled_down": notes, "run_directory": str(run_dir)}
     trainer.tracker = bar

@@ -63,6 +63,12 @@ def test_profile_follows_the_device():
     assert job.scaled_down(job.PROFILES["full"], full, 10_000, None) == []  # the full protocol scales nothing down
 
 
+def test_decoder_macs():
+    config = build_config("vae", job.PROFILES["full"].config)  # 50 -> 500 -> 500 -> 784
+    assert job.decoder_macs(config) == 50 * 500 + 500 * 500 + 500 * 784
+    assert job.decoder_macs(build_config("vae", {"hidden": [400], "z_dim": 50})) == 50 * 400 + 400 * 784
+
+
 def test_budget_hook_fits_epochs_and_decays_the_learning_rate():
     trainer = Trainer(build_config("linear-gaussian", overrides={"device": "cpu", "n_train": 100, "n_test": 50,
                                                                  "batch_size": 50, "lr": 1e-3}), progress=False)
