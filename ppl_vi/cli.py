@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--full", action="store_true",
                      help="the full protocol on a CPU too (the GPU default): the model's own settings, "
                           "IWAE-k up to 5000 on all test images")
+    job.add_argument("--train-minutes", type=float, default=None,
+                     help="training budget: the epochs that fit it, the learning rate decayed over them "
+                          "(default: the cpu profile's 3.5; the full profile trains its epochs)")
     job.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_config_flags(job)
 
@@ -152,9 +155,11 @@ def cmd_train(args) -> int:
     if args.resume:
         run_dir = rundir.prepare_run_dir(args.resume, resume=True)
         config = build_config(None, rundir.load_config_dict(run_dir), overrides)
+        fields.refuse_inapplicable(overrides, config.model, get_spec(config.model).data)
     else:
         file_values = read_config_file(args.config_file) if args.config_file else {}
         config = build_config(args.model, file_values, overrides)
+        fields.refuse_inapplicable(overrides, config.model, get_spec(config.model).data)
         # checked here, created by train() only once the data have loaded (no half-made run directory);
         # under torchrun only rank 0 creates (or clears) the run directory; the others never write it
         if is_main_process():
@@ -180,6 +185,9 @@ def print_results(metrics: dict) -> None:
         if key in metrics:
             print(f"{key:>22}: {metrics[key]:.4f} ± {metrics.get(key + '_se', float('nan')):.4f}")
     subset = metrics.get("test_iwae_images")
+    if "test_nelbo_on_iwae_images" in metrics:
+        print(f"{'test_nelbo':>22}: {metrics['test_nelbo_on_iwae_images']:.4f} ± "
+              f"{metrics['test_nelbo_on_iwae_images_se']:.4f}   ({subset} test images, as IWAE below)")
     for k, value in metrics["test_iwae"].items():
         print(f"{'-IWAE_' + k:>22}: {value:.4f} ± {metrics['test_iwae_se'][k]:.4f}"
               + (f"   ({subset} test images)" if subset and subset != metrics.get("test_nelbo_images") else ""))
@@ -187,7 +195,10 @@ def print_results(metrics: dict) -> None:
 
 def cmd_run(args) -> int:
     overrides = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name, None) is not None}
-    metrics = run_job(args.model, args.out, full=args.full, overrides=overrides, progress=args.progress)
+    if args.model in REGISTRY:
+        fields.refuse_inapplicable(overrides, args.model, get_spec(args.model).data)
+    metrics = run_job(args.model, args.out, full=args.full, overrides=overrides, train_minutes=args.train_minutes,
+                      progress=args.progress)
     print_results(metrics)
     print(f"run directory: {metrics['run_directory']} (report.html, metrics.json, figures/)")
     return 0

@@ -8,6 +8,10 @@ from typing import Sequence
 from torch import Tensor, nn
 
 
+#: the hidden-layer nonlinearities a config can name (``activation``)
+ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU}
+
+
 def mlp(sizes: Sequence[int], activation=nn.Softplus) -> nn.Sequential:
     """Linear layers of the given sizes with ``activation`` between them (none after the last)."""
     layers = []
@@ -47,14 +51,16 @@ def mlp_of_parts(net: nn.Sequential, parts: Sequence[Tensor]) -> Tensor:
 class GaussianEncoder(nn.Module):
     """x (and optional extra inputs, as if concatenated) -> (loc, scale) of a diagonal Gaussian.
 
-    ``scale = softplus(raw) + min_scale`` keeps the scale positive and bounded away from 0. Several
-    inputs broadcast against each other (:func:`linear_of_concat`).
+    ``scale = softplus(raw) + min_scale`` keeps the scale positive and bounded away from 0;
+    ``activation`` is the hidden layers' nonlinearity. Several inputs broadcast against each other
+    (:func:`linear_of_concat`).
     """
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], z_dim: int, min_scale: float = 1e-4):
+    def __init__(self, in_dim: int, hidden: Sequence[int], z_dim: int, min_scale: float = 1e-4,
+                 activation=nn.Softplus):
         super().__init__()
-        self.body = mlp([in_dim, *hidden], activation=nn.Softplus)
-        self.act = nn.Softplus()
+        self.body = mlp([in_dim, *hidden], activation=activation)
+        self.act = activation()
         self.loc = nn.Linear(hidden[-1], z_dim)
         self.raw_scale = nn.Linear(hidden[-1], z_dim)
         self.min_scale = min_scale
@@ -67,9 +73,9 @@ class GaussianEncoder(nn.Module):
 class BernoulliDecoder(nn.Module):
     """z (and optional extra inputs, as if concatenated, broadcast) -> Bernoulli logits over the pixels."""
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], x_dim: int):
+    def __init__(self, in_dim: int, hidden: Sequence[int], x_dim: int, activation=nn.Softplus):
         super().__init__()
-        self.net = mlp([in_dim, *hidden, x_dim], activation=nn.Softplus)
+        self.net = mlp([in_dim, *hidden, x_dim], activation=activation)
 
     def forward(self, *inputs: Tensor) -> Tensor:
         return mlp_of_parts(self.net, inputs)

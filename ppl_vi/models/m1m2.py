@@ -92,7 +92,7 @@ def load_m1(run_dir: str, x_dim: int) -> VAE:
     if not checkpoint.is_file():
         raise ConfigError(f"--m1 {run_dir} has no checkpoint (checkpoints/best.pt or last.pt); let its training finish")
     state = rundir.load_checkpoint(checkpoint)
-    m1 = VAE(x_dim, saved["z_dim"], saved["hidden"])
+    m1 = VAE(x_dim, saved["z_dim"], saved["hidden"], saved.get("activation", "softplus"))
     try:
         m1.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:

@@ -46,8 +46,8 @@ def fit(trainer) -> dict:
         trainer.tb = tensorboard_writer(trainer.run_dir)
     trainer.in_fit = True  # SIGTERM now waits for a step or an epoch to end (ppl_vi.training.signals)
     try:
-        for epoch in range(trainer.epoch, cfg.epochs):
-            losses = run_epoch(trainer, epoch)
+        while trainer.epoch < cfg.epochs:  # re-read every epoch: an epoch hook may change the plan
+            losses = run_epoch(trainer, trainer.epoch)
             finish_epoch(trainer, losses, trainer.train_seconds())
             if trainer.stop_requested:
                 stop(trainer, [], [])
