@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--repeats", type=int, default=50, help="seeds in the statistical comparisons")
     ch.add_argument("--data-dir", default=None)
     ch.add_argument("--json", dest="json_out", help="also write the check table as JSON here")
+    ch.add_argument("--m1", default=None, metavar="RUN_DIR",
+                    help="m1m2 only: check with the trained M1 of this vae run, frozen (default: a random M1, trained)")
 
     sub.add_parser("list", help="models and losses, one line each")
 
@@ -239,8 +241,10 @@ def cmd_check(args) -> int:
         raise ConfigError(f"--json {args.json_out} is a directory; expected a file name such as "
                           f"{Path(args.json_out) / 'check.json'}")
     spec = get_spec(args.model)
+    if getattr(args, "m1", None) and args.model != "m1m2":
+        raise ConfigError(f"--m1 applies to m1m2 only (M1+M2's trained M1), not to {args.model}")
     config = build_config(args.model, overrides={"seed": args.seed, "data_dir": args.data_dir, "device": "cpu",
-                                                 "n_train": 1000, "n_test": 200})
+                                                 "n_train": 1000, "n_test": 200, "m1": getattr(args, "m1", None)})
     seed_everything(args.seed)
     pyro.enable_validation(True)
     data = load_data(spec.data, config, torch.device("cpu"), dtype=torch.float64)
@@ -286,6 +290,8 @@ def cmd_report(args) -> int:
             argv = ["check", saved.model, "--repeats", "20", "--seed", str(saved.seed), "--json", str(run_dir / CHECK)]
             if saved.data_dir:
                 argv += ["--data-dir", saved.data_dir]
+            if saved.m1:  # m1m2: the run's own (frozen) M1
+                argv += ["--m1", saved.m1]
             status = cmd_check(build_parser().parse_args(argv))
         path = write_report(run_dir)
     print(f"report written: {path}")
