@@ -74,7 +74,10 @@ def test_dry_run_runs_every_phase_and_collects(tmp_path):
     assert (root / "experiments" / "results" / "dry-run" / "runs" / "smoke-vae" / "metrics.json").is_file()
     assert not list((root / "experiments" / "results").rglob("*.pt"))
     targets = {t["id"]: t for t in record["targets"]}
-    assert targets["ssvae"]["measured"].startswith(f"{100 * record['script_rows']['semi_supervised.json']['smoke/cpu/smoke-ssvae-l100-s0']['test_accuracy']:.2f}")
+    smoke = record['script_rows']['semi_supervised.json']['smoke/cpu/smoke-ssvae-l100-s0']
+    gain = 100 * (smoke['test_accuracy'] - smoke['baseline_test_accuracy'])
+    assert targets["ssvae-gain"]["measured"].startswith(f"{gain:+.2f}") and targets["ssvae-gain"]["status"] == "owed"
+    assert targets["ssvae"]["status"] == "owed"  # the dry run trains no M1+M2 (tests/test_models_m1m2.py does)
     assert targets["step"]["status"] == "owed"  # no CUDA graph on a CPU
     # the sections were written into the root's copies, and the owed command is the one to run
     md = (root / "experiments" / "RESULTS.md").read_text()
@@ -184,10 +187,12 @@ def test_targets_measured_and_missed_by(tmp_path):
         "full/cuda/beta2": dict(run("beta2"), started="2025-12-31T10:00:00+00:00"),  # an older call's row
     }})
     _write(tmp_path / "experiments" / "semi_supervised.json", {"rows": {
-        f"full/cuda/ssvae-l100-s{s}": run(f"ssvae-l100-s{s}", seed=s, test_accuracy=a)
+        f"full/cuda/ssvae-l100-s{s}": run(f"ssvae-l100-s{s}", seed=s, test_accuracy=a, baseline_test_accuracy=0.85)
         for s, a in enumerate((0.90, 0.92, 0.94))} | {
-        "full/cuda/ssvae-l100-s7": dict(run("ssvae-l100-s7", seed=7, test_accuracy=0.10),
-                                        started="2025-12-31T10:00:00+00:00")}})
+        f"full/cuda/m1m2-l100-s{s}": run(f"m1m2-l100-s{s}", seed=s, test_accuracy=a, baseline_test_accuracy=0.5)
+        for s, a in enumerate((0.90, 0.92, 0.94))} | {
+        "full/cuda/m1m2-l100-s7": dict(run("m1m2-l100-s7", seed=7, test_accuracy=0.10),
+                                       started="2025-12-31T10:00:00+00:00")}})
     targets = {t["id"]: t for t in reproduce.judge_targets(ctx, {"started": started, "probe": {"allocation": {"a": 13}}})}
     # 0.50 / 0.30 = 1.667 > 1.5: missed by 0.17x (+11.1 %)
     assert targets["step"]["status"] == "NOT met" and targets["step"]["miss"] == "by 0.17× (+11.1 %)"
@@ -198,10 +203,14 @@ def test_targets_measured_and_missed_by(tmp_path):
     assert targets["iwae50-nll"]["status"] == "met" and targets["iwae50-nll"]["miss"] == ""
     # GMVAE loses on NELBO (99 vs 98), wins on IWAE-1000 (95 vs 96): not met, by the worse margin
     assert targets["gmvae"]["status"] == "NOT met" and targets["gmvae"]["miss"] == "by 1.00 nats"
-    # mean of the three seeds of this call (the older seed 7 left out): 92 %, sd 2 %
-    assert targets["ssvae"]["status"] == "NOT met"
+    # M1+M2 (the m1m2 rows) against 96 %: mean of the three seeds of this call (the older seed 7 left out): 92 %, sd 2 %
+    assert targets["ssvae"]["status"] == "NOT met" and "M1+M2" in targets["ssvae"]["text"]
     assert targets["ssvae"]["measured"].startswith("92.00 ± 2.00 % over seeds [0, 1, 2]")
     assert targets["ssvae"]["miss"] == "by 4.00 points"
+    # M2 (the ssvae rows) over its own baseline (85 %): +5, +7, +9 points, mean 7, sd 2: short of 10 by 3
+    assert targets["ssvae-gain"]["status"] == "NOT met"
+    assert targets["ssvae-gain"]["measured"].startswith("+7.00 ± 2.00 points over seeds [0, 1, 2]")
+    assert targets["ssvae-gain"]["miss"] == "by 3.00 points"
     assert targets["completion"]["status"] == "owed"
 
 
