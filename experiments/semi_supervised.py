@@ -28,7 +28,7 @@ epoch, small nets), kept apart from results and never judged against a target.
 
 Usage::
 
-    python experiments/semi_supervised.py --device cpu --parallel 2 --minutes 30      # the CPU result
+    python experiments/semi_supervised.py --device cpu --parallel 1 --minutes 10 --m1 M1_RUN --ssvae-args='--alpha 10' --m1m2-args='--alpha 0.1'   # the CPU result
     python experiments/semi_supervised.py --device cuda --parallel 3 --minutes 8       # the GPU rows
     python experiments/semi_supervised.py --device cpu --quick                         # CPU smoke test
     python experiments/semi_supervised.py --collect                                    # re-collect / re-render
@@ -67,7 +67,10 @@ KINDS = ("ssvae", "m1m2")
 PYRO_CVAE = {1: 71.8, 2: 51.0, 3: 24.2}
 PYRO_BASELINE = {1: 100.4, 2: 61.9, 3: 25.4}
 SSL_GPU_COMMAND = "python experiments/semi_supervised.py --device cuda --parallel 3 --minutes 8"
-SSL_CPU_COMMAND = "python experiments/semi_supervised.py --device cpu --parallel 2 --minutes 30"
+#: the CPU result as measured (issue 11): M1 trained beforehand (see the M1 line in RESULTS.md), then 10 minutes
+#: of training per M2 / M1+M2 run, one run at a time on a 2-core machine shared with other jobs
+SSL_CPU_COMMAND = ("python experiments/semi_supervised.py --device cpu --parallel 1 --minutes 10 --m1 M1_RUN "
+                   "--ssvae-args='--alpha 10' --m1m2-args='--alpha 0.1'")
 COMPLETION_GPU_COMMAND = "python experiments/completion.py --device cuda --minutes 6 --k 1,10,100,1000"
 ABOUT = "ppl_vi issue 11, semi-supervised MNIST (baseline, M2, M1+M2); written by experiments/semi_supervised.py"
 COMPLETION_ABOUT = "ppl_vi issue 4, CVAE image completion; written by experiments/completion.py"
@@ -146,7 +149,24 @@ def read_run(run_dir: Path) -> dict:
         records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
         out["curve"] = [[h["epoch"], h["test_accuracy"], round(h.get("seconds", 0.0), 1)]
                         for h in records if "test_accuracy" in h]
+    m1 = out.get("config", {}).get("m1")
+    if m1 and (Path(m1) / "config.json").is_file():
+        out["m1_run"] = read_m1(Path(m1))
     return out
+
+
+def read_m1(m1_dir: Path) -> dict:
+    """What an m1m2 run's M1 was: its directory, training command, architecture and training record."""
+    config = json.loads((m1_dir / "config.json").read_text())
+    metrics = json.loads((m1_dir / "metrics.json").read_text()) if (m1_dir / "metrics.json").is_file() else {}
+    command = config.get("environment", {}).get("command", "")
+    if "__main__.py " in command:  # argv as recorded: PATH/ppl_vi/__main__.py ARGS is python -m ppl_vi ARGS
+        command = "python -m ppl_vi " + command.split("__main__.py ", 1)[1]
+    cfg = config.get("config", {})
+    return dict(run_dir=runner.portable(m1_dir), command=command, git_commit=config.get("environment", {}).get(
+        "git_commit"), hidden=cfg.get("hidden"), z_dim=cfg.get("z_dim"), train_subset=cfg.get("train_subset"),
+        **{k: metrics[k] for k in ("epochs_done", "train_seconds", "final_val_loss", "test_nelbo", "test_nelbo_se")
+           if k in metrics})
 
 
 def row(opts, name: str, kind: str, seed: Optional[int], stages, run_dir: Path, out_dir: Path, dev_name: str,
@@ -322,6 +342,7 @@ def verdicts(records: List[dict]) -> List[str]:
     if m1m2["n"]:
         out.append(f"- **M1+M2: {100 * m1m2['mean']:.2f} %** against the 96 % goal (Kingma et al. 2014: 96.67 %, "
                    f"error 3.33 ± 0.14 %): {'reached' if m1m2['mean'] >= ACCURACY_TARGET else 'short by ' + format(100 * (ACCURACY_TARGET - m1m2['mean']), '.2f') + ' points'}.")
+    out += budget_lines(records)
     for r in records:
         if kind_of(r) == "m1" and r.get("status") == "ok":
             out.append(f"- M1 (`{r['train_command']}`): {r.get('epochs_done', '–')} epoch(s) in "
@@ -332,6 +353,40 @@ def verdicts(records: List[dict]) -> List[str]:
         out.append(f"- Machine load (1-minute load average at the start and end of each row): {min(loads):.1f} to "
                    f"{max(loads):.1f} on {records[0].get('device_name', '?')}; wall times measured under load are "
                    "pessimistic.")
+    return out
+
+
+def budget_lines(records: List[dict]) -> List[str]:
+    """The training budget of each kind (--max-minutes, checked after each epoch), its alpha, and the M1
+    that M1+M2 used where it was given with --m1 (trained apart, so it has no row of its own)."""
+    out = []
+    for kind, name in (("ssvae", "M2"), ("m1m2", "M1+M2")):
+        ok = [r for r in records if kind_of(r) == kind and r.get("status") == "ok" and "config" in r]
+        if not ok:
+            continue
+        minutes = sorted({r["config"].get("max_minutes") for r in ok}, key=str)
+        alphas = sorted({r["config"].get("alpha") for r in ok}, key=str)
+        seconds = [r.get("train_seconds") for r in ok if r.get("train_seconds") is not None]
+        evals = [r.get("eval_wall_s") for r in ok if r.get("eval_wall_s") is not None]
+        cfg = ok[0]["config"]
+        shown = ", ".join(f"{m:g}" for m in minutes if m is not None) or "–"
+        out.append(f"- Budget, {name}: `--max-minutes {shown}` "
+                   f"of training per run (checked after each epoch, so the epoch under way finishes: "
+                   f"{', '.join(f'{v / 60:.1f}' for v in seconds)} min trained), then the baselines and "
+                   f"`eval` ({', '.join(f'{v:.0f}' for v in evals)} s); α = {', '.join(map(str, alphas))} "
+                   f"(α' = α·N/N_l per labelled image), hidden {cfg.get('hidden')}, z = {cfg.get('z_dim')}, "
+                   f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, labelled_every {cfg.get('labelled_every')}.")
+    if not any(kind_of(r) == "m1" for r in records):
+        m1s = {json.dumps(r["m1_run"], sort_keys=True): r["m1_run"] for r in records if r.get("m1_run")}
+        for m1 in m1s.values():
+            nelbo = (f", test NELBO {_pm(m1['test_nelbo'], m1.get('test_nelbo_se'))}" if "test_nelbo" in m1 else
+                     f", final validation NELBO {m1['final_val_loss']:.2f}" if "final_val_loss" in m1 else "")
+            data = "full training split" if not m1.get("train_subset") else f"first {m1['train_subset']} training images"
+            out.append(f"- M1 (given with `--m1`, trained once beforehand without labels, not counted in the per-run "
+                       f"budget): `{m1['command']}` (ppl_vi {str(m1.get('git_commit') or '?')[:7]}), a `vae` "
+                       f"784-{'-'.join(map(str, m1.get('hidden') or []))}-{m1.get('z_dim')} on the {data}: "
+                       f"{m1.get('epochs_done', '–')} epochs in {m1.get('train_seconds', 0) / 60:.1f} min{nelbo}; "
+                       "shared by the M1+M2 rows of every seed.")
     return out
 
 

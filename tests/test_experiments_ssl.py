@@ -170,6 +170,32 @@ def test_semi_supervised_gain_not_met_on_the_cpu(tmp_path):
            "| **NOT met** | +4.00 ± 2.00 points" in text
 
 
+def test_semi_supervised_budget_and_a_reused_m1(tmp_path):
+    """The section states each kind's budget and alpha, and an M1 given with --m1 (no row of its own) by its
+    recorded training command, read from its run directory."""
+    ssl = _load("semi_supervised")
+    m1 = tmp_path / "m1"
+    m1.mkdir()
+    (m1 / "config.json").write_text(json.dumps({"config": {"hidden": [500, 500], "z_dim": 50, "train_subset": 0},
+                                                "environment": {"command": "/x/ppl_vi/__main__.py train vae --seed 0",
+                                                                "git_commit": "fd09076f49dad"}}))
+    (m1 / "metrics.json").write_text(json.dumps({"epochs_done": 61, "train_seconds": 2751.3, "final_val_loss": 98.2282}))
+    info = ssl.read_m1(m1)
+    assert info["command"] == "python -m ppl_vi train vae --seed 0" and info["epochs_done"] == 61
+    rows = _ssl_rows("cpu", {"ssvae": [(0.80, 0.76)], "m1m2": [(0.85, 0.76)]})
+    for r in rows.values():
+        r.update(train_seconds=630.0, eval_wall_s=40.0)
+        r["config"].update(max_minutes=10.0, alpha=10.0 if r["kind"] == "ssvae" else 0.1, hidden=[500], z_dim=50)
+        if r["kind"] == "m1m2":
+            r["m1_run"] = info
+    text = ssl.section({"rows": rows}, {"rows": {}}, tmp_path)
+    assert "- Budget, M2: `--max-minutes 10` of training per run" in text and "10.5 min trained" in text
+    assert "α = 10.0 (α' = α·N/N_l" in text and "- Budget, M1+M2: `--max-minutes 10`" in text and "α = 0.1 (" in text
+    assert ("- M1 (given with `--m1`, trained once beforehand without labels, not counted in the per-run budget): "
+            "`python -m ppl_vi train vae --seed 0` (ppl_vi fd09076), a `vae` 784-500-500-50 on the full training "
+            "split: 61 epochs in 45.9 min, final validation NELBO 98.23") in text
+
+
 def test_semi_supervised_dry_run_and_bad_options(capsys):
     ssl = _load("semi_supervised")
     assert ssl.main(["--device", "cpu", "--quick", "--dry-run", "--seeds", "3,4"]) == 0
