@@ -374,8 +374,10 @@ def budget_lines(records: List[dict]) -> List[str]:
                    f"of training per run (checked after each epoch, so the epoch under way finishes: "
                    f"{', '.join(f'{v / 60:.1f}' for v in seconds)} min trained), then the baselines and "
                    f"`eval` ({', '.join(f'{v:.0f}' for v in evals)} s); α = {', '.join(map(str, alphas))} "
-                   f"(α' = α·N/N_l per labelled image), hidden {cfg.get('hidden')}, z = {cfg.get('z_dim')}, "
-                   f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, labelled_every {cfg.get('labelled_every')}.")
+                   f"(α' = α·N/N_l per labelled image)"
+                   + "".join(f", {label} {cfg[key]}" for label, key in (("hidden", "hidden"), ("z =", "z_dim"),
+                             ("batch", "batch_size"), ("lr", "lr"), ("labelled_every", "labelled_every"))
+                             if cfg.get(key) is not None) + ".")
     if not any(kind_of(r) == "m1" for r in records):
         m1s = {json.dumps(r["m1_run"], sort_keys=True): r["m1_run"] for r in records if r.get("m1_run")}
         for m1 in m1s.values():
