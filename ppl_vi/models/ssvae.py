@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, register, scale_sites
+from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, ModelTraits, register, scale_sites
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, broadcast_cat, one_hot, validate_labels
 from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, mlp
 
@@ -85,6 +85,12 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
         self.classifier = mlp([x_dim, *hidden, num_classes])  # logits of q(y|x)
         self.encoder = GaussianEncoder(x_dim + num_classes, list(hidden), z_dim)  # q(z|x,y)
         self.decoder = BernoulliDecoder(z_dim + num_classes, list(reversed(hidden)), x_dim)  # p(x|y,z)
+
+    @classmethod
+    def traits(cls, config=None) -> ModelTraits:
+        """y is discrete on unlabelled batches (sampled or enumerated in the guide); labelled batches carry
+        the α'-scaled classifier site y_aux beside x."""
+        return ModelTraits(discrete_guide=True, enumerable=True, auxiliary_observed=True)
 
     @classmethod
     def from_config(cls, config, data_info) -> "SSVAE":
