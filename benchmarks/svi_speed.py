@@ -14,7 +14,7 @@ compile     ``hand`` with its loss function under ``torch.compile`` (backward an
 pyro        plain Pyro as its examples do it: ``pyro.module`` in model/guide, ``pyro.plate``,
             ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO())``; K>1: ``RenyiELBO(alpha=0)``
             vectorised. ``svi.step`` returns a float (one host sync per step). Validation off.
-ppl_vi      ``ppl_vi.train.Trainer.train_step`` with ``fast=True`` (default): hot path, sync-free
+ppl_vi      ``ppl_vi.training.Trainer.train_step`` with ``fast=True`` (default): hot path, sync-free
             loss, CUDA graph on CUDA. K=1: ``loss=trace``; K>1: ``loss=iwae`` (our IWAELoss).
 ppl_vi-off  the same trainer with ``fast=False`` (what the fast path buys)
 graph       ``hand``'s whole step (loss, backward, ``Adam(capturable=True)``) in a CUDA graph
@@ -61,7 +61,7 @@ from ppl_vi.data import mnist  # noqa: E402
 from ppl_vi.models.vae import VAE  # noqa: E402
 from ppl_vi.objectives.graph_step import fast_note  # noqa: E402
 from ppl_vi.objectives.importance import IWAELoss  # noqa: E402
-from ppl_vi.train import Trainer  # noqa: E402
+from ppl_vi.training import Trainer  # noqa: E402
 
 X_DIM, Z_DIM, HIDDEN, LR, TRAIN_SIZE = 784, 50, [400], 1e-3, 60_000
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)

@@ -1,6 +1,6 @@
 """CVAE image completion on MNIST quadrants (Sohn et al. 2015; Pyro's examples/cvae), issue 4.
 
-One ``cvae-completion`` model is trained through the library (``ppl_vi.train.train``: a run
+One ``cvae-completion`` model is trained through the library (``ppl_vi.training.train``: a run
 directory with config, checkpoints, history and figures), with 1, 2 or 3 given quadrants drawn
 per training image; the deterministic :class:`~ppl_vi.models.cvae.CompletionBaseline` is trained on
 the same training split (same validation split, same dynamic binarisation, the same number of
@@ -104,7 +104,7 @@ def train_cvae(opts, run_dir: Path):
     """``cvae-completion`` through the library; returns the trainer with its best checkpoint loaded."""
     from ppl_vi import run as rundir
     from ppl_vi.config import build_config
-    from ppl_vi.train import train
+    from ppl_vi.training import train
 
     overrides = dict(device=opts.device, seed=opts.seed, hidden=opts.hidden_list, z_dim=opts.z_dim, lr=opts.lr,
                      batch_size=opts.batch_size, train_subset=opts.train_subset, data_dir=opts.data_dir,

@@ -206,7 +206,7 @@ EXPLAIN_COMPLETION = (
     "Image completion as in Sohn et al. 2015 and Pyro's `examples/cvae`: 1, 2 or 3 of the four 14×14 quadrants "
     "are given (bottom-left, then top-right, then top-left) and the rest must be predicted. One `cvae-completion` "
     "model (conditional prior p(z|c), recognition q(z|x,c), decoder p(x_M|z,c)) is trained through the library "
-    "(`ppl_vi.train.train`, a run directory with checkpoints), with 1–3 given quadrants drawn per image; the "
+    "(`ppl_vi.training.train`, a run directory with checkpoints), with 1–3 given quadrants drawn per image; the "
     "`CompletionBaseline` MLP c -> pixel logits is trained on the same training split (the same validation "
     "split, the same dynamic binarisation, the same number of epochs, best validation NLL kept). On the first "
     "`n_test` test images (the fixed binarisation of the MNIST test set), for each number of given quadrants: "

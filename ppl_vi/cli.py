@@ -8,11 +8,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from ppl_vi.errors import PplViError
+import pyro
+import torch
+
+import ppl_vi.models  # noqa: F401  (the registry: every built-in model registered)
+from ppl_vi import run as rundir
+from ppl_vi.check import check_model
+from ppl_vi.config import FIELDS, TrainConfig, build_config, parse_int_list, read_config_file
+from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
+from ppl_vi.data.sources import load_data
+from ppl_vi.distributed import is_main_process
+from ppl_vi.errors import ConfigError, PplViError
+from ppl_vi.evaluate import evaluate_run
+from ppl_vi.models import REGISTRY
+from ppl_vi.models.base import default_make_batch, get_spec
+from ppl_vi.objectives.losses import DESCRIPTIONS
+from ppl_vi.report import CHECK, write_report
+from ppl_vi.runtime import seed_everything
+from ppl_vi.training import train
 
 EXAMPLES = """examples:
   ppl-vi list
@@ -34,8 +53,6 @@ def _flag(name: str) -> str:
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (defaults None: the model's defaults then apply)."""
-    from ppl_vi.config import TrainConfig
-
     for field in dataclasses.fields(TrainConfig):
         if field.name == "model":
             continue
@@ -91,10 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from ppl_vi import run as rundir
-    from ppl_vi.config import FIELDS, build_config, read_config_file
-    from ppl_vi.train import train
-
     overrides = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name, None) is not None}
     if args.resume:
         run_dir = rundir.prepare_run_dir(args.resume, resume=True)
@@ -103,8 +116,6 @@ def cmd_train(args) -> int:
     else:
         file_values = read_config_file(args.config_file) if args.config_file else {}
         config = build_config(args.model, file_values, overrides)
-        from ppl_vi.distributed import is_main_process
-
         # checked here, created by train() only once the data have loaded (no half-made run directory);
         # under torchrun only rank 0 creates (or clears) the run directory; the others never write it
         run_dir = rundir.check_run_dir(args.out, overwrite=args.overwrite) if is_main_process() \
@@ -120,11 +131,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ppl_vi import run as rundir
-    from ppl_vi.config import parse_int_list
-    from ppl_vi.errors import ConfigError
-    from ppl_vi.evaluate import evaluate_run
-
     if args.k is not None:
         ks = parse_int_list(args.k, "--k")
     else:
@@ -142,25 +148,11 @@ def cmd_eval(args) -> int:
         print(f"{'-IWAE_' + k:>22}: {value:.4f} ± {metrics['test_iwae_se'][k]:.4f}")
     print(f"written to {Path(args.run_dir) / rundir.METRICS}")
     if (Path(args.run_dir) / "report.html").is_file():
-        from ppl_vi.report import write_report
-
         print(f"report refreshed: {write_report(Path(args.run_dir))}")
     return 0
 
 
 def cmd_check(args) -> int:
-    import importlib
-
-    import torch
-
-    from ppl_vi import run as rundir
-    from ppl_vi.check import check_model
-    from ppl_vi.config import build_config
-    from ppl_vi.data.sources import load_data
-    from ppl_vi.errors import ConfigError
-    from ppl_vi.models.base import default_make_batch, get_spec
-    from ppl_vi.train import seed_everything
-
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
     if args.batch_size < 1:
@@ -169,20 +161,14 @@ def cmd_check(args) -> int:
     config = build_config(args.model, overrides={"seed": args.seed, "data_dir": args.data_dir, "device": "cpu",
                                                  "n_train": 1000, "n_test": 200})
     seed_everything(args.seed)
-    import pyro
-
     pyro.enable_validation(True)
     data = load_data(spec.data, config, torch.device("cpu"), dtype=torch.float64)
     model = spec.build(config, data.info)
     module = importlib.import_module(spec.cls.__module__)
     x = data.train_x[: args.batch_size]
     if data.binary:
-        from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
-
         validate_bernoulli_data(x, f"the {data.kind} batch")  # corrupt data: one line, before binarising
         x = fixed_binarization(x, seed=args.seed)
-    import warnings
-
     warnings.filterwarnings("ignore", message=".*enumerate sites, you need to use TraceEnum_ELBO.*")
     if hasattr(module, "check_suite"):
         report = module.check_suite(model, data, args)
@@ -198,9 +184,6 @@ def cmd_check(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from ppl_vi.models import REGISTRY
-    from ppl_vi.objectives.losses import DESCRIPTIONS
-
     print("models:")
     for name, spec in sorted(REGISTRY.items()):
         print(f"  {name:<18} {spec.description}  [data: {spec.data}; default loss: {spec.defaults.get('loss', 'trace')}]")
@@ -211,18 +194,12 @@ def cmd_list(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ppl_vi import run as rundir
-    from ppl_vi.errors import ConfigError
-    from ppl_vi.report import CHECK, write_report
-
     run_dir = Path(args.run_dir)
     if not (run_dir / rundir.CONFIG).is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no {rundir.CONFIG}); train into it first "
                           f"(ppl-vi train MODEL --out {run_dir})")
     status = 0
     if args.check:
-        import ppl_vi.models  # noqa: F401  (registry first: ppl_vi.check is imported by some model modules)
-
         saved = rundir.load_config_dict(run_dir)
         argv = ["check", saved["model"], "--repeats", "20", "--seed", str(saved.get("seed", 0)),
                 "--json", str(run_dir / CHECK)]

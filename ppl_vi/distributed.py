@@ -43,6 +43,7 @@ import os
 from typing import Iterable, List, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ppl_vi.errors import ConfigError
@@ -114,8 +115,6 @@ def init(device: torch.device) -> DistInfo:
     gloo for CPU tensors, NCCL for CUDA. If the caller already initialised a process group
     (``torch.multiprocessing`` tests, a larger program), it is used as it is.
     """
-    import torch.distributed as dist
-
     if not dist.is_available():
         if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise ConfigError("this torch build has no torch.distributed; cannot train with WORLD_SIZE > 1")

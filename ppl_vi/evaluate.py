@@ -8,28 +8,26 @@ better" and comparable with published NLLs.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import pyro
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from ppl_vi import plots
 from ppl_vi import run as rundir
-from ppl_vi.models.base import LatentModel, default_make_batch
+from ppl_vi.config import TrainConfig
+from ppl_vi.data.mnist import validate_bernoulli_data
+from ppl_vi.data.sources import load_data
+from ppl_vi.errors import CheckpointError, ConfigError, DataError
+from ppl_vi.metrics import exact_metrics, iter_eval_batches, mean_se
+from ppl_vi.models.base import LatentModel, default_make_batch, get_spec
+from ppl_vi.nets import BernoulliDecoder
 from ppl_vi.objectives.importance import IWAELoss
-
-
-def iter_eval_batches(x: Tensor, y: Optional[Tensor], batch_size: int) -> Iterator[Tuple[Tensor, Optional[Tensor]]]:
-    for start in range(0, x.shape[0], batch_size):
-        yield x[start:start + batch_size], None if y is None else y[start:start + batch_size]
-
-
-def mean_se(values: Tensor) -> Tuple[float, float]:
-    """Mean and its standard error over the first dimension."""
-    values = values.double()
-    se = values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else math.nan
-    return values.mean().item(), se
+from ppl_vi.runtime import resolve_device
 
 
 def _batch(model, xb, yb, labelled: bool):
@@ -46,10 +44,6 @@ def validate_eval_inputs(model, x, y: Optional[Tensor] = None, ks: Sequence[int]
     when ``bernoulli`` is None) its values must lie in [0, 1]. ``y``, if given, is ``(B,)`` integer
     labels on the same device.
     """
-    from ppl_vi.data.mnist import validate_bernoulli_data
-    from ppl_vi.errors import ConfigError, DataError
-    from ppl_vi.nets import BernoulliDecoder
-
     expected = "expected a non-empty float tensor of shape (B, D)"
     if not isinstance(x, Tensor):
         raise DataError(f"x is a {type(x).__name__}; {expected}")
@@ -92,8 +86,6 @@ def bound_metrics(model: LatentModel, x: Tensor, y: Optional[Tensor] = None, ks:
     IWAE-k is computed with :class:`IWAELoss` in chunks of at most ``max_rows`` (particles ×
     datapoints) per forward pass, with a running logsumexp: memory stays flat in k.
     """
-    from tqdm.auto import tqdm
-
     validate_eval_inputs(model, x, y, ks, batch_size)
     pyro.set_rng_seed(seed)
     nelbo, kl, rec = [], [], []
@@ -128,22 +120,6 @@ def bound_metrics(model: LatentModel, x: Tensor, y: Optional[Tensor] = None, ks:
 
 
 @torch.no_grad()
-def exact_metrics(model: LatentModel, x: Tensor, truth=None) -> Dict:
-    """Exact per-datapoint log-likelihood of the fit (float64) and of the true parameters."""
-    out: Dict = {}
-    if not model.has_exact_log_likelihood:
-        return out
-    import copy
-
-    m64 = copy.deepcopy(model).to(torch.float64)
-    ll = m64.exact_log_likelihood({"x": x.double()})
-    out["test_log_likelihood"], out["test_log_likelihood_se"] = mean_se(ll)
-    if truth is not None and hasattr(truth, "log_prob"):
-        out["true_log_likelihood"] = mean_se(truth.log_prob(x.double().cpu()))[0]
-    return out
-
-
-@torch.no_grad()
 def accuracy_metrics(model, x: Tensor, y: Tensor, batch_size: int = 1000, num_classes: int = 10) -> Dict:
     """Accuracy of ``model.classify`` and the confusion matrix (rows: true, columns: predicted)."""
     preds = torch.cat([model.classify(xb) for xb, _ in iter_eval_batches(x, None, batch_size)])
@@ -152,25 +128,8 @@ def accuracy_metrics(model, x: Tensor, y: Tensor, batch_size: int = 1000, num_cl
     return {"test_accuracy": (preds == y).double().mean().item(), "confusion_matrix": confusion.tolist()}
 
 
-def final_metrics(trainer) -> Dict:
-    """Cheap end-of-training figures: exact log-likelihood of synthetic fits, fitted parameters."""
-    model, data = trainer.model, trainer.data
-    out = exact_metrics(model, data.test_x, data.truth)
-    if out:
-        out["train_log_likelihood"] = exact_metrics(model, data.train_x)["test_log_likelihood"]
-    if hasattr(model, "fitted_parameters"):
-        out["fitted_parameters"] = model.fitted_parameters()
-    return out
-
-
 def load_trained(run_dir: Path, checkpoint: str = "best", device: Optional[str] = None):
     """Rebuild a run's model from its config and checkpoint; returns (trainer-less model, config, data)."""
-    from ppl_vi.config import TrainConfig
-    from ppl_vi.data.sources import load_data
-    from ppl_vi.errors import CheckpointError, ConfigError
-    from ppl_vi.models.base import get_spec
-    from ppl_vi.train import resolve_device
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist")
@@ -199,8 +158,6 @@ def load_trained(run_dir: Path, checkpoint: str = "best", device: Optional[str] 
 def evaluate_run(run_dir: Path, ks: Sequence[int], *, device: Optional[str] = None, batch_size: int = 500,
                  progress: bool = True, max_rows: int = 200_000) -> Dict:
     """``ppl-vi eval``: test metrics of a run's best checkpoint, merged into its metrics.json."""
-    import time
-
     model, config, data = load_trained(run_dir, device=device)
     start = time.perf_counter()
     labelled = data.kind in ("mnist-labelled", "mnist-completion")
@@ -212,8 +169,6 @@ def evaluate_run(run_dir: Path, ks: Sequence[int], *, device: Optional[str] = No
     metrics["eval_seconds"] = time.perf_counter() - start
     metrics["eval_device"] = str(next(model.parameters()).device)
     metrics = rundir.update_metrics(run_dir, **metrics)
-    from ppl_vi import plots
-
     plots.bound_vs_k(run_dir, metrics)
     if "confusion_matrix" in metrics:
         plots.confusion_matrix(run_dir, metrics["confusion_matrix"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 from typing import List, Optional
@@ -91,8 +92,6 @@ def gmm_density(run_dir: Path, model, data) -> Path:
     lo, hi = x.min(0).values - 1, x.max(0).values + 1
     g0, g1 = torch.meshgrid(torch.linspace(lo[0], hi[0], 200), torch.linspace(lo[1], hi[1], 200), indexing="ij")
     grid = torch.stack([g0.reshape(-1), g1.reshape(-1)], -1).double()
-    import copy
-
     m64 = copy.deepcopy(model).cpu().double()
     logp = m64.exact_log_likelihood({"x": grid}).reshape(200, 200)
     fig, ax = plt.subplots(figsize=(5.5, 5))

@@ -1,4 +1,4 @@
-"""The run report: one self-contained HTML page, and optional TensorBoard scalars.
+"""The run report: one self-contained HTML page per run directory.
 
 ``write_report(RUN_DIR)`` reads what a run directory holds and writes ``RUN_DIR/report.html``:
 
@@ -14,6 +14,9 @@
 The page has no scripts and loads nothing from anywhere: it can be mailed, archived or opened
 from a file system. ``ppl-vi train`` writes it at the end of training; ``ppl-vi eval`` refreshes
 it; ``ppl-vi report RUN_DIR`` (re)writes it at any time.
+
+Floor 2, beside :mod:`ppl_vi.plots`: it reads only the files of a run directory, so training,
+evaluation and the command line can all (re)write it without importing one another.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from ppl_vi.errors import ConfigError
 
 REPORT = "report.html"
 CHECK = "check.json"
-TENSORBOARD = "tensorboard"
 
 #: figures in the order the report shows them, with a caption; any other PNG follows, by name.
 FIGURE_CAPTIONS = {
@@ -305,22 +307,3 @@ def write_report(run_dir, check: Optional[dict] = None) -> Path:
     rundir._atomic_write_bytes(path, lambda h: h.write(text.encode("utf-8")))
     path.chmod(0o644)  # a page to share (the atomic writer's temporary file is 0600)
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# TensorBoard (optional): scalars only, written at the trainer's existing read-back points.
-
-
-def tensorboard_writer(run_dir: Optional[Path]):
-    """A ``SummaryWriter`` into ``RUN_DIR/tensorboard``, or a one-line ConfigError if unavailable.
-
-    Returns None when there is no run directory (nothing to write into; e.g. DDP ranks > 0).
-    """
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                          "(or train without --tensorboard)") from None
-    if run_dir is None:
-        return None
-    return SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD))

@@ -27,8 +27,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+import pyro
 import torch
 
+import ppl_vi
 from ppl_vi.errors import CheckpointError, ConfigError
 
 CONFIG, METRICS, HISTORY = "config.json", "metrics.json", "history.jsonl"
@@ -116,10 +118,6 @@ def prepare_run_dir(path: Optional[str], *, overwrite: bool = False, resume: boo
 
 def environment(device: torch.device) -> dict:
     """Versions, device and git commit: what a reproduction needs to know."""
-    import pyro
-
-    import ppl_vi
-
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,

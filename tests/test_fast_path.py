@@ -21,7 +21,7 @@ from ppl_vi.models.base import scale_sites
 from ppl_vi.models.vae import VAE
 from ppl_vi.objectives.graph_step import FastStep, SyncFreeLoss, hot_path
 from ppl_vi.objectives.importance import IWAELoss
-from ppl_vi.train import Trainer
+from ppl_vi.training import Trainer
 
 
 def _vae64(seed: int = 0):

@@ -25,7 +25,7 @@ from ppl_vi import run as rundir
 from ppl_vi.cli import main
 from ppl_vi.config import build_config
 from ppl_vi.errors import CheckpointError, ConfigError, TrainingDiverged
-from ppl_vi.train import Trainer, train
+from ppl_vi.training import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:Encountered NaN")  # the NaN tests make them on purpose
