@@ -28,6 +28,7 @@ from ppl_vi.errors import ConfigError, PplViError
 from ppl_vi.evaluate import evaluate_run
 from ppl_vi.models import REGISTRY
 from ppl_vi.models.base import default_make_batch, get_spec
+from ppl_vi.objectives.losses import check_config
 from ppl_vi.objectives.losses import DESCRIPTIONS
 from ppl_vi.report import CHECK, write_report
 from ppl_vi.runtime import seed_everything
@@ -116,6 +117,7 @@ def cmd_train(args) -> int:
     else:
         file_values = read_config_file(args.config_file) if args.config_file else {}
         config = build_config(args.model, file_values, overrides)
+        check_config(config, get_spec(config.model))  # a model x loss combination that cannot train: one line
         # checked here, created by train() only once the data have loaded (no half-made run directory);
         # under torchrun only rank 0 creates (or clears) the run directory; the others never write it
         run_dir = rundir.check_run_dir(args.out, overwrite=args.overwrite) if is_main_process() \

@@ -110,6 +110,11 @@ def check_combination(model_name: str, traits: ModelTraits, loss: str, k: int = 
     raise ConfigError(f"--loss {loss} cannot train {model_name}: {reason}; {hint}")
 
 
+def check_config(config, spec) -> None:
+    """:func:`check_combination` for a run's config and its model's registry entry."""
+    check_combination(config.model, spec.cls.traits(config), config.loss, config.k, config.beta, config.kl_anneal)
+
+
 class RenyiLoss(RenyiELBO):
     """``RenyiELBO`` with a ``differentiable_loss`` (Pyro gives it only ``loss_and_grads``).
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ppl_vi import distributed
 from ppl_vi import run as rundir
 from ppl_vi.errors import TrainingDiverged
+from ppl_vi.objectives.graph_step import fast_record
 from ppl_vi.training.step import beta_at
 from ppl_vi.training.tensorboard import log_epoch, tensorboard_writer
 
@@ -105,7 +106,7 @@ def summary(trainer, seconds: float) -> dict:
     return {"train_seconds": seconds, "epochs_done": trainer.epoch, "steps": trainer.step,
             "final_train_loss": history[-1]["train_loss"] if history else math.nan,
             "final_val_loss": history[-1].get("val_loss", math.nan) if history else math.nan,
-            "skipped_steps": trainer.skipped_steps}
+            "skipped_steps": trainer.skipped_steps, "fast_path": fast_record(trainer)}
 
 
 def mean_finite(losses: List[Tensor]) -> float:
