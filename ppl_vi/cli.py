@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import ppl_vi.models  # noqa: F401  (the registry: every built-in model registered)
 from ppl_vi import run as rundir
 from ppl_vi.check import check_model
+from ppl_vi.check.semisupervised import batches_from_data, check_semisupervised
 from ppl_vi.config import FIELDS, TrainConfig, build_config, parse_int_list, read_config_file
 from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
 from ppl_vi.data.sources import load_data
@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--k", type=int, default=3, help="particles in the same-sample comparisons")
     ch.add_argument("--beta", type=float, default=2.0, help="β of the scaled comparisons")
     ch.add_argument("--seed", type=int, default=0)
-    ch.add_argument("--repeats", type=int, default=50, help="seeds in the statistical comparisons")
+    ch.add_argument("--repeats", type=int, default=50, help="seeds in the statistical comparisons (>= 2)")
+    ch.add_argument("--gradient-seeds", type=int, default=50,
+                    help="seeds averaged in the expected-gradient checks (>= 2; discrete sites are enumerated)")
     ch.add_argument("--data-dir", default=None)
     ch.add_argument("--json", dest="json_out", help="also write the check table as JSON here")
 
@@ -159,6 +161,11 @@ def cmd_check(args) -> int:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.repeats < 2:
+        raise ConfigError(f"--repeats must be >= 2 (the statistical rows compare means over seeds), got {args.repeats}")
+    if args.gradient_seeds < 2:
+        raise ConfigError(f"--gradient-seeds must be >= 2 (the expected-gradient rows average over seeds), got "
+                          f"{args.gradient_seeds}")
     spec = get_spec(args.model)
     config = build_config(args.model, overrides={"seed": args.seed, "data_dir": args.data_dir, "device": "cpu",
                                                  "n_train": 1000, "n_test": 200})
@@ -166,18 +173,19 @@ def cmd_check(args) -> int:
     pyro.enable_validation(True)
     data = load_data(spec.data, config, torch.device("cpu"), dtype=torch.float64)
     model = spec.build(config, data.info)
-    module = importlib.import_module(spec.cls.__module__)
     x = data.train_x[: args.batch_size]
     if data.binary:
         validate_bernoulli_data(x, f"the {data.kind} batch")  # corrupt data: one line, before binarising
         x = fixed_binarization(x, seed=args.seed)
     warnings.filterwarnings("ignore", message=".*enumerate sites, you need to use TraceEnum_ELBO.*")
-    if hasattr(module, "check_suite"):
-        report = module.check_suite(model, data, args)
+    common = dict(num_particles=args.k, beta=args.beta, seed=args.seed, repeats=args.repeats,
+                  gradient_seeds=args.gradient_seeds)
+    if hasattr(model, "latent_sites_for"):  # semi-supervised: a labelled and an unlabelled batch
+        report = check_semisupervised(model, *batches_from_data(model, data, args.batch_size, args.seed), **common)
     else:
         y = data.train_y[: args.batch_size] if data.train_y is not None else None
         batch = getattr(model, "make_batch", default_make_batch)(x, y)
-        report = check_model(model, batch, num_particles=args.k, beta=args.beta, seed=args.seed, repeats=args.repeats)
+        report = check_model(model, batch, **common)
     print(f"ppl-vi check {args.model}: float64, batch of {args.batch_size}, K={args.k}, seed {args.seed}")
     print(report.table())
     if args.json_out:

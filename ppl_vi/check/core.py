@@ -37,7 +37,8 @@ from pyro.infer import TraceEnum_ELBO
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
-from ppl_vi.check.gradients import GradientStats, enumerated_gradient_stats, expected_gradient_rows, gradient_stats
+from ppl_vi.check.gradients import (GradientStats, TooManyTuples, enumerated_gradient_stats, expected_gradient_rows,
+                                    gradient_stats)
 from ppl_vi.check.reference import discrete_sites, has_continuous_sites, reference_loss
 from ppl_vi.check.rows import CheckReport, Row, failure_row, rel_diff
 from ppl_vi.models.base import Batch, Draws, draws_from_trace, is_latent, sample_draws
@@ -177,13 +178,14 @@ def reproduce_draws(c: Comparison, guide, batch, traces, max_plate_nesting, seed
     """The guide's draws re-created after re-seeding, checked identical to the recorded ones (None if not)."""
     pyro.set_rng_seed(seed)
     draws = c.draws(batch) if c.draws is not None else sample_draws(guide, batch, c.num_particles, max_plate_nesting)
-    recorded = draws_from_trace(traces[-1], c.num_particles, max_plate_nesting)
     if c.draws is not None:  # another layout (e.g. enumerated): compare values, not shapes
+        recorded = {n: s["value"] for n, s in traces[-1].nodes.items() if is_latent(s)}
         same = set(draws) <= set(recorded) and all(
             recorded[k].numel() == draws[k].numel() and torch.equal(recorded[k].detach().reshape(draws[k].shape),
                                                                      draws[k].detach())
             for k in draws if torch.is_floating_point(draws[k]))
     else:
+        recorded = draws_from_trace(traces[-1], c.num_particles, max_plate_nesting)
         same = set(recorded) == set(draws) and all(torch.equal(recorded[k].detach(), draws[k].detach()) for k in draws)
     return draws if same else None
 
@@ -260,7 +262,11 @@ def per_datapoint_row(c: Comparison, model, guide, batch, hand: Tensor, max_plat
 def statistical_row(c: Comparison, model, guide, batch, params, max_plate_nesting, repeats, seed) -> Row:
     """Means over independent draws of Pyro's estimator and the hand one agree within 4 SE."""
     model, guide = c.model or model, c.guide or guide
-    size = batch_size(batch)
+    traces: list = []
+    pyro.set_rng_seed(seed)
+    loss_value(c.loss, model, recording(guide, traces), batch)
+    is_global = bool(traces) and bool(global_sites(traces[-1], max_plate_nesting))
+    size = 1 if is_global else batch_size(batch)
     pyro_values, hand_values = [], []
     for r in range(repeats):
         pyro.set_rng_seed(seed + 1 + r)
@@ -275,7 +281,8 @@ def statistical_row(c: Comparison, model, guide, batch, params, max_plate_nestin
     diff = abs(p.mean().item() - h.mean().item())
     ok = diff <= 4 * se if se > 0 else diff <= 1e-9 * max(abs(p.mean().item()), 1.0)
     return Row("statistical", f"{c.name}: mean over {repeats} seeds", p.mean().item(), h.mean().item(), diff,
-               rel_diff(p.mean().item(), h.mean().item()), "within 4 SE", ok, f"per datapoint; SE {se:.3g}")
+               rel_diff(p.mean().item(), h.mean().item()), "within 4 SE", ok,
+               f"{'batch total (global latent)' if is_global else 'per datapoint'}; SE {se:.3g}")
 
 
 def reference_stats(model, guide, batch, params, *, target: str, k: int, max_plate_nesting: int, seed: int,
@@ -308,10 +315,14 @@ def expected_gradient_check(name: str, loss_fn: Callable[[Batch], Tensor], model
     continuous = has_continuous_sites(guide, batch, max_plate_nesting)
     if discrete:
         draws = [seed + 100_003 + s for s in range(seeds if continuous else 1)]
-        estimate = enumerated_gradient_stats(loss_fn, params, batch, guide, max_plate_nesting, k, draws)
-        note = "; ".join(x for x in (note, "discrete sites enumerated" + (", continuous averaged" if continuous
-                                                                          else ": exact")) if x)
-    else:  # nothing random when the loss enumerates every discrete site and nothing is continuous
+        try:
+            estimate = enumerated_gradient_stats(loss_fn, params, batch, guide, max_plate_nesting, k, draws)
+            note = "; ".join(x for x in (note, "discrete sites enumerated" + (", continuous averaged" if continuous
+                                                                              else ": exact")) if x)
+        except TooManyTuples as exc:  # sample the discrete sites too, and say so
+            discrete = False
+            note = "; ".join(x for x in (note, f"discrete sites sampled, not enumerated ({exc})") if x)
+    if not discrete:  # nothing random when the loss enumerates every discrete site and nothing is continuous
         random = continuous or any(not s["infer"].get("enumerate") for s in _guide_sites(guide, batch).values()
                                    if not getattr(s["fn"], "has_rsample", False))
         estimate = gradient_stats(lambda: loss_fn(batch), params,
@@ -398,7 +409,7 @@ def check(model: Callable, guide: Callable, batch: Batch, comparisons: Sequence[
             rows += expected_gradient_check(c.name, lambda b, c=c, m=m, g=g: _differentiable(c.loss, m, g, b), m, g,
                                             head, params, names, target=c.objective(), k=c.num_particles,
                                             max_plate_nesting=max_plate_nesting, seeds=gradient_seeds, seed=seed,
-                                            enumerate_discrete=not isinstance(c.loss, TraceEnum_ELBO))
+                                            enumerate_discrete=not enumerates(c.loss))
         except Exception as exc:  # noqa: BLE001
             rows.append(failure_row("expected gradient", c.name, exc))
     for extra in extra_rows:
@@ -407,6 +418,12 @@ def check(model: Callable, guide: Callable, batch: Batch, comparisons: Sequence[
         except Exception as exc:  # noqa: BLE001
             rows.append(failure_row("ground truth", getattr(extra, "__name__", "extra check"), exc))
     return CheckReport(rows, skipped)
+
+
+def enumerates(loss) -> bool:
+    """Does the loss sum out the discrete sites marked for enumeration itself (TraceEnum_ELBO)?
+    A wrapper says so with an ``enumerates`` attribute."""
+    return bool(getattr(loss, "enumerates", isinstance(loss, TraceEnum_ELBO)))
 
 
 def _differentiable(loss, model, guide, batch) -> Tensor:

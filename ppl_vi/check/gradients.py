@@ -59,6 +59,7 @@ class GradientStats:
     se: List[Tensor]
     draws: int
     how: str = ""  # how the expectation was formed, for the row's name
+    sample_draws: float = math.inf  # samples behind each standard error (inf: exact, or no sampling noise)
 
 
 def gradient_stats(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], seeds: Sequence[int]) -> GradientStats:
@@ -80,7 +81,12 @@ def gradient_stats(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], seed
         se = [((s - n * m**2).clamp_min(0) / (n - 1) / n).sqrt() for s, m in zip(square, mean)]
     else:
         se = [torch.zeros_like(m) for m in mean]
-    return GradientStats(mean, se, n, f"mean over {n} seeds" if n > 1 else "one evaluation (deterministic)")
+    return GradientStats(mean, se, n, f"mean over {n} seeds" if n > 1 else "one evaluation (deterministic)",
+                         n if n > 1 else math.inf)
+
+
+class TooManyTuples(ConfigError):
+    """Enumerating the estimator's discrete draws would take more evaluations than allowed."""
 
 
 class FixSampled(Messenger):
@@ -123,7 +129,7 @@ def tuple_values(sizes: Sequence[int], names: Sequence[str], k: int, index: int)
 
 
 def enumerated_gradient_stats(loss_fn: Callable[[dict], Tensor], params: Sequence[Tensor], batch: dict, guide,
-                              max_plate_nesting: int, k: int, seeds: Sequence[int], max_evaluations: int = 50_000
+                              max_plate_nesting: int, k: int, seeds: Sequence[int], max_evaluations: int = 5_000
                               ) -> GradientStats:
     """E[∇ loss_fn(batch)] with the guide's discrete sites enumerated per datapoint (see the module
     docstring); ``seeds`` average the continuous sites (one seed suffices without any)."""
@@ -132,36 +138,84 @@ def enumerated_gradient_stats(loss_fn: Callable[[dict], Tensor], params: Sequenc
     tuples = math.prod(sizes) ** k
     size = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
     if size * tuples * len(seeds) > max_evaluations:
-        raise ConfigError(f"enumerating the estimator needs {size} datapoints x {tuples} tuples x {len(seeds)} seeds "
-                          f"evaluations, over {max_evaluations}; use a smaller batch or K")
-    mean = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    var = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        raise TooManyTuples(f"{size} datapoints x {tuples} tuples x {len(seeds)} seeds > {max_evaluations} evaluations")
+    # per seed, the datapoints' tuple-weighted gradients summed: the seeds' spread is the standard
+    # error (the same seed serves every tuple, so the tuples' terms are correlated and do not add
+    # independently)
+    combined = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in seeds]
     for i in range(size):
         sub = slice_batch(batch, i)
         for t in range(tuples):
             fix = FixSampled({n: v.to(next(iter(params)).device) for n, v in tuple_values(sizes, names, k, t).items()})
-            grads = []
-            for seed in seeds:
+            for s, seed in enumerate(seeds):
                 pyro.set_rng_seed(seed)
                 with fix, pyro.validation_enabled(False):
                     loss = loss_fn(sub)
+                if set(fix.log_prob) != set(names):
+                    raise ConfigError(f"the estimator did not sample the guide's discrete site(s) "
+                                      f"{sorted(set(names) - set(fix.log_prob))} (does it enumerate them itself?); "
+                                      "pass enumerate_discrete=False")
                 weight = math.exp(sum(v.item() for v in fix.log_prob.values()))
+                fix.log_prob.clear()
                 g = torch.autograd.grad(loss, list(params), allow_unused=True)
-                grads.append([weight * (torch.zeros_like(p) if gi is None else gi.detach()).double()
-                              for p, gi in zip(params, g)])
-            for j in range(len(params)):
-                stack = torch.stack([g[j] for g in grads])  # (S, ...)
-                mean[j] += stack.mean(0)
-                if len(seeds) > 1:
-                    var[j] += stack.var(0) / len(seeds)
+                for j, (p, gi) in enumerate(zip(params, g)):
+                    if gi is not None:
+                        combined[s][j] += weight * gi.detach().double()
+    n = len(seeds)
+    mean = [torch.stack([c[j] for c in combined]).mean(0) for j in range(len(params))]
+    se = [torch.stack([c[j] for c in combined]).std(0) / math.sqrt(n) if n > 1 else torch.zeros_like(m)
+          for j, m in enumerate(mean)]
     how = f"expectation over {tuples} tuples x {size} datapoints" + (f" x {len(seeds)} seeds" if len(seeds) > 1 else
                                                                        ", exact")
-    return GradientStats(mean, [v.sqrt() for v in var], len(seeds) * tuples * size, how)
+    return GradientStats(mean, se, n * tuples * size, how, n if n > 1 else math.inf)
 
 
-def z_limit(elements: int, alpha: float = FAMILY_ALPHA) -> float:
-    """Bonferroni limit on the worst |z| of ``elements`` independent z-scores at family-wise ``alpha``."""
-    return NormalDist().inv_cdf(1 - alpha / (2 * max(elements, 1)))
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def student_t_tail(t: float, df: float) -> float:
+    """P(T > t) for Student's t with ``df`` degrees of freedom (t >= 0):
+    ½ I_{df/(df+t²)}(df/2, ½), the regularised incomplete beta by its continued fraction."""
+    x, a, b = df / (df + t * t), df / 2, 0.5
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return 0.5 * front * _beta_continued_fraction(a, b, x) / a
+    return 0.5 * (1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b)
+
+
+def z_limit(elements: int, alpha: float = FAMILY_ALPHA, draws: float = math.inf) -> float:
+    """Bonferroni limit on the worst |z| of ``elements`` z-scores at family-wise ``alpha``.
+
+    With a standard error estimated from ``draws`` samples, z follows Student's t with draws - 1
+    degrees of freedom (heavier tails: 12 seeds need |z| <= ~12 where the normal says 5.6), so the
+    limit is t's quantile, found by bisection; with exact or many draws it is the normal one."""
+    tail = alpha / (2 * max(elements, 1))
+    normal = NormalDist().inv_cdf(1 - tail)
+    if not math.isfinite(draws) or draws > 10_000:
+        return normal
+    df = max(draws - 1, 1)
+    lo, hi = normal, normal
+    while student_t_tail(hi, df) > tail:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if student_t_tail(mid, df) > tail else (lo, mid)
+    return hi
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:
@@ -171,11 +225,25 @@ def _cosine(a: Tensor, b: Tensor) -> float:
     return (a * b).sum().item() / max(na * nb, 1e-300)
 
 
+def effective_draws(estimate: GradientStats, reference: GradientStats) -> float:
+    """Draws behind the combined standard error √(se_est² + se_ref²), by Welch–Satterthwaite on
+    the summed variances: ν = (V_e + V_r)² / (V_e²/ν_e + V_r²/ν_r), returned as ν + 1."""
+    v_e = sum((s**2).sum().item() for s in estimate.se)
+    v_r = sum((s**2).sum().item() for s in reference.se)
+    if v_e + v_r == 0:
+        return math.inf
+    parts = [(v, n - 1) for v, n in ((v_e, estimate.sample_draws), (v_r, reference.sample_draws))
+             if v > 0 and math.isfinite(n)]
+    if not parts:
+        return math.inf
+    return (v_e + v_r) ** 2 / sum(v**2 / df for v, df in parts) + 1
+
+
 def expected_gradient_rows(name: str, estimate: GradientStats, reference: GradientStats, names: Sequence[str],
                            alpha: float = FAMILY_ALPHA, note: str = "") -> List[Row]:
     """A summary row and one row per parameter tensor (see the module docstring)."""
     elements = sum(m.numel() for m in estimate.mean)
-    limit = z_limit(elements, alpha)
+    limit = z_limit(elements, alpha, effective_draws(estimate, reference))
     rows, worst_all, worst_name, min_cos = [], 0.0, "", 1.0
     for pname, m, s, r, sr in zip(names, estimate.mean, estimate.se, reference.mean, reference.se):
         scale = max(m.abs().max().item(), r.abs().max().item(), 1e-300) if m.numel() else 1.0

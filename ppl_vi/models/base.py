@@ -263,12 +263,13 @@ class _ScaleSites(poutine.messenger.Messenger):
         self.sites, self.scale = frozenset(sites), scale
 
     def _process_message(self, msg):
-        if msg["type"] == "sample" and msg["name"] in self.sites:
+        if msg["type"] == "sample" and msg["name"] in self.sites and not msg["is_observed"]:
             msg["scale"] = msg["scale"] * self.scale
 
 
 def scale_sites(fn: Callable, sites, scale) -> Callable:
-    """``fn`` with ``poutine.scale(scale)`` applied to the sample sites named in ``sites`` only.
+    """``fn`` with ``poutine.scale(scale)`` applied to the sample sites named in ``sites`` only, where
+    they are latent (a site observed in this call, e.g. the SSVAE's y on a labelled batch, keeps its scale).
 
     With ``sites`` the latent sites and ``scale`` β, model and guide wrapped alike turn the ELBO
     into E_q[log p(x|z)] - β KL(q(z|x) || p(z)), the β-VAE objective; β ramped over the first

@@ -89,13 +89,13 @@ def _site_log_prob(site) -> Tensor:
 
 def _check_guide(guide_trace, model_trace) -> None:
     """Raise :class:`Unsupported` unless every guide site is reparameterised and nothing enumerates."""
+    for site in _sample_sites(guide_trace):
+        if not getattr(site["fn"], "has_rsample", False):
+            raise Unsupported(f"guide site {site['name']!r} is not reparameterised (needs a score-function term)")
     for trace in (guide_trace, model_trace):
         for site in _sample_sites(trace):
             if site["infer"].get("enumerate"):
                 raise Unsupported(f"site {site['name']!r} is enumerated")
-    for site in _sample_sites(guide_trace):
-        if not getattr(site["fn"], "has_rsample", False):
-            raise Unsupported(f"guide site {site['name']!r} is not reparameterised (needs a score-function term)")
 
 
 def structure(*traces) -> tuple:
