@@ -28,8 +28,8 @@ is the process's CPU time (``time.process_time``, one intra-op thread by default
 oversubscribed machine disturbs far less than wall time (wall medians are shown beside it).
 
 Also timed: IWAE-5000 over the test set (all 10,000 images on CUDA; a subset on the CPU, said in
-the output), ppl_vi's chunked evaluator (``IWAELoss.per_datapoint``, chunked as
-``ppl_vi.evaluate.bound_metrics`` chunks it) against a hand-written chunked estimator, with a check
+the output), ppl_vi's chunked evaluator (the guide once per batch, particles in chunks, as
+``ppl_vi.evaluate.bound_metrics`` runs it: ``ppl_vi.iwae_eval``) against a hand-written chunked estimator, with a check
 that the two agree within their standard error.
 
     python benchmarks/svi_speed.py --device cuda     # the full table on a GPU
@@ -39,6 +39,7 @@ that the two agree within their standard error.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -46,7 +47,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,9 +59,9 @@ from pyro.infer import SVI, RenyiELBO, Trace_ELBO  # noqa: E402
 
 from ppl_vi.config import TrainConfig  # noqa: E402
 from ppl_vi.data import mnist  # noqa: E402
+from ppl_vi.iwae_eval import iwae_bounds  # noqa: E402
 from ppl_vi.models.vae import VAE  # noqa: E402
 from ppl_vi.objectives.graph_step import fast_note  # noqa: E402
-from ppl_vi.objectives.importance import IWAELoss  # noqa: E402
 from ppl_vi.training import Trainer  # noqa: E402
 
 X_DIM, Z_DIM, HIDDEN, LR, TRAIN_SIZE = 784, 50, [400], 1e-3, 60_000
@@ -304,13 +305,11 @@ def run_config(args, device, data_x, b, k, log) -> List[dict]:
 
 @torch.no_grad()
 def eval_pplvi(model, x, k, batch_size=500, max_rows=200_000):
-    """ppl_vi's chunked IWAE-k: IWAELoss.per_datapoint, chunked as evaluate.bound_metrics does."""
+    """ppl_vi's evaluator: ``iwae_eval.iwae_bounds`` (the guide once per batch), as evaluate.bound_metrics runs it."""
     out = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size]
-        chunk = max(1, max_rows // xb.shape[0])
-        objective = IWAELoss(k, model.max_plate_nesting, chunk_size=min(chunk, k))
-        out.append(-objective.per_datapoint(model.model, model.guide, x=xb))
+        out.append(-iwae_bounds(model, {"x": xb}, (k,), rows=max_rows).bounds[k])
     return torch.cat(out)
 
 
@@ -337,7 +336,8 @@ def eval_hand(model, x, k, batch_size=500, max_rows=200_000):
     return torch.cat(out)
 
 
-def run_eval(args, device, model, test_x, log) -> List[str]:
+def run_eval(args, device, model, test_x, log, out: Optional[dict] = None) -> List[str]:
+    """The IWAE-k timing; its lines, and (into ``out``, when given) the figures for ``--json``."""
     n = args.eval_n if args.eval_n else test_x.shape[0]
     x = test_x[:n]
     lines = []
@@ -362,6 +362,10 @@ def run_eval(args, device, model, test_x, log) -> List[str]:
     agree = abs(diff) <= 3 * paired if n > 1 else abs(diff) <= 3 * max(joint, 1e-6)
     lines.append(f"  ratio ppl_vi/hand {ta / th:.2f}; difference {diff:+.4f} nats, paired SE {paired:.4f}, "
                  f"unpaired SE {joint:.3f}: {'agree' if agree else 'DISAGREE'} (|diff| <= 3 paired SE)")
+    if out is not None:
+        out.update(k=args.eval_k, n=n, n_test=int(test_x.shape[0]), ppl_vi_s=ta, hand_s=th, ppl_vi_nll=a.mean().item(),
+                   ppl_vi_se=se(a), hand_nll=h.mean().item(), hand_se=se(h), diff=diff, paired_se=paired,
+                   agree=bool(agree))
     return lines
 
 
@@ -403,6 +407,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-k", type=int, default=5000)
     p.add_argument("--eval-n", type=int, default=None, help="test images for the IWAE evaluation (0: all)")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--json", default=None, help="also write the table and the evaluation's figures to this JSON file")
     args = p.parse_args(argv)
     q = args.quick
     args.batch_sizes = [int(v) for v in (args.batch_sizes or ("128" if q else "128,1024")).split(",")]
@@ -456,6 +461,7 @@ def main(argv=None) -> int:
         log(f"{r['batch']:>5} {r['k']:>3}  {r['variant']:<11} {r['ms']:9.2f} [{r['lo']:8.2f}, {r['hi']:8.2f}] "
             f"{r['wall']:9.2f} {r['epoch_s']:8.1f} {r['ratio']:7.2f}  {r['n']}x{r['windows']} steps"
             + (f"; {r['note']}" if r["note"] else ""))
+    evaluation: dict = {}
     if not args.no_eval:
         log("")
         step = HandStep(device, 1)  # a briefly trained model makes the bound meaningful
@@ -465,13 +471,22 @@ def main(argv=None) -> int:
             idx = torch.randint(0, data_x.shape[0], (128,), generator=gen).to(device)
             step(mnist.binarize(data_x[idx]))
         step.vae.eval()
-        for line in run_eval(args, device, step.vae, test_x, log):
+        for line in run_eval(args, device, step.vae, test_x, log, evaluation):
             log(line)
         log(f"  (model: the VAE after {n_train} hand-written Adam steps at batch 128)")
+        evaluation["model_steps"] = n_train
     log(f"total {time.perf_counter() - t_start:.0f} s")
     quick = [r for r in rows if r["batch"] == 128 and r["k"] == 1]
     ratio = next((r["ratio"] for r in quick if r["variant"] == "ppl_vi"), math.nan)
     log(f"ppl_vi/hand ratio: {ratio:.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "command": "python benchmarks/svi_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "environment": environment(device), "device": args.device,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "clock": clock, "rows": rows, "eval": evaluation, "ppl_vi_hand_ratio": ratio,
+            "total_s": time.perf_counter() - t_start}, indent=2) + "\n")
     return 0
 
 

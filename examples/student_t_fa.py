@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
 
     # 2. test NELBO and IWAE-k (adds figures/bound_vs_k.png), and the true model's log-likelihood
     metrics = evaluate_run(run_dir, config.eval_k, progress=False)
-    model, _, data = load_trained(run_dir)
+    model, _, data, _ = load_trained(run_dir)
     true_ll = data.truth.log_prob(data.test_x.double().cpu()).mean().item()
     rundir.update_metrics(run_dir, true_log_likelihood=true_ll)
 

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=None,
                    help="CVAE training budget (--max-minutes; the baseline gets the same number of epochs)")
     p.add_argument("--epochs", type=int, default=None, help="CVAE epochs (with --minutes: the cap; default 20)")
+    p.add_argument("--baseline-minutes", type=float, default=None,
+                   help="cap on the baseline's training: it stops after the epoch that passes it, even if that is "
+                        "fewer epochs than the CVAE's (recorded as baseline_epochs; default: no cap)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 2000 training images, 1 epoch, hidden 128, z = 16, 300 test images, K = 1,10")
     p.add_argument("--k", default=None, help="importance samples K for -L_K (default 1,10,100,1000; --quick: 1,10)")
@@ -80,6 +83,8 @@ def parse_args(argv=None):
         p.error("--device must be cpu or cuda")
     if opts.minutes is not None and opts.minutes <= 0:
         p.error("--minutes must be > 0")
+    if opts.baseline_minutes is not None and opts.baseline_minutes <= 0:
+        p.error("--baseline-minutes must be > 0")
     try:
         opts.ks = [int(k) for k in opts.k.split(",")] if opts.k else (QUICK_K if opts.quick else FULL_K)
         opts.hidden_list = [int(h) for h in opts.hidden.split(",")] if opts.hidden else ([128] if opts.quick else
@@ -128,7 +133,8 @@ def train_cvae(opts, run_dir: Path):
 def train_baseline(data, opts, epochs: int, device):
     """:class:`CompletionBaseline` on the CVAE's training split: Adam on the mean masked BCE, 1-3
     quadrants drawn per image, training images binarised afresh each batch (as the CVAE's are);
-    the epoch with the best validation NLL is kept. Returns (net, per-epoch records)."""
+    the epoch with the best validation NLL is kept; ``--baseline-minutes`` stops it after the epoch
+    that passes that time. Returns (net, per-epoch records)."""
     import torch
 
     from ppl_vi.data import mnist
@@ -143,6 +149,7 @@ def train_baseline(data, opts, epochs: int, device):
     val_batch = completion_batch(val_x, val_q.to(device))
     best, best_state, history = math.inf, copy.deepcopy(net.state_dict()), []
     n = data.train_x.shape[0]
+    start = time.perf_counter()
     for epoch in range(max(1, epochs)):
         order = torch.randperm(n, generator=generator).to(device)
         total = 0.0
@@ -160,6 +167,8 @@ def train_baseline(data, opts, epochs: int, device):
         history.append({"epoch": epoch + 1, "train_nll": float(total) / n, "val_nll": val})
         if val < best:
             best, best_state = val, copy.deepcopy(net.state_dict())
+        if opts.baseline_minutes is not None and time.perf_counter() - start > 60 * opts.baseline_minutes:
+            break
     net.load_state_dict(best_state)
     net.eval()
     return net, history

@@ -25,6 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_FILE = "row.json"  # written into each run directory once all its stages succeeded
+#: Unix time after which no stage may run: a stage still running then is killed, a later one is not
+#: started, and the row's status says so (set by experiments/reproduce.py, which has a hard deadline)
+DEADLINE_ENV = "PPL_VI_DEADLINE"
 
 #: what a record keeps of a run's config.json "environment"
 ENVIRONMENT_KEYS = ("device", "device_name", "torch", "pyro", "cuda", "git_commit")
@@ -129,7 +132,9 @@ def run_stages(name: str, stages: Stages, record: dict, out_dir: Path, threads: 
     """Run each (stage, argv) as ``python -m ppl_vi ARGV`` in the repository root, in order, up to
     the first failure; logs to OUT_DIR/logs/NAME.STAGE.log, ``OMP_NUM_THREADS`` = ``threads``
     unless set. Adds to ``record``: ``status`` ("ok", or "STAGE failed (exit N): " and the log's
-    last lines) and, per stage run, ``STAGE_wall_s`` and ``STAGE_log``. Returns ``record``."""
+    last lines, or "STAGE killed at the deadline ..." / "STAGE not started: ..." under
+    ``$PPL_VI_DEADLINE``) and, per stage run, ``STAGE_wall_s`` and ``STAGE_log``. Returns ``record``."""
+    deadline = float(os.environ[DEADLINE_ENV]) if os.environ.get(DEADLINE_ENV) else None
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -137,14 +142,26 @@ def run_stages(name: str, stages: Stages, record: dict, out_dir: Path, threads: 
     logs.mkdir(parents=True, exist_ok=True)
     record["status"] = "ok"
     for stage, argv in stages:
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left <= 0:
+            record["status"] = f"{stage} not started: past the deadline (${DEADLINE_ENV})"
+            print(f"[{name}] {record['status']}", flush=True)
+            break
         print(f"[{name}] {shown(argv)}", flush=True)
         log = logs / f"{name}.{stage}.log"
         start = time.perf_counter()
         with open(log, "w") as handle:
-            rc = subprocess.run([sys.executable, "-m", "ppl_vi", *argv], cwd=REPO, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT).returncode
+            try:
+                rc = subprocess.run([sys.executable, "-m", "ppl_vi", *argv], cwd=REPO, env=env, stdout=handle,
+                                    stderr=subprocess.STDOUT, timeout=left).returncode
+            except subprocess.TimeoutExpired:  # subprocess.run has killed it
+                rc = None
         record[f"{stage}_wall_s"] = round(time.perf_counter() - start, 1)
         record[f"{stage}_log"] = portable(log)
+        if rc is None:
+            record["status"] = f"{stage} killed at the deadline after {record[f'{stage}_wall_s']:.0f} s"
+            print(f"[{name}] {record['status']}", flush=True)
+            break
         if rc != 0:
             tail = log.read_text().strip().splitlines()[-3:]
             record["status"] = f"{stage} failed (exit {rc}): " + " / ".join(tail)

@@ -207,7 +207,11 @@ def section(results: dict, base: Path) -> str:
            "evaluated (k = 5000 in full runs). Produced by `experiments/vae_family.py`, which runs each row as "
            "`python -m ppl_vi train ...` then `python -m ppl_vi eval ...` and collects the run's metrics.json "
            "(all rows also in `experiments/vae_family.json`). Figure links point into the run directories "
-           "(`experiments/runs/`, not committed).", ""]
+           "(`experiments/runs/`, not committed).", "",
+           "Copies of the two full CPU runs (config.json, metrics.json, history.jsonl and figures; checkpoints left "
+           "out) are committed in `experiments/results/cpu-vae/` and `experiments/results/cpu-ssvae-l100-s0/`, since "
+           "`experiments/runs/` is not; the GPU call's copies are in `experiments/results/gpu/runs/` (GPU rows link "
+           "there).", ""]
     out += ["### GPU results", ""]
     out += table(full_gpu, base) if full_gpu else ["_None yet: see \"GPU figures owed\" below._"]
     if full_cpu:
@@ -217,16 +221,13 @@ def section(results: dict, base: Path) -> str:
             "IWAE-10 at most. The numbers show the commands run end to end; they say nothing about the models.", ""]
     out += table(smoke, base) if smoke else ["_None._"]
     out += ["", "### GPU figures owed", "",
-            "Each target is judged on full GPU rows only (never on smoke tests). To produce every row on one H100 "
-            "(all 9 runs at once, 10 minutes of training each, then IWAE up to k = 5000):", "",
+            "Each target is judged on full GPU rows only (never on smoke tests). Every row is run by the single "
+            "GPU call in the section \"GPU figures owed\" at the top of this file (`experiments/reproduce.py`: "
+            "all 9 runs at once with the other scripts' rows, then IWAE up to k = 5000, re-collected here). This "
+            "script alone, on one GPU:", "",
             f"    {GPU_COMMAND}", "",
-            "On a machine that allows at most 10 minutes per command, start it in the background and collect "
-            "afterwards: `nohup " + GPU_COMMAND.replace("--minutes 10", "--minutes 7") +
-            " > experiments/runs/vae_family.log 2>&1 &`, then, when it has finished, copy `experiments/RESULTS.md`, "
-            "`experiments/vae_family.json` and `experiments/runs/` back (or re-collect from a copied run tree with "
-            "`python experiments/vae_family.py --collect --out-dir PATH/runs`). Ten minutes is far fewer epochs "
-            "than the thousands behind the published figures, so a target missed at this budget needs a longer "
-            "`--minutes` before it counts as a finding.", ""]
+            "Ten minutes is far fewer epochs than the thousands behind the published figures, so a target missed "
+            "at such a budget needs a longer `--minutes` before it counts as a finding.", ""]
     out += ["| target | status | measured | command for just this target |", "|---|---|---|---|"]
     for t in TARGETS:
         status, detail = judge(t, rows)

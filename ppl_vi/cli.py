@@ -17,6 +17,7 @@ import pyro
 import torch
 
 import ppl_vi.models  # noqa: F401  (the registry: every built-in model registered)
+from ppl_vi import fields
 from ppl_vi import run as rundir
 from ppl_vi.check import check_model
 from ppl_vi.check.semisupervised import batches_from_data, check_semisupervised
@@ -25,7 +26,8 @@ from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
 from ppl_vi.data.sources import load_data
 from ppl_vi.distributed import is_main_process
 from ppl_vi.errors import ConfigError, PplViError
-from ppl_vi.evaluate import evaluate_run
+from ppl_vi.evaluate import CHECKPOINT_NAMES, describe_checkpoint, evaluate_run
+from ppl_vi.job import run_job
 from ppl_vi.models import REGISTRY
 from ppl_vi.models.base import default_make_batch, get_spec
 from ppl_vi.objectives.losses import check_config
@@ -35,6 +37,7 @@ from ppl_vi.runtime import seed_everything
 from ppl_vi.training import train
 
 EXAMPLES = """examples:
+  ppl-vi run                                   # the main job: a VAE trained, tested and reported, sized to this machine
   ppl-vi list
   ppl-vi check gmm
   ppl-vi train gmm --device cpu --seed 0 --out runs/gmm
@@ -48,21 +51,39 @@ EXAMPLES = """examples:
 """
 
 
+RUN_EPILOG = """On a GPU: the full protocol (the model's own settings; IWAE-k up to 5000 on all 10,000 test images).
+On a CPU: a profile sized to finish in minutes (printed before it starts, recorded in metrics.json);
+--full runs the full protocol there too. Flags below override either profile.
+
+examples:
+  ppl-vi run                     # VAE, sized to this machine, into runs/vae-TIMESTAMP
+  ppl-vi run vae --out runs/vae --full
+"""
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (defaults None: the model's defaults then apply)."""
+    """One flag per TrainConfig field, its help from the field's comment (ppl_vi.fields), with the default,
+    each model's own default and the models it applies to. Defaults stay None here: the model's then apply."""
+    model_defaults = {name: spec.defaults for name, spec in REGISTRY.items()}
+    group = parser.add_argument_group("configuration (one flag per field of the run's config.json)")
     for field in dataclasses.fields(TrainConfig):
         if field.name == "model":
             continue
+        help_text = fields.help_text(field.name, model_defaults)
         if field.type in ("bool", bool):
-            parser.add_argument(_flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            # "Optional[float]" too: --max-minutes parsed as a str crashed at the end of the first epoch
-            kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(field.type), str)
-            parser.add_argument(_flag(field.name), dest=field.name, type=kind, default=None, metavar=field.name.upper())
+            group.add_argument(_flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+            continue
+        # "Optional[float]" too: --max-minutes parsed as a str crashed at the end of the first epoch
+        kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(field.type), str)
+        metavar = ("{" + ",".join(fields.CHOICES[field.name]) + "}" if field.name in fields.CHOICES
+                   else "N,N,..." if str(field.type).startswith("List") else field.name.upper())
+        group.add_argument(_flag(field.name), dest=field.name, type=kind, default=None, metavar=metavar,
+                           help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,20 +95,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model with SVI into a run directory", epilog=EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("model", nargs="?", help="model name (ppl-vi list)")
-    train.add_argument("--out", help="run directory to create (config, metrics.json, checkpoints, figures)")
+    train.add_argument("model", nargs="?", help=f"model name: {', '.join(sorted(REGISTRY))} (ppl-vi list describes them)")
+    train.add_argument("--out", help="run directory to create (config, metrics.json, checkpoints, figures); "
+                       "default: runs/MODEL-YYYYmmdd-HHMMSS")
     train.add_argument("--config", dest="config_file", help="a .json/.toml/.yaml config (a run's config.json works)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_config_flags(train)
 
+    job = sub.add_parser("run", help="the main job: train, then test NELBO and IWAE-k ± SE, figures and report, "
+                         "sized to this machine", epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    job.add_argument("model", nargs="?", default="vae", help="model name (default: vae)")
+    job.add_argument("--out", help="run directory to create; default: runs/MODEL-YYYYmmdd-HHMMSS")
+    job.add_argument("--full", action="store_true",
+                     help="the full protocol on a CPU too (the GPU default): the model's own settings, "
+                          "IWAE-k up to 5000 on all test images")
+    job.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_config_flags(job)
+
     ev = sub.add_parser("eval", help="test-set NELBO, KL, reconstruction and IWAE-k of a trained run")
-    ev.add_argument("run_dir")
+    ev.add_argument("run_dir", help="a run directory written by ppl-vi train")
     ev.add_argument("--k", default=None, help="comma-separated ks for IWAE-k (default: the run's eval_k)")
-    ev.add_argument("--device", default=None, help="cpu | cuda (default: the run's)")
-    ev.add_argument("--batch-size", type=int, default=500)
-    ev.add_argument("--no-progress", dest="progress", action="store_false")
+    ev.add_argument("--checkpoint", choices=CHECKPOINT_NAMES, default="best",
+                    help="which checkpoint to score: best (lowest validation loss) or last (default: best)")
+    ev.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the run's)")
+    ev.add_argument("--batch-size", type=int, default=500, help="test images per forward pass (default: 500)")
+    ev.add_argument("--images", type=int, default=None,
+                    help="test images IWAE-k is computed on (default: the run's eval_images; 0: all)")
+    ev.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     ch = sub.add_parser("check", help="hand-derived bounds against Pyro's losses and the exact answer")
     ch.add_argument("model")
@@ -122,8 +158,13 @@ def cmd_train(args) -> int:
         check_config(config, get_spec(config.model))  # a model x loss combination that cannot train: one line
         # checked here, created by train() only once the data have loaded (no half-made run directory);
         # under torchrun only rank 0 creates (or clears) the run directory; the others never write it
-        run_dir = rundir.check_run_dir(args.out, overwrite=args.overwrite) if is_main_process() \
-            else (Path(args.out) if args.out else None)
+        if is_main_process():
+            out = args.out or rundir.default_run_dir(config.model)
+            run_dir = rundir.check_run_dir(out, overwrite=args.overwrite)
+            if not args.out:
+                print(f"run directory: {run_dir} (no --out given)", flush=True)
+        else:
+            run_dir = Path(args.out) if args.out else None
     trainer = train(config, run_dir, resume=bool(args.resume), progress=args.progress, overwrite=args.overwrite)
     if not trainer.dist.is_main:
         return 0
@@ -131,6 +172,25 @@ def cmd_train(args) -> int:
     print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     if run_dir is not None:
         print(f"run directory: {run_dir}")
+    return 0
+
+
+def print_results(metrics: dict) -> None:
+    """Test NELBO, its terms and -IWAE_k, each ± its standard error."""
+    for key in ("test_nelbo", "test_kl", "test_rec", "test_log_likelihood", "test_accuracy"):
+        if key in metrics:
+            print(f"{key:>22}: {metrics[key]:.4f} ± {metrics.get(key + '_se', float('nan')):.4f}")
+    subset = metrics.get("test_iwae_images")
+    for k, value in metrics["test_iwae"].items():
+        print(f"{'-IWAE_' + k:>22}: {value:.4f} ± {metrics['test_iwae_se'][k]:.4f}"
+              + (f"   ({subset} test images)" if subset and subset != metrics.get("test_nelbo_images") else ""))
+
+
+def cmd_run(args) -> int:
+    overrides = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name, None) is not None}
+    metrics = run_job(args.model, args.out, full=args.full, overrides=overrides, progress=args.progress)
+    print_results(metrics)
+    print(f"run directory: {metrics['run_directory']} (report.html, metrics.json, figures/)")
     return 0
 
 
@@ -143,14 +203,19 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"--k values must be integers >= 1, got {args.k}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    metrics = evaluate_run(Path(args.run_dir), ks, device=args.device, batch_size=args.batch_size,
-                           progress=args.progress)
-    for key in ("test_nelbo", "test_kl", "test_rec", "test_log_likelihood", "test_accuracy"):
-        if key in metrics:
-            print(f"{key:>22}: {metrics[key]:.4f} ± {metrics.get(key + '_se', float('nan')):.4f}")
-    for k, value in metrics["test_iwae"].items():
-        print(f"{'-IWAE_' + k:>22}: {value:.4f} ± {metrics['test_iwae_se'][k]:.4f}")
-    print(f"written to {Path(args.run_dir) / rundir.METRICS}")
+    if args.images is not None and args.images < 0:
+        raise ConfigError(f"--images must be >= 0 (0: all), got {args.images}")
+    metrics = evaluate_run(Path(args.run_dir), ks, checkpoint=args.checkpoint, device=args.device,
+                           batch_size=args.batch_size, progress=args.progress, iwae_images=args.images,
+                           log=lambda line: print(line, flush=True))
+    scored = describe_checkpoint({"file": metrics["eval_checkpoint"], "epoch": metrics["eval_checkpoint_epoch"],
+                                  "step": metrics["eval_checkpoint_step"]})
+    print_results(metrics)
+    kept = metrics.get("at_end_of_training", {})
+    for key in (k for k in kept if k != "weights"):
+        print(f"{key} is now {scored}'s; the value at the {kept['weights']}, {kept[key]:.4f}, "
+              "is kept in metrics.json under at_end_of_training")
+    print(f"written to {Path(args.run_dir) / rundir.METRICS}; figures: {', '.join(metrics['eval_figures'])}")
     if (Path(args.run_dir) / "report.html").is_file():
         print(f"report refreshed: {write_report(Path(args.run_dir))}")
     return 0
@@ -221,7 +286,7 @@ def cmd_report(args) -> int:
     return status
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "check": cmd_check, "list": cmd_list, "report": cmd_report}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "check": cmd_check, "list": cmd_list, "report": cmd_report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

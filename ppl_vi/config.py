@@ -15,6 +15,7 @@ from typing import List, Optional
 from ppl_vi.errors import ConfigError
 
 LOSSES = ("trace", "meanfield", "enum", "stl", "renyi", "iwae", "vimco", "dreg")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass
@@ -27,7 +28,7 @@ class TrainConfig:
     z_dim: int = 50  # latent dimension
     hidden: List[int] = dataclasses.field(default_factory=lambda: [500, 500])  # hidden layer widths
     components: int = 3  # mixture components (GMM, GMVAE prior)
-    guide: Optional[str] = None  # model-specific guide choice (gmm: amortised|posterior|prior|marginal)
+    guide: Optional[str] = None  # model-specific guide (gmm: amortised|posterior|prior|marginal; linear-gaussian: amortised|exact)
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # datapoints per SVI step
     lr: float = 1e-3  # Adam learning rate
@@ -43,10 +44,11 @@ class TrainConfig:
     alpha: float = 0.1  # semi-supervised: weight of the classifier term, times the data size
     eval_every: int = 1  # epochs between validation passes
     eval_k: List[int] = dataclasses.field(default_factory=lambda: [1, 10, 100, 1000, 5000])  # IWAE ks at eval
+    eval_images: int = 0  # test images IWAE-k is computed on at eval (0: all); the NELBO always uses all
     checkpoint_every: int = 1  # epochs between checkpoints
     checkpoint_every_steps: int = 0  # also checkpoint every N steps, mid-epoch (0: off); resumes exactly
     log_every: int = 50  # steps between loss read-backs (each is a host sync)
-    max_minutes: Optional[float] = None  # wall-clock budget for training; stops after the epoch that passes it
+    max_minutes: Optional[float] = None  # training-time budget (resumes included); stops after the epoch that passes it
     nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
     fast: bool = True  # compiled / graph-captured step where possible (falls back to eager)
     tensorboard: bool = False  # also log scalars (losses, β, lr) to RUN_DIR/tensorboard (needs `pip install tensorboard`)
@@ -68,7 +70,7 @@ class TrainConfig:
             (self.z_dim >= 1, f"z_dim must be >= 1, got {self.z_dim}"),
             (all(h >= 1 for h in self.hidden) and len(self.hidden) >= 1, f"hidden must be positive widths, got {self.hidden}"),
             (self.components >= 1, f"components must be >= 1, got {self.components}"),
-            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.epochs >= 1, f"epochs must be >= 1 (passes over the training set), got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (0 < self.lr < float("inf"), f"lr must be > 0 and finite, got {self.lr}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -76,12 +78,13 @@ class TrainConfig:
             (all(k >= 1 for k in self.eval_k), f"eval_k values must be >= 1, got {self.eval_k}"),
             (self.n_train >= 1 and self.n_test >= 1, "n_train and n_test must be >= 1"),
             (self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}"),
+            (self.eval_images >= 0, f"eval_images must be >= 0 (0: all), got {self.eval_images}"),
             (self.train_subset >= 0, f"train_subset must be >= 0 (0: all), got {self.train_subset}"),
             (self.labels >= 0, f"labels must be >= 0, got {self.labels}"),
             (self.eval_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1,
              "eval_every, checkpoint_every and log_every must be >= 1"),
             (self.checkpoint_every_steps >= 0, f"checkpoint_every_steps must be >= 0 (0: off), got {self.checkpoint_every_steps}"),
-            (self.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip, got {self.nan_policy!r}"),
+            (self.nan_policy in NAN_POLICIES, f"nan_policy must be stop or skip, got {self.nan_policy!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -33,17 +33,25 @@ def image_grid(images: torch.Tensor, rows: int, side: int = 28):
 def training_curves(run_dir: Path, history: List[dict]) -> Optional[Path]:
     if not history:
         return None
+    return _save(curves_figure(history), run_dir, "training_curves")
+
+
+def curves_figure(history: List[dict]):
+    """Train (and validation) loss per epoch, with markers while there are few epochs (one epoch is a point)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    few = len(history) <= 30
+    ax.plot(epochs, [h["train_loss"] for h in history], marker="o" if few else None, ms=4, label="train loss")
     val = [(h["epoch"], h["val_loss"]) for h in history if "val_loss" in h]
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.plot(*zip(*val), marker="s" if few else None, ms=4, label="validation loss")
+    if len(epochs) == 1:
+        ax.set_xticks(epochs)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (nats per datapoint)")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, run_dir, "training_curves")
+    return fig
 
 
 @torch.no_grad()
@@ -57,16 +65,29 @@ def image_figures(run_dir: Path, model, data) -> None:
         ax.axis("off")
         _save(fig, run_dir, "samples")
     if hasattr(model, "reconstruct"):
-        x = data.test_x[:32]
-        y = data.test_y[:32] if data.test_y is not None else None
-        recon = model.reconstruct(x) if y is None or not getattr(model, "needs_labels", False) else model.reconstruct(x, y)
-        fig, ax = plt.subplots(figsize=(8, 2.4))
-        ax.imshow(image_grid(torch.cat([x[:16], recon[:16]]), 2), cmap="gray")
-        ax.set_title("test images (top) and reconstructions (bottom)")
-        ax.axis("off")
-        _save(fig, run_dir, "reconstructions")
+        reconstruction_grid(run_dir, model, data)
     if hasattr(model, "encode_mean") and data.test_y is not None:
         latent_scatter(run_dir, model.encode_mean(data.test_x[:2000]), data.test_y[:2000])
+
+
+@torch.no_grad()
+def reconstruction_grid(run_dir: Path, model, data, pairs: int = 4, columns: int = 10) -> Path:
+    """``pairs`` × ``columns`` test images, each row of originals over the row of their reconstructions
+    (decoder pixel probabilities at the guide's mean)."""
+    n = pairs * columns
+    x = data.test_x[:n]
+    y = data.test_y[:n] if data.test_y is not None else None
+    recon = model.reconstruct(x, y) if y is not None and getattr(model, "needs_labels", False) else model.reconstruct(x)
+    rows = torch.cat([torch.cat([x[i * columns:(i + 1) * columns], recon[i * columns:(i + 1) * columns]])
+                      for i in range(pairs)])  # (2 * pairs * columns, D): original row, reconstruction row, ...
+    fig, ax = plt.subplots(figsize=(0.62 * columns + 0.8, 0.62 * 2 * pairs + 0.5))
+    ax.imshow(image_grid(rows, 2 * pairs), cmap="gray", vmin=0, vmax=1)
+    for i in range(1, pairs):
+        ax.axhline(2 * i * 28 - 0.5, color="tab:orange", lw=1.5)  # between pairs of rows
+    ax.set_yticks([28 * r + 14 for r in range(2 * pairs)], ["x", "recon."] * pairs, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title("test images x (upper row of each pair) and reconstructions (lower row)", fontsize=9)
+    return _save(fig, run_dir, "reconstructions")
 
 
 def latent_scatter(run_dir: Path, z: torch.Tensor, labels: torch.Tensor) -> Path:
@@ -138,7 +159,7 @@ def training_figures(run_dir: Path, model, data, history: List[dict]) -> None:
     model.train()
 
 
-def bound_vs_k(run_dir: Path, metrics: dict) -> Optional[Path]:
+def bound_vs_k(run_dir: Path, metrics: dict, title: Optional[str] = None) -> Optional[Path]:
     iw = metrics.get("test_iwae")
     if not iw:
         return None
@@ -152,6 +173,8 @@ def bound_vs_k(run_dir: Path, metrics: dict) -> Optional[Path]:
     if "test_log_likelihood" in metrics:
         ax.axhline(-metrics["test_log_likelihood"], color="black", ls=":", label="exact -log p(x)")
     ax.set_xscale("log")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.set_xlabel("k (importance samples)")
     ax.set_ylabel("nats per datapoint")
     ax.legend()

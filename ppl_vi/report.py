@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any, Iterable, List, Optional
 
 from ppl_vi import run as rundir
+from ppl_vi.config import FIELDS
 from ppl_vi.errors import ConfigError
+from ppl_vi.fields import applies
+from ppl_vi.models.base import get_spec
 
 REPORT = "report.html"
 CHECK = "check.json"
@@ -40,7 +43,7 @@ FIGURE_CAPTIONS = {
     "training_curves": "Training and validation loss per epoch (nats per datapoint).",
     "bound_vs_k": "Test -IWAE_k against k, with the NELBO and (where exact) -log p(x) for reference.",
     "samples": "Samples from the prior (decoder pixel probabilities).",
-    "reconstructions": "Test images (top) and their reconstructions (bottom).",
+    "reconstructions": "Test images, each row over the row of their reconstructions (pixel probabilities).",
     "latent_scatter": "Guide means of test images, coloured by label.",
     "gmm_density": "Data and the fitted mixture's log-density contours.",
     "confusion_matrix": "Classifier confusion matrix on the test set.",
@@ -80,6 +83,10 @@ figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
 details summary { cursor: pointer; color: var(--muted); }
 .nowrap { white-space: nowrap; }
 .columns { display: flex; flex-wrap: wrap; gap: 32px; }
+.scaled { border-left: 4px solid #bf8700; background: #fff8c5; padding: 6px 12px; margin: 8px 0; }
+.scaled ul { margin: 4px 0; }
+.scroll { max-height: 28em; overflow-y: auto; display: inline-block; border-bottom: 1px solid var(--line); }
+.scroll th { position: sticky; top: 0; }
 """
 
 
@@ -189,18 +196,15 @@ def _metrics_section(metrics: dict) -> str:
     return _table(("metric", "value", "± SE"), rows) + note + "</p>"
 
 
-def _history_section(history: List[dict], max_rows: int = 40) -> str:
+def _history_section(history: List[dict]) -> str:
+    """Every epoch record (the table scrolls when it is long)."""
     if not history:
         return ""
-    shown = history
-    if len(history) > max_rows:  # first, evenly spaced, last
-        step = (len(history) - 1) / (max_rows - 1)
-        shown = [history[round(i * step)] for i in range(max_rows)]
-    columns = [c for c in ("epoch", "step", "train_loss", "val_loss", "beta", "seconds") if any(c in h for h in shown)]
-    columns += sorted({k for h in shown for k in h} - set(columns))
-    rows = ("<tr>" + "".join(_cell(h.get(c)) for c in columns) + "</tr>" for h in shown)
-    extra = f" ({len(shown)} of {len(history)} epochs shown)" if len(shown) < len(history) else ""
-    return f"<h2>History{extra}</h2>" + _table(columns, rows)
+    columns = [c for c in ("epoch", "step", "train_loss", "val_loss", "beta", "seconds") if any(c in h for h in history)]
+    columns += sorted({k for h in history for k in h} - set(columns))
+    rows = ("<tr>" + "".join(_cell(h.get(c)) for c in columns) + "</tr>" for h in history)
+    return (f"<h2>History ({len(history)} epoch{'s' if len(history) != 1 else ''})</h2>"
+            f"<div class='scroll'>{_table(columns, rows)}</div>")
 
 
 def _figures_section(run_dir: Path) -> str:
@@ -239,6 +243,31 @@ def _check_section(check: Optional[dict]) -> str:
             "(same sample: value and every gradient; statistical: means over seeds) and against the exact answer "
             "where there is one.</p>"
             + _table(("kind", "check", "reference", "value", "abs diff", "rel diff", "ok", "tolerance / note"), rows))
+
+
+def _scaled_down_note(metrics: dict) -> str:
+    """What a ``ppl-vi run`` profile scaled down, said at the top (nothing for the full protocol)."""
+    notes = metrics.get("scaled_down") or []
+    if not notes:
+        return ""
+    items = "".join(f"<li>{_esc(n)}</li>" for n in notes)
+    return (f"<div class='scaled'><b>Scaled down ({_esc(metrics.get('profile', '?'))} profile)</b>; "
+            f"<code>ppl-vi run --full</code> runs the full protocol:<ul>{items}</ul></div>")
+
+
+def _config_section(config: dict) -> str:
+    """The fields that apply to the run's model (:mod:`ppl_vi.fields`); the others are named below it."""
+    model = config.get("model", "?")
+    try:
+        kind = get_spec(model).data
+    except ConfigError:  # a model registered only by the script that trained it
+        return (_key_value_table(config, ("field", "value"))
+                + f"<p class='sub'>Model {_esc(model)} is not registered here: every field shown.</p>")
+    shown = {k: v for k, v in config.items() if k not in FIELDS or applies(k, model, kind)}
+    left_out = [k for k in config if k not in shown]
+    note = (f"<p class='sub'>Fields {_esc(model)} does not read (still in config.json): "
+            f"<code>{_esc(', '.join(left_out))}</code>.</p>" if left_out else "")
+    return _key_value_table(shown, ("field", "value")) + note
 
 
 def _badge(check: Optional[dict]) -> str:
@@ -286,13 +315,14 @@ def render_report(run_dir: Path, check: Optional[dict] = None) -> str:
         f"<p class='sub'><code>{_esc(run_dir.resolve())}</code> · written {_esc(now)}</p>",
         f"<p>{_badge(check)} &nbsp; {summary}</p>",
         f"<p>{' · '.join(headline)}</p>" if headline else "",
+        _scaled_down_note(metrics),
         "<h2>Metrics</h2>", _metrics_section(metrics),
         _figures_section(run_dir),
         _history_section(history),
         _check_section(check),
         "<h2>Configuration</h2><p class='sub'>Reproduce with <code>ppl-vi train --config "
         f"{_esc(run_dir / rundir.CONFIG)} --out NEW_DIR</code>.</p>",
-        "<div class='columns'><div>", _key_value_table(config, ("field", "value")), "</div>",
+        "<div class='columns'><div>", _config_section(config), "</div>",
         "<div><details open><summary>environment</summary>", _key_value_table(env, ("", "")), "</details></div></div>",
         "</body></html>\n",
     ]

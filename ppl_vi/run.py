@@ -17,6 +17,7 @@ from someone else cannot run code when loaded.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -229,3 +230,14 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state or "ppl_vi" not in state:
         raise CheckpointError(f"cannot load checkpoint {path}: not a ppl_vi checkpoint (missing model state)")
     return state
+
+
+def default_run_dir(model: str, root: Path = Path("runs"), now: Optional[datetime.datetime] = None) -> Path:
+    """``runs/MODEL-YYYYmmdd-HHMMSS`` (``-2``, ``-3``, ... if that exists): where ``ppl-vi train``
+    puts a run when no ``--out`` is given, so that nothing trained is lost."""
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / f"{model}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{model}-{stamp}-{n}"
+    return path

@@ -3,7 +3,8 @@
 A checkpoint (``RUN_DIR/checkpoints/{last,best}.pt``, written atomically by :mod:`ppl_vi.run`)
 holds everything an exact resume needs:
 
-* model, optimiser and scheduler state; epoch, global step, best validation loss, skipped steps;
+* model, optimiser and scheduler state; epoch, global step, best validation loss, skipped steps,
+  and the training time so far (``train_seconds``: a resumed run's clock continues from it);
 * the RNG states (torch CPU and CUDA, Python) and the data-order generator, both its current
   state and its state at the start of the epoch (which regenerates the epoch's permutation);
 * the position inside an epoch (``step_in_epoch`` > 0 for a ``--checkpoint-every-steps``
@@ -42,6 +43,7 @@ def trainer_state(trainer) -> dict:
         "step": trainer.step,
         "best_val": trainer.best_val,
         "skipped_steps": trainer.skipped_steps,
+        "train_seconds": trainer.train_seconds(),  # cumulative: a resumed run's clock continues from here
         "step_in_epoch": trainer.step_in_epoch,  # > 0: a mid-epoch checkpoint
         "epoch_losses": torch.stack(trainer.epoch_losses).cpu() if trainer.epoch_losses else torch.zeros(0),
         "rng": {
@@ -84,6 +86,7 @@ def restore(trainer, state: dict) -> None:
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.epoch, trainer.step, trainer.best_val = state["epoch"], state["step"], state["best_val"]
         trainer.skipped_steps = state.get("skipped_steps", 0)
+        trainer.seconds_before, trainer.fit_started = float(state.get("train_seconds", 0.0)), None
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())  # RNG states are CPU byte tensors, whatever map_location
         if rng["cuda"] and torch.cuda.is_available():

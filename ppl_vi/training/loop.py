@@ -11,6 +11,9 @@ Per epoch:
    (best first, then last) every ``checkpoint_every`` epochs and at the end;
 3. the ``max_minutes`` budget, checked after each epoch (agreed over ranks when distributed).
 
+Times (history's ``seconds``, ``train_seconds``, the budget) count the run's whole training time:
+a resumed run starts from the time its checkpoint had recorded.
+
 :func:`summary` is what ``fit`` returns, and what metrics.json starts from.
 """
 
@@ -34,16 +37,17 @@ from ppl_vi.training.tensorboard import log_epoch, tensorboard_writer
 
 def fit(trainer) -> dict:
     """Train from ``trainer.epoch`` (0, or where a checkpoint left off) to ``config.epochs``."""
-    cfg, start = trainer.config, time.perf_counter()
+    cfg = trainer.config
+    trainer.fit_started = time.perf_counter()
     if cfg.tensorboard and trainer.tb is None:
         trainer.tb = tensorboard_writer(trainer.run_dir)
     for epoch in range(trainer.epoch, cfg.epochs):
         losses = run_epoch(trainer, epoch)
-        finish_epoch(trainer, losses, time.perf_counter() - start)
-        if cfg.max_minutes is not None and distributed.any_rank(time.perf_counter() - start > 60 * cfg.max_minutes,
+        finish_epoch(trainer, losses, trainer.train_seconds())
+        if cfg.max_minutes is not None and distributed.any_rank(trainer.train_seconds() > 60 * cfg.max_minutes,
                                                                 trainer.dist):
             break
-    return summary(trainer, time.perf_counter() - start)
+    return summary(trainer, trainer.train_seconds())
 
 
 def run_epoch(trainer, epoch: int) -> List[Tensor]:
@@ -54,8 +58,9 @@ def run_epoch(trainer, epoch: int) -> List[Tensor]:
     if not skip:
         trainer.epoch_data_state = trainer.data_generator.get_state()
     checked = len(losses)  # losses[:checked] have been read back (found finite)
+    tracker = trainer.tracker  # a job's one bar (ppl_vi.progress.RunProgress), else a bar per epoch
     bar = tqdm(total=trainer.steps_per_epoch(), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               disable=not trainer.progress, leave=False, dynamic_ncols=True)
+               disable=not trainer.progress or tracker is not None, leave=False, dynamic_ncols=True)
     for batches in trainer.batches(skip):
         if cfg.kl_anneal:
             trainer.beta.fill_(beta_at(trainer.step, cfg))
@@ -63,6 +68,8 @@ def run_epoch(trainer, epoch: int) -> List[Tensor]:
         losses.append(trainer.train_step(batches))
         trainer.step += 1
         bar.update(1)
+        if tracker is not None:
+            tracker.advance("train")
         if len(losses) % cfg.log_every == 0:
             read_back(trainer, losses[checked:], bar)
             checked = len(losses)
@@ -77,15 +84,20 @@ def run_epoch(trainer, epoch: int) -> List[Tensor]:
 
 
 def finish_epoch(trainer, losses: List[Tensor], seconds: float) -> dict:
-    """Close an epoch: schedule, record (history.jsonl, TensorBoard, console), checkpoints."""
+    """Close an epoch: record (with validation), epoch hooks, schedule, history/TensorBoard/console, checkpoints.
+
+    ``trainer.epoch_hooks`` run after the record is made and before the learning-rate schedule
+    steps: a hook may change the run's remaining plan (``config.epochs``, the schedule)."""
     cfg = trainer.config
     trainer.epoch += 1
     trainer.step_in_epoch, trainer.epoch_losses = 0, []
-    trainer.scheduler.step()
     record = {"epoch": trainer.epoch, "step": trainer.step, "train_loss": mean_finite(losses),
               "beta": float(trainer.beta), "seconds": seconds}
     if trainer.dist.is_main and (trainer.epoch % cfg.eval_every == 0 or trainer.epoch == cfg.epochs):
         record["val_loss"] = trainer.validation_loss()
+    for hook in trainer.epoch_hooks:
+        hook(trainer, record)
+    trainer.scheduler.step()
     trainer.history.append(record)
     log_epoch(trainer.tb, record, trainer.optimizer.param_groups[0]["lr"])
     rundir.append_history(trainer.run_dir, record)
@@ -131,5 +143,8 @@ def read_back(trainer, recent: List[Tensor], bar: Optional[tqdm]) -> None:
                                "try a lower --lr, or --nan-policy skip to skip such steps")
     if bar is not None and finite.any():
         bar.set_postfix(loss=f"{values[finite].mean().item():.3f}", beta=f"{float(trainer.beta):.3g}")
+        if trainer.tracker is not None:
+            trainer.tracker.status(f"train: epoch {trainer.epoch + 1}/{trainer.config.epochs}, "
+                                   f"loss {values[finite].mean().item():.2f}")
     if trainer.tb is not None and finite.any():  # values are on the host already: no extra sync
         trainer.tb.add_scalar("train/loss", values[finite].mean().item(), trainer.step)

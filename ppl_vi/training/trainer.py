@@ -21,8 +21,9 @@ NaN/inf in any step is caught at that read-back, naming the first bad step.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import pyro
 import torch
@@ -76,12 +77,16 @@ class Trainer:
         self.epoch, self.step, self.best_val = 0, 0, math.inf
         self.skipped_steps = 0
         self.history: List[dict] = []
+        # training time: seconds spent before this process (from a checkpoint), and when fit() started here
+        self.seconds_before, self.fit_started = 0.0, None
         # position inside the current epoch, for an exact mid-epoch resume (--checkpoint-every-steps): the
         # data generator's state before the epoch's permutation was drawn, the steps done, their losses
         self.epoch_data_state = self.data_generator.get_state()
         self.step_in_epoch, self.epoch_losses = 0, []
         self.last_saved: Optional[Tuple[int, int]] = None  # (epoch, step) of the last checkpoint written or loaded
         self._last_batches = None  # the latest step's batches (NaN diagnosis)
+        self.tracker = None  # a job's single progress bar (ppl_vi.progress.RunProgress); None: a bar per epoch
+        self.epoch_hooks: List[Callable[["Trainer", dict], None]] = []  # run at each epoch's end (loop.finish_epoch)
         # config.fast: validation and param-store registration off in the hot path, a sync-free loss,
         # and on CUDA the whole step captured in a CUDA graph (ppl_vi.objectives.graph_step)
         # what the fast path decides is written to stderr whatever --progress says, and kept for metrics.json
@@ -111,6 +116,11 @@ class Trainer:
     # ---- the loop (ppl_vi.training.loop) -------------------------------------------------------
     def fit(self) -> dict:
         return loop.fit(self)
+
+    def train_seconds(self) -> float:
+        """Training time of the run so far, over every process that trained it (resumes included)."""
+        now = 0.0 if self.fit_started is None else time.perf_counter() - self.fit_started
+        return self.seconds_before + now
 
     @torch.no_grad()
     def validation_loss(self) -> float:

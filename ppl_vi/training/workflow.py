@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ppl_vi import distributed, plots
 from ppl_vi import run as rundir
@@ -25,28 +25,50 @@ from ppl_vi.runtime import seed_everything
 from ppl_vi.training.trainer import Trainer
 
 
+Log = Optional[Callable[[str], None]]
+
+
 def train(config: TrainConfig, run_dir: Optional[Path] = None, *, resume: bool = False, progress: bool = True,
-          figures: bool = True, overwrite: bool = False) -> Trainer:
+          figures: bool = True, overwrite: bool = False, log: Log = print) -> Trainer:
     """Train ``config`` into ``run_dir`` (optional); returns the trainer, ``.metrics`` as in metrics.json.
 
     The data load before a new run directory is created, so a bad data folder leaves nothing
     behind (``overwrite`` replaces a non-empty one). ``resume`` continues from checkpoints/last.pt,
-    mid-epoch ones included, and drops history records written after that checkpoint.
+    mid-epoch ones included, and drops history records written after that checkpoint. ``log``
+    receives the one-line messages a user should see whatever ``progress`` says (where a resumed
+    run continues); None silences them.
     """
     trainer = Trainer(config, run_dir, progress)
+    return run_training(trainer, run_dir, resume=resume, figures=figures, overwrite=overwrite, log=log)
+
+
+def run_training(trainer: Trainer, run_dir: Optional[Path] = None, *, resume: bool = False, figures: bool = True,
+                 overwrite: bool = False, log: Log = print) -> Trainer:
+    """:func:`train` for a trainer already built (a caller may first set ``trainer.tracker`` or
+    ``trainer.epoch_hooks``, or use its model and data)."""
     if run_dir is not None:
-        start_or_resume(trainer, Path(run_dir), resume=resume, overwrite=overwrite)
+        message = start_or_resume(trainer, Path(run_dir), resume=resume, overwrite=overwrite)
+        if message and log is not None and trainer.dist.is_main:
+            log(message)
+    step_before = trainer.step
     summary = trainer.fit()
+    if trainer.run_dir is not None and trainer.step != step_before:
+        message = drop_stale_evaluation(trainer.run_dir)
+        if message and log is not None:
+            log(message)
     trainer.metrics = finish(trainer, summary, figures=figures)
     return trainer
 
 
-def start_or_resume(trainer: Trainer, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Prepare ``run_dir`` for a new run, or load its last checkpoint into ``trainer``."""
+def start_or_resume(trainer: Trainer, run_dir: Path, *, resume: bool, overwrite: bool) -> Optional[str]:
+    """Prepare ``run_dir`` for a new run, or load its last checkpoint into ``trainer``; on resume,
+    returns the line that says where the run continues."""
     config = trainer.config
     last = run_dir / rundir.CHECKPOINTS / "last.pt"
+    message = None
     if resume and last.is_file():
         trainer.load_state(rundir.load_checkpoint(last, trainer.device))
+        message = resume_message(trainer, last)
         trainer.history = rundir.truncate_history(trainer.run_dir, trainer.step, trainer.epoch) \
             if trainer.run_dir is not None else rundir.read_history(run_dir)
         if trainer.run_dir is not None and rundir.load_config_dict(run_dir) != config.to_dict():
@@ -56,9 +78,41 @@ def start_or_resume(trainer: Trainer, run_dir: Path, *, resume: bool, overwrite:
     elif trainer.run_dir is not None:
         if resume:  # killed before its first checkpoint: start over in the same directory
             rundir.truncate_history(run_dir, 0, 0)
+            message = f"resuming {run_dir}: no checkpoint was written before it stopped; starting from epoch 1"
         else:
             rundir.prepare_run_dir(run_dir, overwrite=overwrite)
         rundir.save_config(run_dir, config.to_dict(), rundir.environment(trainer.device))
+    return message
+
+
+def resume_message(trainer: Trainer, checkpoint: Path) -> str:
+    """Where a resumed run continues: epoch, global step, position inside the epoch, time so far."""
+    cfg, done = trainer.config, trainer.epoch
+    head = (f"resuming from {checkpoint} (epoch {done} of {cfg.epochs} done, step {trainer.step}, "
+            f"{trainer.seconds_before / 60:.1f} min trained)")
+    if done >= cfg.epochs:
+        return f"{head}: nothing left to train; pass --epochs N (> {done}) to train longer"
+    if trainer.step_in_epoch:
+        return (f"{head}: continuing epoch {done + 1} at step {trainer.step_in_epoch + 1} of "
+                f"{trainer.steps_per_epoch()} (the {trainer.step_in_epoch} steps before it are not redone)")
+    return (f"{head}: continuing with epoch {done + 1}; steps the stopped process took after this checkpoint "
+            "are redone (--checkpoint-every-steps N also saves inside epochs)")
+
+
+def drop_stale_evaluation(run_dir: Path) -> Optional[str]:
+    """Remove an earlier ``ppl-vi eval``'s keys (``eval_keys``) and figures (``eval_figures``) from a run
+    that has trained on: they describe a checkpoint that has since changed. Returns what was dropped."""
+    path = run_dir / rundir.METRICS
+    metrics = rundir.read_json(path) if path.is_file() else {}
+    if "eval_keys" not in metrics:
+        return None
+    scored = f"{metrics.get('eval_checkpoint')} (epoch {metrics.get('eval_checkpoint_epoch')})"
+    for name in metrics.get("eval_figures", []):
+        (run_dir / name).unlink(missing_ok=True)
+    for key in metrics["eval_keys"]:
+        metrics.pop(key, None)
+    rundir.write_json(path, metrics)
+    return f"dropped the earlier evaluation of {scored} from metrics.json (the run trained on); run ppl-vi eval again"
 
 
 def finish(trainer: Trainer, summary: dict, *, figures: bool = True) -> dict:
