@@ -419,3 +419,31 @@ def test_gradient_snr_benchmark_runs_and_dreg_shares_the_decoder_gradient(tmp_pa
         assert row["iwae_decoder"] == pytest.approx(row["dreg_decoder"], rel=1e-4)  # float32 sums, other order
         assert row["iwae_encoder"] != pytest.approx(row["dreg_encoder"], rel=1e-3)
     assert (tmp_path / "snr_vs_k.png").stat().st_size > 0 and "slope" in (tmp_path / "snr.md").read_text()
+
+
+def test_fast_path_mode_is_recorded_and_printed_without_progress(tmp_path, capsys):
+    """`ppl-vi train ssvae --loss trace --no-progress`: the fast path's mode (and why) is on stderr and in
+    metrics.json: sync-free for labelled batches, Trace_ELBO eagerly (score function) for unlabelled ones."""
+    import json
+
+    from ppl_vi.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "ssvae", "--loss", "trace", "--epochs", "1", "--train-subset", "300", "--val-size", "100",
+                 "--labels", "20", "--hidden", "8", "--z-dim", "2", "--batch-size", "100", "--device", "cpu",
+                 "--no-progress", "--out", str(out)]) == 0
+    out_text = capsys.readouterr().out
+    assert "ppl_vi fast path: sync-free loss off for batches with no y (guide site 'y' is not reparameterised" in out_text
+    record = json.loads((out / "metrics.json").read_text())["fast_path"]
+    assert record["mode"] == "sync-free + eager"
+    assert any("Trace_ELBO eagerly" in note for note in record["notes"])
+
+
+def test_a_refused_combination_stops_before_anything_is_written(tmp_path, capsys):
+    from ppl_vi.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "gmm", "--loss", "iwae", "--k", "3", "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("losses that work for gmm: trace, enum, vimco") and "\n" not in err
+    assert not out.exists()

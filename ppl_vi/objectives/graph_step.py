@@ -228,8 +228,9 @@ def plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
 # 3. the step
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _stdout(message: str) -> None:
+    """What the fast path decided: information, not an error, so stdout (stderr stays one line per mistake)."""
+    print(message, file=sys.stdout, flush=True)
 
 
 def _rng_state(device: torch.device):
@@ -260,13 +261,13 @@ class FastStep:
     an unlabelled SSVAE batch are two kinds), on its first traces, and the traces are checked again
     on every call: a batch whose guide samples a discrete site (which needs a score-function term)
     or whose sites are enumerated runs the trainer's own loss, eagerly, never the sync-free one.
-    Every decision is a line in ``notes``, written to stderr as it is made (whatever the progress
+    Every decision is a line in ``notes``, written to stdout as it is made (whatever the progress
     setting), and :meth:`record` gives both for metrics.json.
     """
 
     def __init__(self, trainer, quiet: bool = False, warmup: int = 3, log: Optional[Callable[[str], None]] = None):
         self.trainer, self.warmup = trainer, warmup
-        self.log = None if quiet else (log or _stderr)
+        self.log = None if quiet else (log or _stdout)
         self.notes: List[str] = []
         self.kinds: Dict[tuple, Optional[str]] = {}  # batch kind -> None (sync-free) or why it runs eagerly
         try:

@@ -89,7 +89,7 @@ class Trainer:
         self.epoch_hooks: List[Callable[["Trainer", dict], None]] = []  # run at each epoch's end (loop.finish_epoch)
         # config.fast: validation and param-store registration off in the hot path, a sync-free loss,
         # and on CUDA the whole step captured in a CUDA graph (ppl_vi.objectives.graph_step)
-        # what the fast path decides is written to stderr whatever --progress says, and kept for metrics.json
+        # what the fast path decides is written to stdout whatever --progress says, and kept for metrics.json
         self.fast = FastStep(self) if config.fast else None
 
     # ---- batches (ppl_vi.training.batches) -----------------------------------------------------
