@@ -252,6 +252,7 @@ def vae_family_command(ctx: Ctx) -> List[str]:
 def ssl_command(ctx: Ctx) -> List[str]:
     return script(ctx, "semi_supervised", "--completion-json", str(ctx.scratch("completion-read.json")),
                   *shared_budget(ctx, "semi_supervised", ["--quick", "--seeds", "0", "--k", "1", "--parallel", "1",
+                                                          "--models", "ssvae",  # M1+M2: tests/test_models_m1m2.py
                                                           "--train-args=--train-subset 512 --val-size 500"]))
 
 
@@ -280,8 +281,9 @@ ROWS: List[Row] = [
     Row("vae_family", "experiments/vae_family.py: VAE z=50, β 0.5/2/4, KL annealing, IWAE k=5/50, GMVAE z=10 vs "
         "VAE z=10", "shared", vae_family_command, runs=9, results="vae_family.json",
         collect=lambda ctx, runs: collect_command(ctx, "vae_family", runs)),
-    Row("semi_supervised", "experiments/semi_supervised.py: SSVAE (M2), 100 labels, 3 labelled-set seeds", "shared",
-        ssl_command, runs=3, results="semi_supervised.json",  # its collection also merges the completion run
+    Row("semi_supervised", "experiments/semi_supervised.py: supervised-only baseline, M2 and M1+M2 (one label-free M1 "
+        "shared), 100 labels, 3 labelled-set seeds", "shared",
+        ssl_command, runs=7, results="semi_supervised.json",  # its collection also merges the completion run
         collect=lambda ctx, runs: collect_command(ctx, "semi_supervised", runs, "--completion-json",
                                                   str(ctx.file("experiments/completion.json")))),
     Row("completion", "experiments/completion.py: CVAE image completion against the MLP baseline", "shared",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -25,7 +27,7 @@ from ppl_vi.config import FIELDS, TrainConfig, build_config, parse_int_list, rea
 from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
 from ppl_vi.data.sources import load_data
 from ppl_vi.distributed import is_main_process
-from ppl_vi.errors import ConfigError, PplViError
+from ppl_vi.errors import ConfigError, PplViError, Terminated
 from ppl_vi.evaluate import CHECKPOINT_NAMES, describe_checkpoint, evaluate_run
 from ppl_vi.job import run_job
 from ppl_vi.models import REGISTRY
@@ -150,8 +152,7 @@ def cmd_train(args) -> int:
     overrides = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name, None) is not None}
     if args.resume:
         run_dir = rundir.prepare_run_dir(args.resume, resume=True)
-        saved = rundir.load_config_dict(run_dir)
-        config = build_config(saved["model"], saved, overrides)
+        config = build_config(None, rundir.load_config_dict(run_dir), overrides)
     else:
         file_values = read_config_file(args.config_file) if args.config_file else {}
         config = build_config(args.model, file_values, overrides)
@@ -197,8 +198,8 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     if args.k is not None:
         ks = parse_int_list(args.k, "--k")
-    else:
-        ks = rundir.load_config_dict(Path(args.run_dir)).get("eval_k", [1, 10])
+    else:  # the run's own eval_k, validated (config.json may have been edited by hand)
+        ks = build_config(None, rundir.load_config_dict(Path(args.run_dir))).eval_k
     if not ks or any(k < 1 for k in ks):
         raise ConfigError(f"--k values must be integers >= 1, got {args.k}")
     if args.batch_size < 1:
@@ -231,6 +232,9 @@ def cmd_check(args) -> int:
     if args.gradient_seeds < 2:
         raise ConfigError(f"--gradient-seeds must be >= 2 (the expected-gradient rows average over seeds), got "
                           f"{args.gradient_seeds}")
+    if args.json_out and Path(args.json_out).is_dir():
+        raise ConfigError(f"--json {args.json_out} is a directory; expected a file name such as "
+                          f"{Path(args.json_out) / 'check.json'}")
     spec = get_spec(args.model)
     config = build_config(args.model, overrides={"seed": args.seed, "data_dir": args.data_dir, "device": "cpu",
                                                  "n_train": 1000, "n_test": 200})
@@ -274,14 +278,14 @@ def cmd_report(args) -> int:
         raise ConfigError(f"{run_dir} is not a run directory (no {rundir.CONFIG}); train into it first "
                           f"(ppl-vi train MODEL --out {run_dir})")
     status = 0
-    if args.check:
-        saved = rundir.load_config_dict(run_dir)
-        argv = ["check", saved["model"], "--repeats", "20", "--seed", str(saved.get("seed", 0)),
-                "--json", str(run_dir / CHECK)]
-        if saved.get("data_dir"):
-            argv += ["--data-dir", saved["data_dir"]]
-        status = cmd_check(build_parser().parse_args(argv))
-    path = write_report(run_dir)
+    with rundir.locked(run_dir):
+        if args.check:
+            saved = build_config(None, rundir.load_config_dict(run_dir))  # validated: a hand-edited file is one line
+            argv = ["check", saved.model, "--repeats", "20", "--seed", str(saved.seed), "--json", str(run_dir / CHECK)]
+            if saved.data_dir:
+                argv += ["--data-dir", saved.data_dir]
+            status = cmd_check(build_parser().parse_args(argv))
+        path = write_report(run_dir)
     print(f"report written: {path}")
     return status
 
@@ -289,9 +293,16 @@ def cmd_report(args) -> int:
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "check": cmd_check, "list": cmd_list, "report": cmd_report}
 
 
+def _terminated(signum, frame):
+    raise Terminated("terminated by SIGTERM; every file in the run directory is whole (atomic writes)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; a user mistake is one line and exit 2, SIGTERM one line and exit 143 (128 + 15)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # training refines it
     try:
         return COMMANDS[args.command](args)
     except PplViError as exc:
@@ -299,9 +310,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"ppl-vi {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"ppl-vi {args.command}: {exc}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("ppl-vi: interrupted; the last checkpoint in the run directory is intact", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

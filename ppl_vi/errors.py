@@ -24,3 +24,11 @@ class CheckpointError(PplViError):
 
 class TrainingDiverged(PplViError):
     """A NaN or inf appeared during training."""
+
+
+class RunDirError(PplViError):
+    """A run directory that cannot be written (disk full, read-only, locked by another process, a link)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: like KeyboardInterrupt, not an Exception, so no ``except Exception`` swallows it."""

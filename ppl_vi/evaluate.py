@@ -22,7 +22,7 @@ from ppl_vi.config import TrainConfig
 from ppl_vi.data.mnist import validate_bernoulli_data
 from ppl_vi.data.sources import DataBundle, load_data
 from ppl_vi.errors import CheckpointError, ConfigError, DataError
-from ppl_vi.metrics import exact_metrics, iter_eval_batches, mean_se
+from ppl_vi.metrics import exact_metrics, iter_eval_batches, mean_se, predictions
 from ppl_vi.models.base import LatentModel, default_make_batch, get_spec
 from ppl_vi.nets import BernoulliDecoder
 from ppl_vi.iwae_eval import iwae_bounds, rows_per_pass
@@ -143,7 +143,7 @@ def bound_metrics(model: LatentModel, x: Tensor, y: Optional[Tensor] = None, ks:
 @torch.no_grad()
 def accuracy_metrics(model, x: Tensor, y: Tensor, batch_size: int = 1000, num_classes: int = 10) -> Dict:
     """Accuracy of ``model.classify`` and the confusion matrix (rows: true, columns: predicted)."""
-    preds = torch.cat([model.classify(xb) for xb, _ in iter_eval_batches(x, None, batch_size)])
+    preds = predictions(model.classify, x, batch_size)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     confusion.index_put_((y.cpu(), preds.cpu()), torch.ones_like(y.cpu()), accumulate=True)
     return {"test_accuracy": (preds == y).double().mean().item(), "confusion_matrix": confusion.tolist()}
@@ -213,10 +213,20 @@ def keep_training_values(previous: Dict, new: Dict) -> Dict:
     return {"at_end_of_training": {"weights": where, **kept}}
 
 
-def evaluate_run(run_dir: Path, ks: Sequence[int], *, checkpoint: str = "best", device: Optional[str] = None,
-                 batch_size: int = 500, progress: Union[bool, Callable[[int], None]] = True,
-                 max_rows: Optional[int] = None, iwae_images: Optional[int] = None,
-                 log: Optional[Callable[[str], None]] = None, data: Optional[DataBundle] = None) -> Dict:
+def evaluate_run(run_dir: Path, ks: Sequence[int], **options) -> Dict:
+    """``ppl-vi eval``: :func:`score_run` holding the run directory's lock (a process still training or
+    evaluating there is named and refused), once figures/ is known not to be a link out of it."""
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    with rundir.locked(Path(run_dir)):
+        rundir.check_folders(Path(run_dir))
+        return score_run(Path(run_dir), ks, **options)
+
+
+def score_run(run_dir: Path, ks: Sequence[int], *, checkpoint: str = "best", device: Optional[str] = None,
+              batch_size: int = 500, progress: Union[bool, Callable[[int], None]] = True,
+              max_rows: Optional[int] = None, iwae_images: Optional[int] = None,
+              log: Optional[Callable[[str], None]] = None, data: Optional[DataBundle] = None) -> Dict:
     """``ppl-vi eval``: test metrics of a run's checkpoint, merged into its metrics.json.
 
     metrics.json records the checkpoint scored (``eval_checkpoint``, ``eval_checkpoint_epoch``,

@@ -39,7 +39,7 @@ class Scope:
 
 _MNIST = Scope("MNIST models", data=("mnist",))
 _SYNTHETIC = Scope("gmm, linear-gaussian", data=("gmm", "linear-gaussian"))
-_SEMI = Scope("ssvae", data=("mnist-semisupervised",))
+_SEMI = Scope("ssvae, m1m2", data=("mnist-semisupervised",))
 
 #: fields that only some models read; every other field applies to every model
 SCOPE: Dict[str, Scope] = {
@@ -49,7 +49,8 @@ SCOPE: Dict[str, Scope] = {
     "guide": Scope("gmm, linear-gaussian", models=("gmm", "linear-gaussian")),
     "data_dir": _MNIST, "val_size": _MNIST, "train_subset": _MNIST,
     "n_train": _SYNTHETIC, "n_test": _SYNTHETIC,
-    "labels": _SEMI, "alpha": _SEMI,
+    "labels": _SEMI, "alpha": _SEMI, "labelled_every": _SEMI, "labelled_batch_size": _SEMI, "baseline_steps": _SEMI,
+    "m1": Scope("m1m2", models=("m1m2",)),
 }
 
 

@@ -42,11 +42,39 @@ def exact_metrics(model, x: Tensor, truth=None) -> Dict:
     return out
 
 
+@torch.no_grad()
+def predictions(classify, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """``classify(x_batch)`` (predicted labels) over ``x`` in slices of ``batch_size`` rows: (N,)."""
+    return torch.cat([classify(xb) for xb, _ in iter_eval_batches(x, None, batch_size)])
+
+
+def accuracy(classify, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """The fraction of rows of ``x`` whose predicted label equals ``y``."""
+    return (predictions(classify, x, batch_size) == y).double().mean().item()
+
+
+def classifier_accuracies(model, data, prefix: str = "") -> Dict:
+    """``{prefix}val_accuracy`` and ``{prefix}test_accuracy`` of ``model.classify`` where the model
+    classifies and the data have labels (the validation split only where it exists); else {}."""
+    if not hasattr(model, "classify") or data.test_y is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    out = {}
+    if data.val_x is not None and data.val_y is not None:
+        out[f"{prefix}val_accuracy"] = accuracy(model.classify, data.val_x, data.val_y)
+    out[f"{prefix}test_accuracy"] = accuracy(model.classify, data.test_x, data.test_y)
+    model.train(was_training)
+    return out
+
+
 def final_metrics(model, data) -> Dict:
-    """Cheap end-of-training figures: exact log-likelihood of synthetic fits, fitted parameters."""
+    """Cheap end-of-training figures: exact log-likelihood of synthetic fits, fitted parameters, and
+    the last model's classifier accuracy (``final_val_accuracy``, ``final_test_accuracy``)."""
     out = exact_metrics(model, data.test_x, data.truth)
     if out:
         out["train_log_likelihood"] = exact_metrics(model, data.train_x)["test_log_likelihood"]
     if hasattr(model, "fitted_parameters"):
         out["fitted_parameters"] = model.fitted_parameters()
+    out.update(classifier_accuracies(model, data, prefix="final_"))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -46,3 +47,12 @@ class BernoulliDecoder(nn.Module):
 
     def forward(self, *inputs: Tensor) -> Tensor:
         return self.net(torch.cat(inputs, dim=-1) if len(inputs) > 1 else inputs[0])
+
+
+def fresh_copy(net: nn.Module) -> nn.Module:
+    """A new network of ``net``'s architecture with freshly initialised parameters (``net`` untouched)."""
+    clone = copy.deepcopy(net)
+    for module in clone.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return clone

@@ -17,10 +17,13 @@ from ppl_vi import run as rundir  # noqa: E402
 
 
 def _save(fig, run_dir: Path, name: str) -> Path:
+    """RUN_DIR/figures/NAME.png, written atomically: a kill leaves the old image or none, never a part,
+    and a symbolic link there is replaced, not written through."""
     path = Path(run_dir) / rundir.FIGURES / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        rundir.atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -146,10 +149,37 @@ def ssvae_style_grid(run_dir: Path, model, n_styles: int = 10, seed: int = 0) ->
     return _save(fig, run_dir, "style_grid")
 
 
-def training_figures(run_dir: Path, model, data, history: List[dict]) -> None:
-    """Every figure that applies to this model, after training."""
+def accuracy_curve(run_dir: Path, history: List[dict], metrics: Optional[dict] = None) -> Optional[Path]:
+    """Validation and test accuracy per epoch of a classifying model, with the label-only baselines
+    of metrics.json (``NAME_test_accuracy``) as horizontal lines: learning from the unlabelled
+    images is the gap between the curve and the baseline."""
+    points = [h for h in history if "test_accuracy" in h]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    epochs = [h["epoch"] for h in points]
+    ax.plot(epochs, [100 * h["test_accuracy"] for h in points], "o-", label="test accuracy")
+    if all("val_accuracy" in h for h in points):
+        ax.plot(epochs, [100 * h["val_accuracy"] for h in points], ".--", label="validation accuracy")
+    styles = iter([("black", ":"), ("gray", "-."), ("brown", "--")])
+    for key, value in sorted((metrics or {}).items()):
+        if key.startswith("baseline") and key.endswith("_test_accuracy"):
+            color, dash = next(styles, ("gray", ":"))
+            name = key[: -len("_test_accuracy")]
+            ax.axhline(100 * value, color=color, ls=dash, label=f"{name} (labels only): {100 * value:.2f} %")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("classifier q(y|.) per epoch against the supervised-only baseline")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, run_dir, "accuracy")
+
+
+def training_figures(run_dir: Path, model, data, history: List[dict], metrics: Optional[dict] = None) -> None:
+    """Every figure that applies to this model, after training (``metrics``: the baselines' accuracies)."""
     model.eval()
     training_curves(run_dir, history)
+    accuracy_curve(run_dir, history, metrics)
     if data.kind.startswith("mnist"):
         image_figures(run_dir, model, data)
         if hasattr(model, "num_classes") and "y" in inspect.signature(getattr(model, "generate", len)).parameters:

@@ -27,16 +27,17 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional, Tuple
 
 from ppl_vi import run as rundir
 from ppl_vi.config import FIELDS
-from ppl_vi.errors import ConfigError
+from ppl_vi.errors import ConfigError, PplViError
 from ppl_vi.fields import applies
 from ppl_vi.models.base import get_spec
 
-REPORT = "report.html"
-CHECK = "check.json"
+REPORT, CHECK = rundir.REPORT, rundir.CHECK
+MAX_FIGURE_BYTES = 64 * 2**20
+PNG_SIGNATURE, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"  # a PNG's first 8 and last 8 bytes
 
 #: figures in the order the report shows them, with a caption; any other PNG follows, by name.
 FIGURE_CAPTIONS = {
@@ -47,12 +48,15 @@ FIGURE_CAPTIONS = {
     "latent_scatter": "Guide means of test images, coloured by label.",
     "gmm_density": "Data and the fitted mixture's log-density contours.",
     "confusion_matrix": "Classifier confusion matrix on the test set.",
+    "accuracy": "Classifier accuracy per epoch (validation, test) against the supervised-only baseline "
+                "(the same classifier network trained on the labelled images alone).",
 }
 
 #: metrics shown first in the metrics table (when present), in this order.
 METRIC_ORDER = (
     "final_train_loss", "final_val_loss", "test_nelbo", "test_kl", "test_rec", "test_iwae",
     "test_log_likelihood", "train_log_likelihood", "true_log_likelihood", "test_accuracy",
+    "baseline_test_accuracy", "baseline_m1_test_accuracy", "final_test_accuracy",
     "epochs_done", "steps", "train_seconds", "skipped_steps", "eval_seconds", "eval_device",
 )
 
@@ -207,21 +211,47 @@ def _history_section(history: List[dict]) -> str:
             f"<div class='scroll'>{_table(columns, rows)}</div>")
 
 
-def _figures_section(run_dir: Path) -> str:
+def _figure_files(run_dir: Path) -> Tuple[List[Tuple[Path, bytes]], List[str]]:
+    """The PNGs to embed, read without following links, and why any other *.png was left out.
+
+    A symbolic link is never read (it could point at any file: the page is meant for sharing), and
+    an empty or truncated image (not a PNG) is left out rather than shown broken.
+    """
     folder = run_dir / rundir.FIGURES
-    pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if folder.is_symlink():
+        return [], [f"{rundir.FIGURES}/ (a symbolic link, not followed)"]
+    found, skipped = [], []
+    for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        if path.is_symlink():
+            skipped.append(f"{path.name} (a symbolic link, not followed)")
+            continue
+        try:
+            data = rundir.read_file(path, MAX_FIGURE_BYTES)
+        except PplViError as exc:
+            skipped.append(f"{path.name} ({exc})")
+            continue
+        if not (data.startswith(PNG_SIGNATURE) and data.endswith(PNG_END)):
+            skipped.append(f"{path.name} ({'empty' if not data else 'not a complete PNG image'})")
+            continue
+        found.append((path, data))
+    return found, skipped
+
+
+def _figures_section(run_dir: Path) -> str:
+    pngs, skipped = _figure_files(run_dir)
+    note = (f"<p class='sub'>Not embedded: {_esc('; '.join(skipped))}.</p>" if skipped else "")
     if not pngs:
-        return "<h2>Figures</h2><p class='sub'>No figures in this run directory.</p>"
+        return "<h2>Figures</h2><p class='sub'>No figures in this run directory.</p>" + note
     order = {name: i for i, name in enumerate(FIGURE_CAPTIONS)}
-    pngs.sort(key=lambda p: (order.get(p.stem, len(order)), p.stem))
+    pngs.sort(key=lambda item: (order.get(item[0].stem, len(order)), item[0].stem))
     items = []
-    for path in pngs:
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
+    for path, raw in pngs:
+        data = base64.b64encode(raw).decode("ascii")
         caption = FIGURE_CAPTIONS.get(path.stem, "")
         title = path.stem.replace("_", " ")
         items.append(f'<figure id="fig-{_esc(path.stem)}"><img alt="{_esc(title)}" src="data:image/png;base64,{data}">'
                      f"<figcaption><b>{_esc(title)}</b>{' — ' + _esc(caption) if caption else ''}</figcaption></figure>")
-    return "<h2>Figures</h2><div class='figures'>" + "".join(items) + "</div>"
+    return "<h2>Figures</h2><div class='figures'>" + "".join(items) + "</div>" + note
 
 
 def _check_section(check: Optional[dict]) -> str:
@@ -279,7 +309,16 @@ def _badge(check: Optional[dict]) -> str:
 
 
 def _read_optional_json(path: Path) -> Optional[dict]:
-    return rundir.read_json(path) if path.is_file() else None
+    return rundir.read_json(path) if path.exists() or path.is_symlink() else None  # a link: refused in one line
+
+
+def _read_check(path: Path) -> Optional[dict]:
+    check = _read_optional_json(path)
+    if check is not None and not (isinstance(check.get("rows", []), list)
+                                  and all(isinstance(r, dict) for r in check.get("rows", []))):
+        raise ConfigError(f"{path} has 'rows' that are not a list of objects; expected the output of "
+                          "ppl-vi check --json")
+    return check
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,12 +335,13 @@ def render_report(run_dir: Path, check: Optional[dict] = None) -> str:
     metrics = _read_optional_json(run_dir / rundir.METRICS) or {}
     history = rundir.read_history(run_dir)
     if check is None:
-        check = _read_optional_json(run_dir / CHECK)
+        check = _read_check(run_dir / CHECK)
     model = config.get("model", "?")
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     headline = []
     for key, label in (("final_train_loss", "train loss"), ("final_val_loss", "val loss"),
-                       ("test_log_likelihood", "test log p(x)"), ("test_accuracy", "test accuracy")):
+                       ("test_log_likelihood", "test log p(x)"), ("test_accuracy", "test accuracy"),
+                       ("baseline_test_accuracy", "supervised-only baseline")):
         if isinstance(metrics.get(key), (int, float)):
             headline.append(f"{label} <b>{_fmt_number(metrics[key])}</b>")
     summary = (f"model <b>{_esc(model)}</b> · loss <b>{_esc(config.get('loss', '?'))}</b> · "
@@ -332,8 +372,8 @@ def render_report(run_dir: Path, check: Optional[dict] = None) -> str:
 def write_report(run_dir, check: Optional[dict] = None) -> Path:
     """Write ``RUN_DIR/report.html`` (atomically) and return its path."""
     run_dir = Path(run_dir)
-    text = render_report(run_dir, check)
-    path = run_dir / REPORT
-    rundir._atomic_write_bytes(path, lambda h: h.write(text.encode("utf-8")))
-    path.chmod(0o644)  # a page to share (the atomic writer's temporary file is 0600)
+    with rundir.locked(run_dir):  # re-entrant: train and eval already hold it
+        text = render_report(run_dir, check)
+        path = run_dir / REPORT
+        rundir.atomic_write(path, lambda h: h.write(text.encode("utf-8")))
     return path

@@ -256,9 +256,9 @@ def _corrupt_mnist(root: Path) -> Path:
 CLI_CASES = [
     ("unknown model", ["train", "no-such-model"], "unknown model 'no-such-model'; expected one of"),
     ("unknown loss", ["train", "gmm", "--loss", "nope"], "unknown loss 'nope'; expected one of"),
-    ("k < 1", ["train", "gmm", "--k", "0"], "k (particles) must be >= 1"),
+    ("k < 1", ["train", "gmm", "--k", "0"], "k must be >= 1, got 0"),
     ("beta < 0", ["train", "gmm", "--beta", "-0.5"], "beta must be >= 0"),
-    ("lr inf", ["train", "gmm", "--lr", "inf"], "lr must be > 0 and finite"),
+    ("lr inf", ["train", "gmm", "--lr", "inf"], "config field lr must be a finite number, got inf (float)"),
     ("batch size 0", ["train", "gmm", "--batch-size", "0"], "batch_size must be >= 1"),
     ("negative step checkpoints", ["train", "gmm", "--checkpoint-every-steps", "-1"], "checkpoint_every_steps must be >= 0"),
     ("nan policy", ["train", "gmm", "--nan-policy", "ignore"], "nan_policy must be stop or skip"),

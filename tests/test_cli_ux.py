@@ -60,7 +60,7 @@ def test_help_shows_defaults_choices_and_scope(capsys):
     assert f"gmm: {REGISTRY['gmm'].defaults['epochs']}" in out  # each model's own default, from the registry
     assert "--loss {trace,meanfield,enum,stl,renyi,iwae,vimco,dreg}" in out
     assert "--nan-policy {stop,skip}" in out
-    assert re.search(r"--labels LABELS .*\[applies to: ssvae\]", out)
+    assert re.search(r"--labels LABELS .*\[applies to: ssvae, m1m2\]", out)
     assert "--hidden N,N,..." in out and "default: 500,500" in out
     assert "default: runs/MODEL-YYYYmmdd-HHMMSS" in out.replace("- ", "-")  # argparse breaks lines at hyphens
 
@@ -69,6 +69,7 @@ def test_field_scope():
     assert fields.applies("components", "gmvae", "mnist") and not fields.applies("components", "vae", "mnist")
     assert fields.applies("val_size", "cvae", "mnist-labelled") and not fields.applies("val_size", "gmm", "gmm")
     assert fields.applies("labels", "ssvae", "mnist-semisupervised") and not fields.applies("labels", "vae", "mnist")
+    assert fields.applies("m1", "m1m2", "mnist-semisupervised") and not fields.applies("m1", "ssvae", "mnist-semisupervised")
     assert not fields.applies("z_dim", "gmm", "gmm") and fields.applies("z_dim", "linear-gaussian", "linear-gaussian")
     assert fields.applies("lr", "gmm", "gmm")  # not scoped: every model
 

@@ -35,7 +35,7 @@ def _load(name: str):
 def ssvae_run(tmp_path_factory):
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("ssl") / "ssvae"
-    assert main(["train", "ssvae", "--labels", "100", "--out", str(run), *TINY]) == 0
+    assert main(["train", "ssvae", "--labels", "100", "--baseline-steps", "100", "--out", str(run), *TINY]) == 0
     assert main(["eval", str(run), "--k", "1,10", "--no-progress"]) == 0
     return run
 
@@ -51,7 +51,11 @@ def test_ssvae_train_eval_metrics_and_figures(ssvae_run):
     assert m["test_accuracy"] == pytest.approx(confusion.diag().sum().item() / MNIST_TEST_SIZE)
     assert math.isfinite(m["test_nelbo"]) and m["test_nelbo"] > 0 and m["test_nelbo_se"] > 0
     assert set(m["test_iwae"]) == {"1", "10"}
-    for name in ("style_grid", "confusion_matrix", "samples", "training_curves"):
+    assert 0.5 < m["baseline_test_accuracy"] <= 1.0 and 0.0 <= m["final_test_accuracy"] <= 1.0  # 100 labels alone
+    history = [json.loads(line) for line in (ssvae_run / "history.jsonl").read_text().splitlines()]
+    assert all(0.0 <= h["test_accuracy"] <= 1.0 and 0.0 <= h["val_accuracy"] <= 1.0 for h in history)
+    assert history[-1]["test_accuracy"] == m["final_test_accuracy"]
+    for name in ("style_grid", "confusion_matrix", "samples", "training_curves", "accuracy"):
         path = ssvae_run / "figures" / f"{name}.png"
         assert path.is_file() and path.stat().st_size > 1000, name
     config = json.loads((ssvae_run / "config.json").read_text())["config"]
@@ -123,30 +127,61 @@ def test_completion_quick_main(tmp_path):
     assert "NOT a result" in text and "GPU figures owed" in text
 
 
-def test_semi_supervised_summary_and_section(tmp_path):
-    ssl = _load("semi_supervised")
+def _ssl_rows(device: str, accuracies: dict) -> dict:
+    """Finished records: for each kind (ssvae, m1m2) and seed, a test accuracy and a baseline."""
     rows = {}
-    for seed, acc in enumerate((0.95, 0.97, 0.96)):
-        rows[f"full/cuda/ssvae-l100-s{seed}"] = dict(
-            run=f"ssvae-l100-s{seed}", seed=seed, labels=100, mode="full", device="cuda", device_name="H100",
-            status="ok", test_accuracy=acc, test_nelbo=100.0 + seed, test_nelbo_se=0.3, train_command="t",
-            eval_command="e", test_iwae={"10": 99.0}, test_iwae_se={"10": 0.3}, figures=[])
-    s = ssl.summary(list(rows.values()))
+    for kind, values in accuracies.items():
+        for seed, (acc, base) in enumerate(values):
+            name = f"{kind}-l100-s{seed}"
+            rows[f"full/{device}/{name}"] = dict(
+                run=name, kind=kind, seed=seed, labels=100, mode="full", device=device, device_name="H100",
+                status="ok", test_accuracy=acc, baseline_test_accuracy=base, test_nelbo=100.0 + seed,
+                test_nelbo_se=0.3, train_command="t", eval_command="e", test_iwae={"10": 99.0},
+                test_iwae_se={"10": 0.3}, figures=[], epochs_done=10 + seed, train_wall_s=60.0,
+                config={"baseline_steps": 1000})
+    return rows
+
+
+def test_semi_supervised_summary_gain_and_section(tmp_path):
+    ssl = _load("semi_supervised")
+    rows = _ssl_rows("cuda", {"ssvae": [(0.88, 0.76), (0.90, 0.75), (0.86, 0.77)],
+                              "m1m2": [(0.95, 0.76), (0.97, 0.75), (0.96, 0.77)]})
+    records = list(rows.values())
+    s = ssl.summary(records, "m1m2")
     assert s["accuracy_mean"] == pytest.approx(0.96) and s["accuracy_sd"] == pytest.approx(0.01)
-    assert ssl.judge_ssl(rows)[0] == "met"
-    assert ssl.judge_ssl({k: v for k, v in rows.items() if not k.endswith("s2")})[0] == "owed"
+    assert ssl.summary(records, "ssvae", "baseline_test_accuracy")["mean"] == pytest.approx(0.76)
+    g = ssl.gain(records)  # per seed: +12, +15, +9 points
+    assert g["values"] == pytest.approx([0.12, 0.15, 0.09]) and g["mean"] == pytest.approx(0.12)
+    assert ssl.judge_ssl(rows, "cuda")[0] == "met" and ssl.judge_gain(rows, "cuda")[0] == "met"
+    assert ssl.judge_ssl({k: v for k, v in rows.items() if not k.endswith("s2")}, "cuda")[0] == "owed"
+    assert ssl.judge_gain(rows, "cpu")[0] == "owed"  # no CPU rows
     text = ssl.section({"rows": rows}, {"rows": {}}, tmp_path)
-    assert "96.00 ± 1.00 %" in text and "**met**" in text
+    assert "96.00 ± 1.00 %" in text and "88.00 ± 2.00 %" in text and "76.00 ± 1.00 %" in text
+    assert "M2 − supervised-only baseline: +12.00 ± 3.00 points" in text
+    assert "| M1+M2, 100 labels: test accuracy ≥ 96 % (mean of 3 labelled-set seeds) | **met**" in text
 
 
-def test_semi_supervised_dry_run_and_bad_labels(capsys):
+def test_semi_supervised_gain_not_met_on_the_cpu(tmp_path):
+    ssl = _load("semi_supervised")
+    rows = _ssl_rows("cpu", {"ssvae": [(0.80, 0.76), (0.81, 0.75), (0.79, 0.77)]})
+    assert ssl.judge_gain(rows, "cpu")[0] == "NOT met"
+    text = ssl.section({"rows": rows}, {"rows": {}}, tmp_path)
+    assert "| M2 beats its supervised-only baseline by ≥ 10 points of test accuracy (mean of 3 labelled-set seeds) " \
+           "| **NOT met** | +4.00 ± 2.00 points" in text
+
+
+def test_semi_supervised_dry_run_and_bad_options(capsys):
     ssl = _load("semi_supervised")
     assert ssl.main(["--device", "cpu", "--quick", "--dry-run", "--seeds", "3,4"]) == 0
     out = capsys.readouterr().out
     assert "--labels 100" in out and "--seed 3" in out and "--seed 4" in out and "eval" in out
-    with pytest.raises(SystemExit) as exc:
-        ssl.parse_args(["--labels", "105"])
-    assert exc.value.code == 2
+    assert "train vae" in out and "train m1m2" in out and "--m1 experiments/runs/smoke-m1-vae" in out
+    assert ssl.main(["--device", "cpu", "--quick", "--dry-run", "--models", "ssvae"]) == 0
+    assert "m1m2" not in capsys.readouterr().out
+    for bad in (["--labels", "105"], ["--models", "m3"], ["--m1", "/nowhere"], ["--m1-minutes", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            ssl.parse_args(bad)
+        assert exc.value.code == 2
 
 
 # ---- bad input: one line, exit status 2 ------------------------------------------------------------------

@@ -203,6 +203,7 @@ def test_semisupervised_skip_replays_the_same_epoch():
     from ppl_vi import distributed
     from ppl_vi.data.sources import DataBundle
     from ppl_vi.models.base import default_make_batch
+    from ppl_vi.training.batches import LabelledSchedule
 
     trainer = Trainer.__new__(Trainer)
     x = torch.arange(50, dtype=torch.float32).unsqueeze(1)
@@ -212,6 +213,7 @@ def test_semisupervised_skip_replays_the_same_epoch():
     trainer.device, trainer.dist = torch.device("cpu"), getattr(distributed, "SINGLE", None)
     trainer.make_batch, built = default_make_batch, []
     trainer._x = lambda idx: built.append(idx) or x[idx]
+    trainer.schedule = LabelledSchedule.from_config(trainer.config, 8, 11)  # a labelled batch at every step
     trainer.data_generator = torch.Generator().manual_seed(5)
     start = trainer.data_generator.get_state()
     full = [[b["x"] for b in step] for step in trainer.batches()]

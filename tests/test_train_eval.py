@@ -187,7 +187,7 @@ def test_check_full_size_exits_0(model, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "no-such-model"], "unknown model"),
-    (["train", "vae", "--k", "0"], "k (particles) must be >= 1"),
+    (["train", "vae", "--k", "0"], "k must be >= 1, got 0"),
     (["train", "vae", "--beta", "-1"], "beta must be >= 0"),
     (["train", "vae", "--train-subset", "-1"], "train_subset must be >= 0"),
     (["train", "vae", "--loss", "nope"], "unknown loss"),

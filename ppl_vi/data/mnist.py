@@ -29,6 +29,8 @@ ENV_VAR = "PPL_VI_DATA"
 NUM_PIXELS = 28 * 28
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_UBYTE = 0x08
+MAX_IDX_BYTES = 2**30  # MNIST's largest file holds 47 MB; this bounds what a corrupt or hostile header can cost
+_CHUNK = 2**20
 _CACHE: dict[tuple[Path, str], tuple[Tensor, Tensor]] = {}
 
 
@@ -57,28 +59,45 @@ def read_idx(path: str | Path) -> Tensor:
     """Read an unsigned-byte IDX file (gzipped when the name ends in ``.gz``) as a uint8 tensor.
 
     Layout: magic ``00 00 08 ndim``, then ``ndim`` big-endian int32 sizes, then
-    ``prod(sizes)`` bytes. Anything else (truncated, foreign) raises :class:`DataError`.
+    ``prod(sizes)`` bytes. The header is read first and the data incrementally, up to the size the
+    header declares (at most :data:`MAX_IDX_BYTES`), so a file that decompresses to more than it
+    declares (a gzip bomb) costs at most that much memory. Anything else (truncated, foreign,
+    oversized) raises :class:`DataError`.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0:3] != bytes([0, 0, _IDX_UBYTE]):
+                raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number); expected "
+                                "magic 0x000008NN as in MNIST's *-ubyte files")
+            ndim = magic[3]
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise DataError(f"{path} is truncated inside its header; expected {ndim} dimension sizes")
+            shape = [int.from_bytes(sizes[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+            declared = math.prod(shape)
+            if declared > MAX_IDX_BYTES:
+                raise DataError(f"{path} declares shape {shape}, {declared} bytes; at most {MAX_IDX_BYTES} bytes "
+                                "are read from an IDX file")
+            data = bytearray()
+            while len(data) < declared:
+                chunk = f.read(min(_CHUNK, declared - len(data)))
+                if not chunk:
+                    break
+                data += chunk
+            extra = bool(f.read(1))
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read IDX file {path} ({type(e).__name__}); expected a readable "
-                        "IDX file, gzipped if named .gz") from e
-    if len(raw) < 4 or raw[0:3] != bytes([0, 0, _IDX_UBYTE]):
-        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number); expected "
-                        "magic 0x000008NN as in MNIST's *-ubyte files")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated inside its header; expected {ndim} dimension sizes")
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    if len(raw) - header != math.prod(shape):
-        raise DataError(f"{path} holds {len(raw) - header} data bytes but its header {shape} "
-                        f"needs {math.prod(shape)}; the file is truncated or corrupt")
-    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+                        "IDX file, gzipped if named .gz") from None
+    if len(data) < declared:
+        raise DataError(f"{path} holds {len(data)} data bytes but its header {shape} "
+                        f"needs {declared}; the file is truncated or corrupt")
+    if extra:
+        raise DataError(f"{path} holds more data than the {declared} bytes its header {shape} declares; "
+                        "the file is corrupt (or a decompression bomb)")
+    return torch.frombuffer(data, dtype=torch.uint8).reshape(shape) if declared else torch.zeros(shape, dtype=torch.uint8)
 
 
 def _idx_files(raw_dir: Path, split: str) -> tuple[Path, Path] | None:
@@ -112,6 +131,8 @@ def _read_split(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1:
         raise DataError(f"{images_path} / {labels_path} have shapes {tuple(images.shape)} / "
                         f"{tuple(labels.shape)}; expected (N, 28, 28) images and (N,) labels")
+    if images.shape[0] == 0:
+        raise DataError(f"{images_path} holds 0 images; expected MNIST's images (60000 train, 10000 test)")
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{images_path} has {images.shape[0]} images but {labels_path} has "
                         f"{labels.shape[0]} labels; expected the same number")

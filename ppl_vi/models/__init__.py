@@ -7,3 +7,4 @@ from ppl_vi.models.vae import VAE  # noqa: F401
 from ppl_vi.models.gmvae import GMVAE  # noqa: F401
 from ppl_vi.models.ssvae import SSVAE  # noqa: F401
 from ppl_vi.models.cvae import CVAE, CVAECompletion  # noqa: F401
+from ppl_vi.models.m1m2 import M1M2  # noqa: F401

@@ -70,6 +70,9 @@ class GMM(LatentModel):
     def from_config(cls, config, data_info) -> "GMM":
         generator = torch.Generator().manual_seed(config.seed)
         x = data_info["train_x"]
+        if x.shape[0] < config.components:
+            raise ConfigError(f"n_train={x.shape[0]} is fewer than components={config.components}: the means start at "
+                              "distinct training points; expected n_train >= components")
         init = x[torch.randperm(x.shape[0], generator=generator)[: config.components]].float()
         return cls(config.components, data_info["x_dim"], config.hidden[0], config.guide or "amortised", init_locs=init)
 

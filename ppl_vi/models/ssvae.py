@@ -21,11 +21,24 @@ model has an observed site ``y_aux ~ Cat(classifier(x))`` at ``obs=y`` under
 ``poutine.scale(α')``. Its log-density α' log q(y|x) does not depend on z, so it adds to the ELBO
 and also factors out of the IWAE log-mean-exp (RenyiELBO gives -(L_K + α' log q(y|x))).
 
-**α' (``alpha_scale``)**: Kingma et al. add α · E_{labelled}[-log q(y|x)] to the summed objective
-with α = 0.1 · N (N training images). As a weight on each labelled datapoint's term that is
-α' = α_config · N / N_labelled, which :meth:`SSVAE.from_config` uses (``config.alpha`` = 0.1,
-N = ``train_size``, N_labelled = ``n_labelled``): 0.1 · 60000 / 100 = 60 for 100 labels, the
-same order as Pyro's ``examples/vae/ss_vae_M2.py`` (46).
+**The training objective per epoch** (Kingma et al. 2014's J^α, written as a loss): with N_u
+unlabelled images x_u and N_l labelled pairs (x_l, y_l), one pass over the unlabelled set minimises
+
+    J = Σ_u -U(x_u) + Σ_l [-L(x_l, y_l) - α' log q(y_l|x_l)],
+    U(x) = Σ_y q(y|x) ELBO(x, y) + H[q(y|x)],   L(x, y) = ELBO(x, y),
+
+each labelled image counted once per epoch. The trainer holds this whatever the batching: its
+labelled batches (``labelled_every``, ``labelled_batch_size``) are scaled by ``poutine.scale(w)``,
+w = N_l / (m b_l) for m labelled batches of b_l images per epoch, and every step is divided by the
+same batch size, so that one epoch's expected loss is J (:mod:`ppl_vi.training.batches`;
+``tests/test_schedule.py`` holds the gradients equal). Pairing every unlabelled batch with all
+100 labels unweighted, as before, counted each labelled term ≈ 430 times per epoch (α' ≈ 23,600).
+
+**α' (``alpha_scale``)**: Kingma et al. add α · E_{labelled}[-log q(y|x)] to J with α = 0.1 · N
+(N training images); spread over the labelled images that is α' = α · N / N_l per labelled
+datapoint, which :meth:`SSVAE.from_config` uses (``config.alpha``, N = ``train_size``, N_l =
+``n_labelled``): 0.1 · 55000 / 100 = 55 for 100 labels, as Pyro's ``examples/vae/ss_vae_M2.py``
+weighs its auxiliary loss (46 per labelled image, its labelled batch once per epoch).
 
 **Enumeration**: on an unlabelled batch the guide marks ``y`` ``{"enumerate": "parallel"}``, so
 ``TraceEnum_ELBO(max_plate_nesting=1)`` sums it out exactly: y takes the value
@@ -52,7 +65,47 @@ from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, ModelTraits, register
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, broadcast_cat, one_hot, validate_labels
-from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, mlp
+from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, fresh_copy, mlp
+
+
+class SemiSupervisedPair:
+    """What the semi-supervised pairs (:class:`SSVAE`, :class:`~ppl_vi.models.m1m2.M1M2`) share:
+    batches labelled or not, the uniform p(y), the α' of Kingma et al., one-hot labels."""
+
+    #: the registry name, for messages; the guide's latent sites on a labelled batch.
+    name = "ssvae"
+    labelled_sites: tuple = ("z",)
+
+    def check_sizes(self, num_classes: int, alpha_scale: float) -> None:
+        if num_classes < 2:
+            raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
+        if alpha_scale < 0:
+            raise ConfigError(f"alpha_scale must be >= 0, got {alpha_scale}")
+
+    @staticmethod
+    def alpha_scale_for(config, data_info) -> float:
+        """α' = config.alpha · train_size / n_labelled (Kingma et al.'s α = 0.1 N per labelled point)."""
+        n_labelled = int(data_info.get("n_labelled") or 0)  # None / 0: no labelled batches, α' unused
+        return config.alpha * data_info["train_size"] / max(n_labelled, 1)
+
+    def make_batch(self, x: Tensor, y: Optional[Tensor] = None) -> Batch:
+        """``{"x": x, "y": y}``: labelled when ``y`` is given (checked: integers in 0..C-1), else unlabelled."""
+        validate_labels(y, x.shape[0], self.num_classes, required=False, model=self.name)
+        return {"x": x, "y": y}
+
+    def latent_sites_for(self, batch: Batch) -> tuple:
+        """The guide's latent sites on this batch: ``labelled_sites``, or all of ``latent_sites``."""
+        return self.labelled_sites if batch.get("y") is not None else self.latent_sites
+
+    def _one_hot(self, y: Tensor, like: Tensor) -> Tensor:
+        return one_hot(y, self.num_classes, like.dtype)
+
+    def log_prior_y(self) -> float:
+        """log p(y) = -log C."""
+        return -math.log(self.num_classes)
+
+    def _class_values(self, x: Tensor) -> Tensor:
+        return torch.arange(self.num_classes, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
 
 
 @register(
@@ -62,7 +115,7 @@ from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, mlp
     defaults={"loss": "enum", "z_dim": 50, "hidden": [500], "epochs": 20, "batch_size": 128, "lr": 1e-3,
               "labels": 100, "alpha": 0.1},
 )
-class SSVAE(LabelConditionalGenerator, LatentModel):
+class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     #: every latent site the guide may have; :meth:`latent_sites_for` gives a batch's own.
     latent_sites = ("y", "z")
     latent_reparameterized = False  # y is discrete on unlabelled batches
@@ -72,10 +125,7 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
     def __init__(self, x_dim: int, z_dim: int = 50, hidden: Sequence[int] = (500,),
                  num_classes: int = NUM_CLASSES, alpha_scale: float = 1.0):
         super().__init__()
-        if num_classes < 2:
-            raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
-        if alpha_scale < 0:
-            raise ConfigError(f"alpha_scale must be >= 0, got {alpha_scale}")
+        self.check_sizes(num_classes, alpha_scale)
         self.x_dim, self.z_dim, self.num_classes = x_dim, z_dim, num_classes
         self.alpha_scale = float(alpha_scale)  # α': weight of -log q(y|x) per labelled datapoint
         self.classifier = mlp([x_dim, *hidden, num_classes])  # logits of q(y|x)
@@ -90,24 +140,9 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
 
     @classmethod
     def from_config(cls, config, data_info) -> "SSVAE":
-        """α' = config.alpha · train_size / n_labelled (Kingma et al.'s α = 0.1 N per labelled point)."""
-        n_labelled = int(data_info.get("n_labelled") or 0)  # None / 0: no labelled batches, α' unused
-        alpha_scale = config.alpha * data_info["train_size"] / max(n_labelled, 1)
+        """α' = config.alpha · train_size / n_labelled (:meth:`SemiSupervisedPair.alpha_scale_for`)."""
         return cls(data_info["x_dim"], config.z_dim, config.hidden, data_info.get("num_classes", NUM_CLASSES),
-                   alpha_scale)
-
-    def make_batch(self, x: Tensor, y: Optional[Tensor] = None) -> Batch:
-        """``{"x": x, "y": y}``: labelled when ``y`` is given (checked: integers in 0..C-1), else unlabelled."""
-        validate_labels(y, x.shape[0], self.num_classes, required=False, model="ssvae")
-        return {"x": x, "y": y}
-
-    @staticmethod
-    def latent_sites_for(batch: Batch) -> tuple:
-        """The guide's latent sites on this batch: ("z",) labelled, ("y", "z") unlabelled."""
-        return ("z",) if batch.get("y") is not None else ("y", "z")
-
-    def _one_hot(self, y: Tensor, like: Tensor) -> Tensor:
-        return one_hot(y, self.num_classes, like.dtype)
+                   cls.alpha_scale_for(config, data_info))
 
     # ---- the Pyro pair -------------------------------------------------------------------
     def model(self, x: Tensor, y: Optional[Tensor] = None, **_):
@@ -150,10 +185,6 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
         return {"y": trace.nodes["y"]["value"], "z": trace.nodes["z"]["value"]}
 
     # ---- closed forms ----------------------------------------------------------------------
-    def log_prior_y(self) -> float:
-        """log p(y) = -log C."""
-        return -math.log(self.num_classes)
-
     def _log_terms(self, x: Tensor, y: Tensor, z: Tensor):
         """log p(x|y,z), log p(z), log q(z|x,y) at z (..., B, Z), y broadcastable to z's batch shape.
 
@@ -172,9 +203,6 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
     def classifier_term(self, batch: Batch) -> Tensor:
         """α' log q(y|x) per labelled datapoint, (B,)."""
         return self.alpha_scale * bounds.log_categorical(batch["y"], self.classifier(batch["x"]))
-
-    def _class_values(self, x: Tensor) -> Tensor:
-        return torch.arange(self.num_classes, device=x.device).view(-1, 1, 1)  # (C, 1, 1)
 
     # ---- hand-derived bounds ----------------------------------------------------------------
     def negative_elbo_xy(self, x: Tensor, y: Tensor, z: Tensor, kl: str = "mc", beta: float = 1.0,
@@ -276,6 +304,11 @@ class SSVAE(LabelConditionalGenerator, LatentModel):
         return bounds.iwae_bound_beta(log_px, log_pz + self.log_prior_y(), log_qz + log_qy, beta)
 
     # ---- classification and image hooks (generate: LabelConditionalGenerator's) --------------
+    def baseline_classifiers(self) -> dict:
+        """The supervised-only baseline (:mod:`ppl_vi.training.baseline`): q(y|x)'s network, freshly
+        initialised, to be trained on the labelled images alone."""
+        return {"baseline": fresh_copy(self.classifier)}
+
     @torch.no_grad()
     def classify(self, x: Tensor) -> Tensor:
         """Predicted labels argmax_y q(y|x), (B,) int64."""

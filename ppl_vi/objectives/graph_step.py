@@ -355,15 +355,9 @@ class FastStep:
             return self.trainer.loss.differentiable_loss(model, guide, *args, **batch)
 
     def _batches_loss(self, batches) -> Tensor:
-        """Per-datapoint loss of a step's batches (as ``Trainer.step_loss``)."""
-        t = self.trainer
-        total, count = 0.0, 0
-        for batch in batches:
-            if batch["x"].shape[0] == 0:
-                continue
-            total = total + self.differentiable_loss(t.model_fn, t.guide_fn, **batch)
-            count += batch["x"].shape[0]
-        return total / (getattr(batches, "global_count", None) or count)
+        """Per-datapoint loss of a step's batches: ``Trainer.step_loss`` (the batches' weights
+        applied), which evaluates each batch through this object's :meth:`differentiable_loss`."""
+        return self.trainer.step_loss(batches)
 
     def _eager_step(self, batches) -> Tensor:
         opt = self.trainer.optimizer
@@ -430,7 +424,7 @@ class FastStep:
         t = self.trainer
         static_batches = [{k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()} for batch in batches]
         if hasattr(batches, "global_count"):
-            static_batches = type(batches)(static_batches, batches.global_count)
+            static_batches = type(batches)(static_batches, batches.global_count, getattr(batches, "scales", None))
         t.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
         torch.cuda.synchronize(t.device)
         graph = torch.cuda.CUDAGraph()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,7 +28,7 @@ from ppl_vi.objectives.graph_step import plain_optimizer
 from ppl_vi.training.step import beta_at
 
 #: settings that decide an epoch's batches: a mid-epoch resume must keep them
-DATA_ORDER_FIELDS = ("seed", "batch_size", "n_train", "val_size", "labels")
+DATA_ORDER_FIELDS = ("seed", "batch_size", "n_train", "val_size", "labels", "labelled_every", "labelled_batch_size")
 
 
 def trainer_state(trainer) -> dict:
@@ -71,12 +72,18 @@ def restore(trainer, state: dict) -> None:
     config = trainer.config
     if state.get("model_name") != config.model:
         raise ConfigError(f"checkpoint is for model {state.get('model_name')!r}, not {config.model!r}")
-    step_in_epoch = int(state.get("step_in_epoch", 0))
-    saved = state.get("config") or {}
+    step_in_epoch = state.get("step_in_epoch", 0)
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
     changed = [f for f in DATA_ORDER_FIELDS if f in saved and saved[f] != getattr(config, f)]
     if step_in_epoch and changed:
         raise ConfigError(f"cannot resume mid-epoch with changed {', '.join(changed)} (the epoch's batches "
                           "would differ); resume with the run's own settings")
+    if "seed" in saved and saved["seed"] != config.seed:
+        raise ConfigError(f"cannot resume with seed {config.seed}: the run's random state comes from its checkpoint "
+                          f"(seed {saved['seed']}); for another seed start a new run (ppl-vi train --config "
+                          "RUN_DIR/config.json --seed N --out NEW_DIR)")
+    rundir.check_resume_state(state, trainer.run_dir / rundir.CHECKPOINTS / "last.pt" if trainer.run_dir
+                              else "the checkpoint")
     try:
         trainer.model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -99,6 +106,7 @@ def restore(trainer, state: dict) -> None:
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); expected one written by "
                               "ppl-vi train") from None
     plain_optimizer(trainer.optimizer)  # a CUDA-graph run saves a capturable Adam; the fast path redoes it
+    trainer.schedule_note = apply_schedule(trainer, saved)
     if trainer.fast is not None:
         trainer.fast.reset()
     trainer.data_generator.set_state(data_state)
@@ -107,3 +115,26 @@ def restore(trainer, state: dict) -> None:
     trainer.epoch_losses = list(epoch_losses.to(trainer.device).unbind()) if step_in_epoch else []
     trainer.last_saved = (trainer.epoch, trainer.step)
     trainer.beta.fill_(beta_at(trainer.step, config))
+
+
+def apply_schedule(trainer, saved: dict) -> Optional[str]:
+    """``--lr`` / ``--lr-decay`` given with ``--resume``: the restored Adam and scheduler take them.
+
+    The learning rate continues as a run with the new settings would have it at this epoch,
+    lr × lr_decay^epoch (Adam's moment estimates and step counts are kept), and the scheduler
+    decays by the new factor from here on. Unchanged settings leave the restored state untouched
+    (bitwise). Returns what changed, for the resume message, or None.
+    """
+    config = trainer.config
+    old_lr, old_decay = saved.get("lr", config.lr), saved.get("lr_decay", config.lr_decay)
+    if (old_lr, old_decay) == (config.lr, config.lr_decay):
+        return None
+    lr = config.lr * config.lr_decay ** trainer.epoch
+    for group in trainer.optimizer.param_groups:
+        group["lr"], group["initial_lr"] = lr, config.lr
+    scheduler = trainer.scheduler
+    scheduler.base_lrs = [config.lr] * len(trainer.optimizer.param_groups)
+    scheduler.gamma = config.lr_decay
+    scheduler._last_lr = [lr] * len(trainer.optimizer.param_groups)
+    return (f"learning rate {old_lr:g} x {old_decay:g}^epoch -> {config.lr:g} x {config.lr_decay:g}^epoch: Adam "
+            f"continues at {lr:.6g} (epoch {trainer.epoch}), keeping its moment estimates")

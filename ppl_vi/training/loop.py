@@ -7,7 +7,8 @@ Per epoch:
    ``log_every`` steps (one host sync), where a NaN/inf stops the run naming the step
    (:mod:`ppl_vi.training.diagnosis`); with ``checkpoint_every_steps``, mid-epoch checkpoints;
 2. :func:`finish_epoch`: the learning-rate schedule, the epoch record (train loss, β, seconds,
-   validation loss every ``eval_every`` epochs) appended to history.jsonl, and the checkpoints
+   validation loss every ``eval_every`` epochs, and for a model that classifies its validation and
+   test accuracy) appended to history.jsonl, and the checkpoints
    (best first, then last) every ``checkpoint_every`` epochs and at the end;
 3. the ``max_minutes`` budget, checked after each epoch (agreed over ranks when distributed).
 
@@ -20,7 +21,9 @@ a resumed run starts from the time its checkpoint had recorded.
 from __future__ import annotations
 
 import math
+import re
 import time
+import warnings
 from typing import List, Optional
 
 import torch
@@ -29,7 +32,8 @@ from tqdm.auto import tqdm
 
 from ppl_vi import distributed
 from ppl_vi import run as rundir
-from ppl_vi.errors import TrainingDiverged
+from ppl_vi.errors import Terminated, TrainingDiverged
+from ppl_vi.metrics import classifier_accuracies
 from ppl_vi.objectives.graph_step import fast_record
 from ppl_vi.training.step import beta_at
 from ppl_vi.training.tensorboard import log_epoch, tensorboard_writer
@@ -41,12 +45,18 @@ def fit(trainer) -> dict:
     trainer.fit_started = time.perf_counter()
     if cfg.tensorboard and trainer.tb is None:
         trainer.tb = tensorboard_writer(trainer.run_dir)
-    for epoch in range(trainer.epoch, cfg.epochs):
-        losses = run_epoch(trainer, epoch)
-        finish_epoch(trainer, losses, trainer.train_seconds())
-        if cfg.max_minutes is not None and distributed.any_rank(trainer.train_seconds() > 60 * cfg.max_minutes,
-                                                                trainer.dist):
-            break
+    trainer.in_fit = True  # SIGTERM now waits for a step or an epoch to end (ppl_vi.training.signals)
+    try:
+        for epoch in range(trainer.epoch, cfg.epochs):
+            losses = run_epoch(trainer, epoch)
+            finish_epoch(trainer, losses, trainer.train_seconds())
+            if trainer.stop_requested:
+                stop(trainer, [], [])
+            if cfg.max_minutes is not None and distributed.any_rank(trainer.train_seconds() > 60 * cfg.max_minutes,
+                                                                    trainer.dist):
+                break
+    finally:
+        trainer.in_fit = False
     return summary(trainer, trainer.train_seconds())
 
 
@@ -61,26 +71,45 @@ def run_epoch(trainer, epoch: int) -> List[Tensor]:
     tracker = trainer.tracker  # a job's one bar (ppl_vi.progress.RunProgress), else a bar per epoch
     bar = tqdm(total=trainer.steps_per_epoch(), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not trainer.progress or tracker is not None, leave=False, dynamic_ncols=True)
-    for batches in trainer.batches(skip):
-        if cfg.kl_anneal:
-            trainer.beta.fill_(beta_at(trainer.step, cfg))
-        trainer._last_batches = batches
-        losses.append(trainer.train_step(batches))
-        trainer.step += 1
-        bar.update(1)
-        if tracker is not None:
-            tracker.advance("train")
-        if len(losses) % cfg.log_every == 0:
-            read_back(trainer, losses[checked:], bar)
-            checked = len(losses)
-        if cfg.checkpoint_every_steps and trainer.step % cfg.checkpoint_every_steps == 0 and trainer.run_dir is not None:
-            read_back(trainer, losses[checked:], None)  # never checkpoint past an unchecked NaN
-            checked = len(losses)
-            trainer.step_in_epoch, trainer.epoch_losses = len(losses), losses
-            trainer.save_checkpoint("last")
-    bar.close()
+    try:
+        for batches in trainer.batches(skip):
+            if cfg.kl_anneal:
+                trainer.beta.fill_(beta_at(trainer.step, cfg))
+            trainer._last_batches = batches
+            losses.append(trainer.train_step(batches))
+            trainer.step += 1
+            bar.update(1)
+            if tracker is not None:
+                tracker.advance("train")
+            if len(losses) % cfg.log_every == 0:
+                read_back(trainer, losses[checked:], bar)
+                checked = len(losses)
+            if trainer.stop_requested:
+                stop(trainer, losses, losses[checked:])
+            if cfg.checkpoint_every_steps and trainer.step % cfg.checkpoint_every_steps == 0 \
+                    and trainer.run_dir is not None:
+                read_back(trainer, losses[checked:], None)  # never checkpoint past an unchecked NaN
+                checked = len(losses)
+                trainer.step_in_epoch, trainer.epoch_losses = len(losses), losses
+                trainer.save_checkpoint("last")
+    finally:
+        bar.close()
     read_back(trainer, losses[checked:], None)
     return losses
+
+
+def stop(trainer, losses: List[Tensor], unchecked: List[Tensor]) -> None:
+    """SIGTERM arrived: check the steps not yet read back, write last.pt where the run stands (mid-epoch
+    after ``losses``, or at an epoch's end when ``losses`` is empty) and raise Terminated."""
+    read_back(trainer, unchecked, None)
+    where = (f"after step {trainer.step} (epoch {trainer.epoch + 1}, step {len(losses)} of "
+             f"{trainer.steps_per_epoch()})" if losses else f"at the end of epoch {trainer.epoch} (step {trainer.step})")
+    if trainer.run_dir is None:
+        raise Terminated(f"terminated by SIGTERM {where}; no run directory, so nothing was saved")
+    trainer.step_in_epoch, trainer.epoch_losses = len(losses), losses
+    path = trainer.save_checkpoint("last")
+    raise Terminated(f"terminated by SIGTERM {where}; checkpoint written to {path}; continue exactly from there "
+                     f"with: ppl-vi train --resume {trainer.run_dir}")
 
 
 def finish_epoch(trainer, losses: List[Tensor], seconds: float) -> dict:
@@ -95,9 +124,13 @@ def finish_epoch(trainer, losses: List[Tensor], seconds: float) -> dict:
               "beta": float(trainer.beta), "seconds": seconds}
     if trainer.dist.is_main and (trainer.epoch % cfg.eval_every == 0 or trainer.epoch == cfg.epochs):
         record["val_loss"] = trainer.validation_loss()
+        # a classifier's accuracy per epoch (semi-supervised models): a curve only, nothing is selected on it
+        record.update(classifier_accuracies(trainer.model, trainer.data))
     for hook in trainer.epoch_hooks:
         hook(trainer, record)
-    trainer.scheduler.step()
+    with warnings.catch_warnings():  # a resume at an epoch's last step has no optimizer.step() in this process
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        trainer.scheduler.step()
     trainer.history.append(record)
     log_epoch(trainer.tb, record, trainer.optimizer.param_groups[0]["lr"])
     rundir.append_history(trainer.run_dir, record)
@@ -131,16 +164,27 @@ def mean_finite(losses: List[Tensor]) -> float:
 
 
 def read_back(trainer, recent: List[Tensor], bar: Optional[tqdm]) -> None:
-    """One host sync: the mean of the recent losses, and a NaN/inf check naming the step."""
+    """One host sync: the recent losses and whether every weight is finite; a NaN/inf stops the run.
+
+    The weights are checked too, because a loss can read finite with non-finite weights (the GMM's
+    enumerated loss is exactly 0.0 once every parameter is NaN), and a checkpoint always follows a
+    read-back: no checkpoint is written with non-finite weights, whatever the ``nan_policy``.
+    """
     if not recent:
         return
-    values = torch.stack(recent).float().cpu()
+    weights_finite = torch.stack([torch.isfinite(p).all() for p in trainer.model.parameters()]).all()
+    values = torch.cat([torch.stack(recent).float().reshape(-1), weights_finite.float().reshape(1)]).cpu()
+    values, weights_finite = values[:-1], bool(values[-1])
     finite = torch.isfinite(values)
     if not finite.all() and trainer.config.nan_policy == "stop":
         first = trainer.step - len(recent) + int((~finite).nonzero()[0])
         raise TrainingDiverged(f"loss became {values[~finite][0].item()} at step {first + 1} "
                                f"(epoch {trainer.epoch + 1}); {trainer._diagnose()}; {trainer._kept()}; "
                                "try a lower --lr, or --nan-policy skip to skip such steps")
+    if not weights_finite:
+        raise TrainingDiverged(f"weights became non-finite by step {trainer.step} (epoch {trainer.epoch + 1}) "
+                               f"although the loss read {values[-1].item():.6g}; {trainer._diagnose()}; "
+                               f"{trainer._kept()}; try a lower --lr or --lr-decay")
     if bar is not None and finite.any():
         bar.set_postfix(loss=f"{values[finite].mean().item():.3f}", beta=f"{float(trainer.beta):.3g}")
         if trainer.tracker is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Iterable, List
 
 import torch
+from pyro import poutine
 from torch import Tensor
 
 from ppl_vi import distributed
@@ -32,16 +33,23 @@ def beta_at(step: int, config: TrainConfig) -> float:
 
 
 def step_loss(loss, model_fn, guide_fn, batches: List[Batch]):
-    """Σ_j L(B_j) / N_step: the summed loss over the step's batches, per datapoint.
+    """Σ_j w_j L(B_j) / N_step: the step's batches' losses, weighted and summed, per datapoint.
 
     ``loss`` is anything with ``differentiable_loss(model, guide, **batch)`` (a Pyro ELBO, our
-    IWAELoss, or the fast path). Returns 0.0 (a float) when this rank's shards are all empty.
+    IWAELoss, or the fast path). w_j is the step's ``scales[j]`` (1 unless the semi-supervised
+    schedule weights a labelled batch, :mod:`ppl_vi.training.batches`), applied with
+    ``poutine.scale`` to model and guide. Returns 0.0 (a float) when this rank's shards are all empty.
     """
     total, count = 0.0, 0
-    for batch in batches:
+    scales = getattr(batches, "scales", None) or [1.0] * len(batches)
+    for batch, scale in zip(batches, scales):
         if batch["x"].shape[0] == 0:  # an empty shard (distributed, global batch < world size)
             continue
-        total = total + loss.differentiable_loss(model_fn, guide_fn, **batch)
+        if scale == 1.0:
+            total = total + loss.differentiable_loss(model_fn, guide_fn, **batch)
+        else:
+            total = total + loss.differentiable_loss(poutine.scale(model_fn, scale=scale),
+                                                     poutine.scale(guide_fn, scale=scale), **batch)
         count += batch["x"].shape[0]
     return total / (getattr(batches, "global_count", None) or count)
 

@@ -73,6 +73,9 @@ class Trainer:
         self.model_fn = scale_sites(self.model.model, sites, self.beta) if scaled else self.model.model
         self.guide_fn = scale_sites(self.model.guide, sites, self.beta) if scaled else self.model.guide
         self.make_batch = getattr(self.model, "make_batch", default_make_batch)
+        # semi-supervised: where the labelled batches go in an epoch, and their weight (batches.LabelledSchedule)
+        self.schedule = None if self.data.labelled_idx is None else epoch_batches.LabelledSchedule.from_config(
+            config, self.data.labelled_idx.numel(), self.steps_per_epoch())
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.epoch, self.step, self.best_val = 0, 0, math.inf
         self.skipped_steps = 0
@@ -85,6 +88,9 @@ class Trainer:
         self.step_in_epoch, self.epoch_losses = 0, []
         self.last_saved: Optional[Tuple[int, int]] = None  # (epoch, step) of the last checkpoint written or loaded
         self._last_batches = None  # the latest step's batches (NaN diagnosis)
+        self.in_fit = self.stop_requested = False  # SIGTERM: checkpoint at the next step or epoch end (training.signals)
+        self.resume_note: Optional[str] = None  # what a resume restored and changed (training.workflow)
+        self.schedule_note: Optional[str] = None  # a learning rate changed on resume (training.checkpoint)
         self.tracker = None  # a job's single progress bar (ppl_vi.progress.RunProgress); None: a bar per epoch
         self.epoch_hooks: List[Callable[["Trainer", dict], None]] = []  # run at each epoch's end (loop.finish_epoch)
         # config.fast: validation and param-store registration off in the hot path, a sync-free loss,
@@ -97,10 +103,10 @@ class Trainer:
         return epoch_batches.training_images(self.data, idx)
 
     def batches(self, skip: int = 0) -> Iterator[List[Batch]]:
-        """One epoch of steps, each a list of batches whose losses are summed; the first ``skip``
-        steps are passed over without being built (a mid-epoch resume)."""
+        """One epoch of steps, each a list of batches whose (weighted) losses are summed; the first
+        ``skip`` steps are passed over without being built (a mid-epoch resume)."""
         return epoch_batches.epoch_steps(self.data, self.config.batch_size, self.data_generator, self.device,
-                                         self._x, self.make_batch, self.dist.shard, skip)
+                                         self._x, self.make_batch, self.dist.shard, skip, self.schedule)
 
     def steps_per_epoch(self) -> int:
         return epoch_batches.steps_per_epoch(self.data, self.config.batch_size)
