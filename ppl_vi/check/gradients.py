@@ -129,7 +129,7 @@ def tuple_values(sizes: Sequence[int], names: Sequence[str], k: int, index: int)
 
 
 def enumerated_gradient_stats(loss_fn: Callable[[dict], Tensor], params: Sequence[Tensor], batch: dict, guide,
-                              max_plate_nesting: int, k: int, seeds: Sequence[int], max_evaluations: int = 5_000
+                              max_plate_nesting: int, k: int, seeds: Sequence[int], max_evaluations: int = 1_500
                               ) -> GradientStats:
     """E[∇ loss_fn(batch)] with the guide's discrete sites enumerated per datapoint (see the module
     docstring); ``seeds`` average the continuous sites (one seed suffices without any)."""

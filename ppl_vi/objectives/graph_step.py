@@ -269,6 +269,7 @@ class FastStep:
         self.trainer, self.warmup = trainer, warmup
         self.log = None if quiet else (log or _stdout)
         self.notes: List[str] = []
+        self.announced = False  # notes are written from the first training step on (announce)
         self.kinds: Dict[tuple, Optional[str]] = {}  # batch kind -> None (sync-free) or why it runs eagerly
         try:
             self.sync_free: Optional[SyncFreeLoss] = SyncFreeLoss(trainer.loss)
@@ -283,8 +284,15 @@ class FastStep:
     # ---- bookkeeping --------------------------------------------------------------------------
     def _note(self, message: str) -> None:
         self.notes.append(message)
-        if self.log is not None:
+        if self.log is not None and self.announced:
             self.log(f"ppl_vi fast path: {message}")
+
+    def announce(self) -> None:
+        """Write the notes made so far (once training starts), and every later one as it is made."""
+        if not self.announced and self.log is not None:
+            for message in self.notes:
+                self.log(f"ppl_vi fast path: {message}")
+        self.announced = True
 
     def _graph_blocker(self) -> Optional[str]:
         t = self.trainer

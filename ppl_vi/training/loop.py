@@ -46,6 +46,8 @@ def fit(trainer) -> dict:
     if cfg.tensorboard and trainer.tb is None:
         trainer.tb = tensorboard_writer(trainer.run_dir)
     trainer.in_fit = True  # SIGTERM now waits for a step or an epoch to end (ppl_vi.training.signals)
+    if trainer.fast is not None:  # what the fast path runs (and why), whatever --progress says
+        trainer.fast.announce()
     try:
         for epoch in range(trainer.epoch, cfg.epochs):
             losses = run_epoch(trainer, epoch)
