@@ -43,8 +43,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -65,6 +63,7 @@ from ppl_vi.config import build_config  # noqa: E402
 from ppl_vi.data import mnist  # noqa: E402
 from ppl_vi.job import PROFILES  # noqa: E402
 from ppl_vi.objectives.graph_step import fast_note  # noqa: E402
+from ppl_vi.runtime import device_name  # noqa: E402
 from ppl_vi.training import Trainer  # noqa: E402
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -213,66 +212,66 @@ class PplVi(Contender):
         return model.encoder, lambda x, z: bounds.log_bernoulli_with_logits(x, model.decoder(z))
 
 
-class PyroContender(Contender):
+class ExampleContender(Contender):
+    """An example's plain loop: a seeded permutation of the training set per epoch, one ``step`` per batch."""
+
+    def __init__(self, seed: int, data: Tensor):
+        self.data, self.steps = data, 0
+        self.order = torch.Generator().manual_seed(seed)
+        self._epoch = iter(())
+
+    def step(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def train_until(self, clock: Clock, seconds: float) -> None:
+        while clock.seconds() < seconds:
+            idx = next(self._epoch, None)
+            if idx is None:
+                self._epoch = iter(mnist.minibatches(self.data.shape[0], self.batch_size, generator=self.order))
+                continue
+            self.step(mnist.binarize(self.data[idx]))
+            self.steps += 1
+
+    def model_copy(self):
+        return copy.deepcopy(self.vae).eval()
+
+    @staticmethod
+    def scorer(model):
+        return model.encode, model.log_px
+
+
+class PyroContender(ExampleContender):
     name, batch_size = "pyro", 256
 
     def __init__(self, seed: int, data: Tensor):
+        super().__init__(seed, data)
         torch.manual_seed(seed)
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
-        self.vae, self.data, self.steps = PyroExampleVAE(), data, 0
+        self.vae = PyroExampleVAE()
         self.svi = SVI(self.vae.model, self.vae.guide, Adam({"lr": 1.0e-3}), loss=Trace_ELBO())
-        self.order = torch.Generator().manual_seed(seed)
-        self._epoch = iter(())
         self.note = "SVI.step (returns a float: one host sync per step); validation off"
         self.describe = "784-400-50, softplus, batch 256, pyro.optim.Adam lr 1e-3, Trace_ELBO"
 
-    def train_until(self, clock: Clock, seconds: float) -> None:
-        while clock.seconds() < seconds:
-            idx = next(self._epoch, None)
-            if idx is None:
-                self._epoch = iter(mnist.minibatches(self.data.shape[0], self.batch_size, generator=self.order))
-                continue
-            self.svi.step(mnist.binarize(self.data[idx]))
-            self.steps += 1
-
-    def model_copy(self):
-        return copy.deepcopy(self.vae).eval()
-
-    @staticmethod
-    def scorer(model):
-        return model.encode, model.log_px
+    def step(self, x: Tensor) -> None:
+        self.svi.step(x)
 
 
-class TorchContender(Contender):
+class TorchContender(ExampleContender):
     name, batch_size = "torch", 128
 
     def __init__(self, seed: int, data: Tensor):
+        super().__init__(seed, data)
         torch.manual_seed(seed)
-        self.vae, self.data, self.steps = TorchExampleVAE(), data, 0
+        self.vae = TorchExampleVAE()
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=1e-3)
-        self.order = torch.Generator().manual_seed(seed)
-        self._epoch = iter(())
         self.note = "eager PyTorch"
         self.describe = "784-400-20, ReLU, batch 128, torch.optim.Adam lr 1e-3, BCE + KLD"
 
-    def train_until(self, clock: Clock, seconds: float) -> None:
-        while clock.seconds() < seconds:
-            idx = next(self._epoch, None)
-            if idx is None:
-                self._epoch = iter(mnist.minibatches(self.data.shape[0], self.batch_size, generator=self.order))
-                continue
-            self.optimizer.zero_grad(set_to_none=True)
-            self.vae.loss(mnist.binarize(self.data[idx])).backward()
-            self.optimizer.step()
-            self.steps += 1
-
-    def model_copy(self):
-        return copy.deepcopy(self.vae).eval()
-
-    @staticmethod
-    def scorer(model):
-        return model.encode, model.log_px
+    def step(self, x: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.vae.loss(x).backward()
+        self.optimizer.step()
 
 
 # ---- the evaluator (the same for every contender) ---------------------------------------------------
@@ -313,16 +312,6 @@ def score(encode: Callable, log_px: Callable, x: Tensor, k: int, seed: int, batc
 # ---- main ---------------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", default="5,10", help="checkpoints in minutes of training, the last is the budget")
@@ -358,8 +347,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     pyro.enable_validation(False)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    device = (f"{cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads; "
-              f"torch {torch.__version__}, pyro {pyro.__version__}")
+    device = f"{device_name(torch.device('cpu'))}; torch {torch.__version__}, pyro {pyro.__version__}"
     budget = args.checkpoints[-1]
     log(f"cpu_quality on {device}; {args.clock} clock; checkpoints at "
         f"{', '.join(f'{c / 60:g}' for c in args.checkpoints)} min of training each")

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -50,22 +48,7 @@ from ppl_vi.evaluate import bound_metrics, load_trained  # noqa: E402
 from ppl_vi.iwae_eval import iwae_bounds, rows_per_pass  # noqa: E402
 from ppl_vi.models.vae import VAE  # noqa: E402
 from ppl_vi.objectives.importance import IWAELoss  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+from ppl_vi.runtime import device_name  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -32,8 +32,7 @@ from ppl_vi.evaluate import CHECKPOINT_NAMES, describe_checkpoint, evaluate_run
 from ppl_vi.job import run_job
 from ppl_vi.models import REGISTRY
 from ppl_vi.models.base import default_make_batch, get_spec
-from ppl_vi.objectives.losses import check_config
-from ppl_vi.objectives.losses import DESCRIPTIONS
+from ppl_vi.objectives.losses import DESCRIPTIONS, check_config
 from ppl_vi.report import CHECK, write_report
 from ppl_vi.runtime import seed_everything
 from ppl_vi.training import train
@@ -67,13 +66,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, only_for: Optional[str] = None) -> None:
     """One flag per TrainConfig field, its help from the field's comment (ppl_vi.fields), with the default,
-    each model's own default and the models it applies to. Defaults stay None here: the model's then apply."""
+    each model's own default and the models it applies to. Defaults stay None here: the model's then apply.
+    ``only_for``: just the fields that model reads."""
     model_defaults = {name: spec.defaults for name, spec in REGISTRY.items()}
     group = parser.add_argument_group("configuration (one flag per field of the run's config.json)")
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "model":
+        if field.name == "model" or (only_for and not fields.applies(field.name, only_for, REGISTRY[only_for].data)):
             continue
         help_text = fields.help_text(field.name, model_defaults)
         if field.type in ("bool", bool):
@@ -113,8 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--full", action="store_true",
                      help="the full protocol on a CPU too (the GPU default): the model's own settings, "
                           "IWAE-k up to 5000 on all test images")
+    job.add_argument("--train-minutes", type=float, default=None,
+                     help="training budget: the epochs that fit it, the learning rate decayed over them "
+                          "(default: the cpu profile's 3.5; the full profile trains its epochs)")
     job.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    add_config_flags(job)
+    add_config_flags(job, only_for="vae")
 
     ev = sub.add_parser("eval", help="test-set NELBO, KL, reconstruction and IWAE-k of a trained run")
     ev.add_argument("run_dir", help="a run directory written by ppl-vi train")
@@ -138,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seeds averaged in the expected-gradient checks (>= 2; discrete sites are enumerated)")
     ch.add_argument("--data-dir", default=None)
     ch.add_argument("--json", dest="json_out", help="also write the check table as JSON here")
+    ch.add_argument("--m1", default=None, metavar="RUN_DIR",
+                    help="m1m2 only: check with the trained M1 of this vae run, frozen (default: a random M1, trained)")
 
     sub.add_parser("list", help="models and losses, one line each")
 
@@ -153,9 +158,11 @@ def cmd_train(args) -> int:
     if args.resume:
         run_dir = rundir.prepare_run_dir(args.resume, resume=True)
         config = build_config(None, rundir.load_config_dict(run_dir), overrides)
+        fields.refuse_inapplicable(overrides, config.model, get_spec(config.model).data)
     else:
         file_values = read_config_file(args.config_file) if args.config_file else {}
         config = build_config(args.model, file_values, overrides)
+        fields.refuse_inapplicable(overrides, config.model, get_spec(config.model).data)
         check_config(config, get_spec(config.model))  # a model x loss combination that cannot train: one line
         # checked here, created by train() only once the data have loaded (no half-made run directory);
         # under torchrun only rank 0 creates (or clears) the run directory; the others never write it
@@ -182,6 +189,9 @@ def print_results(metrics: dict) -> None:
         if key in metrics:
             print(f"{key:>22}: {metrics[key]:.4f} ± {metrics.get(key + '_se', float('nan')):.4f}")
     subset = metrics.get("test_iwae_images")
+    if "test_nelbo_on_iwae_images" in metrics:
+        print(f"{'test_nelbo':>22}: {metrics['test_nelbo_on_iwae_images']:.4f} ± "
+              f"{metrics['test_nelbo_on_iwae_images_se']:.4f}   ({subset} test images, as IWAE below)")
     for k, value in metrics["test_iwae"].items():
         print(f"{'-IWAE_' + k:>22}: {value:.4f} ± {metrics['test_iwae_se'][k]:.4f}"
               + (f"   ({subset} test images)" if subset and subset != metrics.get("test_nelbo_images") else ""))
@@ -189,7 +199,10 @@ def print_results(metrics: dict) -> None:
 
 def cmd_run(args) -> int:
     overrides = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name, None) is not None}
-    metrics = run_job(args.model, args.out, full=args.full, overrides=overrides, progress=args.progress)
+    if args.model in REGISTRY:
+        fields.refuse_inapplicable(overrides, args.model, get_spec(args.model).data)
+    metrics = run_job(args.model, args.out, full=args.full, overrides=overrides, train_minutes=args.train_minutes,
+                      progress=args.progress)
     print_results(metrics)
     print(f"run directory: {metrics['run_directory']} (report.html, metrics.json, figures/)")
     return 0
@@ -236,8 +249,10 @@ def cmd_check(args) -> int:
         raise ConfigError(f"--json {args.json_out} is a directory; expected a file name such as "
                           f"{Path(args.json_out) / 'check.json'}")
     spec = get_spec(args.model)
+    if getattr(args, "m1", None) and args.model != "m1m2":
+        raise ConfigError(f"--m1 applies to m1m2 only (M1+M2's trained M1), not to {args.model}")
     config = build_config(args.model, overrides={"seed": args.seed, "data_dir": args.data_dir, "device": "cpu",
-                                                 "n_train": 1000, "n_test": 200})
+                                                 "n_train": 1000, "n_test": 200, "m1": getattr(args, "m1", None)})
     seed_everything(args.seed)
     pyro.enable_validation(True)
     data = load_data(spec.data, config, torch.device("cpu"), dtype=torch.float64)
@@ -284,6 +299,8 @@ def cmd_report(args) -> int:
             argv = ["check", saved.model, "--repeats", "20", "--seed", str(saved.seed), "--json", str(run_dir / CHECK)]
             if saved.data_dir:
                 argv += ["--data-dir", saved.data_dir]
+            if saved.m1:  # m1m2: the run's own (frozen) M1
+                argv += ["--m1", saved.m1]
             status = cmd_check(build_parser().parse_args(argv))
         path = write_report(run_dir)
     print(f"report written: {path}")

@@ -21,6 +21,7 @@ from ppl_vi.errors import ConfigError
 
 LOSSES = ("trace", "meanfield", "enum", "stl", "renyi", "iwae", "vimco", "dreg")
 NAN_POLICIES = ("stop", "skip")
+ACTIVATIONS = ("softplus", "relu")
 
 
 @dataclasses.dataclass
@@ -32,6 +33,7 @@ class TrainConfig:
     kl_anneal: int = 0  # steps over which β ramps linearly from 0 to `beta` (0: no annealing)
     z_dim: int = 50  # latent dimension
     hidden: List[int] = dataclasses.field(default_factory=lambda: [500, 500])  # hidden layer widths
+    activation: str = "softplus"  # softplus | relu: the nonlinearity between hidden layers (VAE, GMVAE)
     components: int = 3  # mixture components (GMM, GMVAE prior)
     guide: Optional[str] = None  # model-specific guide (gmm: amortised|posterior|prior|marginal; linear-gaussian: amortised|exact)
     epochs: int = 10  # passes over the training set
@@ -95,6 +97,8 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
              f"device must be cpu, cuda, cuda:N or auto, got {_short(self.device)}"),
             (self.nan_policy in NAN_POLICIES, f"nan_policy must be stop or skip, got {_short(self.nan_policy)}"),
+            (self.activation in ACTIVATIONS,
+             f"activation must be {' or '.join(ACTIVATIONS)}, got {_short(self.activation)}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -134,6 +134,8 @@ def bound_metrics(model: LatentModel, x: Tensor, y: Optional[Tensor] = None, ks:
     out["test_iwae"] = {str(k): mean_se(torch.cat(v))[0] for k, v in iwae.items()}
     out["test_iwae_se"] = {str(k): mean_se(torch.cat(v))[1] for k, v in iwae.items()}
     out["test_nelbo_images"], out["test_iwae_images"] = x.shape[0], n_iwae
+    if n_iwae < x.shape[0]:  # the NELBO on IWAE's images too: the two compared on the same images
+        out["test_nelbo_on_iwae_images"], out["test_nelbo_on_iwae_images_se"] = mean_se(torch.cat(nelbo)[:n_iwae])
     out["eval_iwae_path"] = "; ".join(sorted(paths))
     out["eval_rows_per_pass"] = rows
     out["eval_threads"] = torch.get_num_threads()

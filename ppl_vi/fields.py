@@ -15,10 +15,11 @@ import tokenize
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
-from ppl_vi.config import LOSSES, NAN_POLICIES, TrainConfig
+from ppl_vi.config import ACTIVATIONS, LOSSES, NAN_POLICIES, TrainConfig
+from ppl_vi.errors import ConfigError
 
 #: fields whose values come from a fixed set (shown in --help; the config validates them)
-CHOICES: Dict[str, Tuple[str, ...]] = {"loss": LOSSES, "nan_policy": NAN_POLICIES,
+CHOICES: Dict[str, Tuple[str, ...]] = {"loss": LOSSES, "nan_policy": NAN_POLICIES, "activation": ACTIVATIONS,
                                        "device": ("auto", "cpu", "cuda", "cuda:N")}
 
 
@@ -46,6 +47,7 @@ SCOPE: Dict[str, Scope] = {
     "z_dim": Scope("every model but gmm", all_but=("gmm",)),
     "hidden": Scope("every model but linear-gaussian", all_but=("linear-gaussian",)),
     "components": Scope("gmm, gmvae", models=("gmm", "gmvae")),
+    "activation": Scope("vae, gmvae", models=("vae", "gmvae")),
     "guide": Scope("gmm, linear-gaussian", models=("gmm", "linear-gaussian")),
     "data_dir": _MNIST, "val_size": _MNIST, "train_subset": _MNIST,
     "n_train": _SYNTHETIC, "n_test": _SYNTHETIC,
@@ -58,6 +60,15 @@ def applies(name: str, model: str, data_kind: str) -> bool:
     """Does field ``name`` matter to ``model`` (trained on ``data_kind``)?"""
     scope = SCOPE.get(name)
     return scope is None or scope.covers(model, data_kind)
+
+
+def refuse_inapplicable(given, model: str, data_kind: str) -> None:
+    """A one-line ConfigError for the first field in ``given`` (flags set on the command line) that
+    ``model`` does not read: a flag that would do nothing is refused, not ignored."""
+    for name in given:
+        if not applies(name, model, data_kind):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} does not apply to {model} (it applies to: {SCOPE[name].label}); drop it")
 
 
 @lru_cache(maxsize=None)

@@ -21,7 +21,7 @@ recorded guide must reproduce the real guide's draws bit for bit; otherwise the 
 per chunk, and which path ran is recorded (``path``).
 
 **Chunk size** (:func:`rows_per_pass`): rows = particles × datapoints per forward pass. On a GPU,
-as many as half the free device memory holds; on a CPU, as many as keep one pass's working set
+as many as a quarter of the free device memory holds; on a CPU, as many as keep one pass's working set
 within ``CPU_WORKING_SET`` (about an L3 cache: measured faster than bigger passes, see
 benchmarks/RESULTS.md), never more than a quarter of the available memory.
 """
@@ -44,7 +44,7 @@ from ppl_vi.models.base import PARTICLE_PLATE, Batch, is_latent
 from ppl_vi.objectives.importance import IWAELoss
 
 CPU_WORKING_SET = 32 * 2**20  # bytes one CPU pass may touch (about an L3 cache)
-GPU_MEMORY_FRACTION = 0.5  # of the free device memory
+GPU_MEMORY_FRACTION = 0.25  # of the free device memory
 CPU_MEMORY_FRACTION = 0.25  # of the available host memory
 MAX_ROWS = 1 << 22
 

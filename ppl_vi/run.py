@@ -58,6 +58,7 @@ import torch
 
 import ppl_vi
 from ppl_vi.errors import CheckpointError, ConfigError, RunDirError
+from ppl_vi.runtime import device_name
 
 CONFIG, METRICS, HISTORY = "config.json", "metrics.json", "history.jsonl"
 CHECKPOINTS, FIGURES, TENSORBOARD = "checkpoints", "figures", "tensorboard"
@@ -409,7 +410,7 @@ def environment(device: torch.device) -> dict:
         "ppl_vi": ppl_vi.__version__,
         "cuda": torch.version.cuda,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": device_name(device),
         "command": " ".join(sys.argv),
         "git_commit": _git_commit(),
     }

@@ -204,3 +204,46 @@ def test_reconstruction_grid_has_rows_of_originals_over_reconstructions(small_va
     image = mpimg.imread(small_vae_run / "figures" / "reconstructions.png")
     height, width = image.shape[:2]
     assert height / width > 0.6  # 8 rows of 10 images: a grid, not a 2-row strip (aspect ~0.15)
+
+
+# ---- flags that would do nothing are refused ------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "vae", "--components", "5"], "--components does not apply to vae (it applies to: gmm, gmvae); drop it"),
+    (["train", "gmm", "--activation", "relu"], "--activation does not apply to gmm (it applies to: vae, gmvae); drop it"),
+    (["train", "linear-gaussian", "--val-size", "10"], "--val-size does not apply to linear-gaussian (it applies to: "
+                                                       "MNIST models); drop it"),
+    (["train", "vae", "--n-train", "10"], "--n-train does not apply to vae (it applies to: gmm, linear-gaussian); drop it"),
+])
+def test_a_flag_the_model_does_not_read_is_refused(argv, message, tmp_path, capsys):
+    assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == f"ppl-vi {argv[0]}: error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_offers_only_the_vae_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--activation" in out and "--eval-images" in out
+    assert "--components" not in out and "--n-train" not in out and "--labels" not in out
+
+
+def test_relu_vae_is_checked_and_trains(tmp_path):
+    """--activation relu: the networks change, the bounds do not (same-sample check against Pyro passes)."""
+    from ppl_vi.check import check_model
+    from ppl_vi.models.vae import VAE
+
+    torch.manual_seed(0)
+    model = VAE(20, 3, [8], activation="relu").double()
+    assert any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.Softplus) for m in model.modules())
+    x = (torch.rand(6, 20, dtype=torch.float64) < 0.4).double()
+    report = check_model(model, {"x": x}, num_particles=3, beta=2.0, seed=0, repeats=10)
+    assert report.passed, report.table()
+    run = tmp_path / "relu"
+    assert main(["train", "vae", "--activation", "relu", "--epochs", "1", "--device", "cpu", "--no-progress",
+                 "--hidden", "32", "--z-dim", "4", "--train-subset", "256", "--val-size", "500", "--out", str(run)]) == 0
+    assert json.loads((run / rundir.CONFIG).read_text())["config"]["activation"] == "relu"
+    assert 50 < _metrics(run)["final_val_loss"] < 600

@@ -12,8 +12,9 @@ from ppl_vi.cli import main
 from ppl_vi.config import build_config
 from ppl_vi.training import Trainer
 
-TINY = ["--device", "cpu", "--epochs", "1", "--train-subset", "256", "--val-size", "500", "--hidden", "16",
-        "--z-dim", "4", "--batch-size", "64", "--eval-images", "40", "--eval-k", "1,5", "--no-progress"]
+BASE = ["--device", "cpu", "--train-subset", "256", "--val-size", "500", "--hidden", "16", "--z-dim", "4",
+        "--batch-size", "64", "--eval-images", "40", "--eval-k", "1,5", "--no-progress"]
+TINY = [*BASE, "--epochs", "1"]
 
 
 def test_run_tiny_main_job(tmp_path, capsys):
@@ -21,15 +22,20 @@ def test_run_tiny_main_job(tmp_path, capsys):
     assert main(["run", "vae", *TINY, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     first = text.splitlines()[0]
-    assert first.startswith("main job on cpu (cpu profile): vae 784-16-4, batch 64, trained for 1 epochs;")
+    assert first.startswith("main job on cpu (cpu profile): vae 784-16-4 relu, batch 64, trained for 1 epochs;")
     assert "IWAE-k for k = 1, 5 on 40;" in first
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["profile"] == "cpu" and metrics["epochs_done"] == 1
     assert metrics["test_iwae_images"] == 40 and metrics["test_nelbo_images"] == 10_000
     assert set(metrics["test_iwae"]) == {"1", "5"}
     assert metrics["test_iwae"]["5"] <= metrics["test_iwae"]["1"] + 4 * metrics["test_iwae_se"]["1"]
+    # the NELBO on IWAE's 40 images and -IWAE_1 estimate one quantity on the same images
+    assert abs(metrics["test_nelbo_on_iwae_images"] - metrics["test_iwae"]["1"]) <= 4 * (
+        metrics["test_nelbo_on_iwae_images_se"] + metrics["test_iwae_se"]["1"])
+    assert "(40 test images, as IWAE below)" in text
     notes = metrics["scaled_down"]
     assert "cpu: 1 epochs (the full protocol: 10)" in notes
+    assert "cpu: a 784-16-4 relu VAE (the full protocol: 784-500-500-50 softplus)" in notes
     assert "cpu: IWAE-k for k up to 5 (the full protocol: up to 5000)" in notes
     assert "cpu: IWAE-k on the first 40 of the 10,000 test images (the NELBO on all of them)" in notes
     assert all(f"scaled down: {note}" in text for note in notes)  # said before it started, too
@@ -55,6 +61,12 @@ def test_profile_follows_the_device():
     full = build_config("vae", job.PROFILES["full"].config)
     assert (full.eval_images, full.eval_k, full.hidden, full.epochs) == (0, [1, 10, 100, 1000, 5000], [500, 500], 10)
     assert job.scaled_down(job.PROFILES["full"], full, 10_000, None) == []  # the full protocol scales nothing down
+
+
+def test_decoder_macs():
+    config = build_config("vae", job.PROFILES["full"].config)  # 50 -> 500 -> 500 -> 784
+    assert job.decoder_macs(config) == 50 * 500 + 500 * 500 + 500 * 784
+    assert job.decoder_macs(build_config("vae", {"hidden": [400], "z_dim": 50})) == 50 * 400 + 400 * 784
 
 
 def test_budget_hook_fits_epochs_and_decays_the_learning_rate():
@@ -97,3 +109,24 @@ def test_eta_sums_measured_and_estimated_phases(monkeypatch):
     assert budgeted.eta() == pytest.approx(150.0)
     budgeted.set_units("train", 2000)  # once the epochs are known: 1500 steps left at 0.12 s each
     assert budgeted.eta() == pytest.approx(1500 * 0.12)  # done: the bar's total is the time taken
+
+
+def test_run_with_a_training_budget(tmp_path, capsys):
+    """No --epochs: the first epoch is timed, the epochs that fit the budget are trained, the learning rate
+    decays from the profile's 3e-3 to 1e-4 over them, and config.json says what ran."""
+    out = tmp_path / "job"
+    assert main(["run", "vae", *BASE, "--train-minutes", "0.03", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "epochs fit the 0.03-minute training budget here" in text
+    config = json.loads((out / "config.json").read_text())["config"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    epochs = config["epochs"]
+    assert metrics["epochs_done"] == epochs >= 1
+    expected = (1e-4 / 3e-3) ** (1 / (epochs - 1)) if epochs > 1 else 1.0
+    assert config["lr_decay"] == pytest.approx(expected)
+    assert "cpu: trained for the epochs that fit 0.03 minutes (the full protocol: 10 epochs)" in metrics["scaled_down"]
+
+
+def test_run_refuses_a_bad_budget(capsys):
+    assert main(["run", "--device", "cpu", "--train-minutes", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "ppl-vi run: error: --train-minutes must be > 0, got 0.0"

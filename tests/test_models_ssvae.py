@@ -230,3 +230,21 @@ def test_default_loss_gives_finite_gradients(model, x, y):
         value = loss.differentiable_loss(model.model, model.guide, **batch)
         grads = torch.autograd.grad(value, list(model.parameters()), allow_unused=True)
         assert math.isfinite(value.item()) and all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def test_split_first_layer_equals_the_concatenated_input():
+    """nets.linear_of_concat: x (B, D) beside one-hot labels enumerated (C, 1, 1, C) gives what the
+    layer gives on the concatenation broadcast to (C, 1, B, D + C), to float64 round-off."""
+    from ppl_vi.models.cvae import broadcast_cat
+    from ppl_vi.nets import GaussianEncoder, linear_of_concat
+
+    torch.manual_seed(0)
+    encoder = GaussianEncoder(X_DIM + 10, HIDDEN, Z_DIM).double()
+    x = torch.rand(B, X_DIM, dtype=torch.float64)
+    labels = torch.nn.functional.one_hot(torch.arange(10).view(10, 1, 1), 10).double()  # (C, 1, 1, C)
+    split, joined = encoder(x, labels), encoder(broadcast_cat(x, labels))
+    assert split[0].shape == (10, 1, B, Z_DIM)
+    for a, b in zip(split, joined):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="inputs of widths \\[784, 9\\]"):
+        linear_of_concat(encoder.body[0], [x, labels[..., :9]])

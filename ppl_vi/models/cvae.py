@@ -108,7 +108,7 @@ class LabelConditionalGenerator:
         p = next(self.parameters())
         labels = self._labels(n, y, p.device)
         z = torch.randn(n, self.z_dim, dtype=p.dtype, device=p.device)
-        return torch.sigmoid(self.decoder(broadcast_cat(z, self._one_hot(labels, z))))
+        return torch.sigmoid(self.decoder(z, self._one_hot(labels, z)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ class CVAE(LabelConditionalGenerator, LatentModel):
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
             zeros = x.new_zeros(self.z_dim)
             z = pyro.sample("z", dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))  # (K?, B, Z)
-            logits = self.decoder(broadcast_cat(z, self._one_hot(y, x)))  # (K?, B, D)
+            logits = self.decoder(z, self._one_hot(y, x))  # (K?, B, D)
             pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
     def guide(self, x: Tensor, y: Optional[Tensor] = None, **_):
@@ -174,7 +174,7 @@ class CVAE(LabelConditionalGenerator, LatentModel):
     # ---- closed forms ----------------------------------------------------------------------
     def encode(self, x: Tensor, y: Tensor):
         """q(z|x,y) = N(loc, diag scale²): each (B, Z)."""
-        return self.encoder(broadcast_cat(x, self._one_hot(y, x)))
+        return self.encoder(x, self._one_hot(y, x))
 
     # ---- hand-derived bounds (hand_negative_elbo, hand_iwae_bound: LatentModel's) -----------
     #   -ELBO_β(x|y) per datapoint at draws z (K, B, Z), MC or closed-form KL, and
@@ -182,7 +182,7 @@ class CVAE(LabelConditionalGenerator, LatentModel):
     def log_terms(self, batch: Batch, draws: Draws):
         """log p(x|y,z), log p(z), log q(z|x,y) at draws z (K, B, Z); each (K, B)."""
         x, y, z = batch["x"], batch["y"], draws["z"]
-        log_px = bounds.log_bernoulli_with_logits(x, self.decoder(broadcast_cat(z, self._one_hot(y, x))))
+        log_px = bounds.log_bernoulli_with_logits(x, self.decoder(z, self._one_hot(y, x)))
         log_pz = bounds.log_normal(z, torch.zeros_like(z), torch.ones_like(z))
         loc, scale = self.encode(x, y)
         return log_px, log_pz, bounds.log_normal(z, loc, scale)
@@ -203,7 +203,7 @@ class CVAE(LabelConditionalGenerator, LatentModel):
         """(B, D) pixel probabilities of the decoder at the guide's mean z."""
         validate_labels(y, x.shape[0], self.num_classes, model="cvae")
         loc, _ = self.encode(x, y)
-        return torch.sigmoid(self.decoder(broadcast_cat(loc, self._one_hot(y, x))))
+        return torch.sigmoid(self.decoder(loc, self._one_hot(y, x)))
 
 
 
@@ -290,7 +290,7 @@ class CVAECompletion(LatentModel):
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
             loc, scale = self.prior_net(c)
             z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))  # (K?, B, Z)
-            logits = self.decoder(broadcast_cat(z, c))  # (K?, B, D)
+            logits = self.decoder(z, c)  # (K?, B, D)
             pyro.sample("x", dist.Bernoulli(logits=logits).mask(mask).to_event(1), obs=x)
 
     def guide(self, x: Tensor, c: Tensor, mask: Tensor, **_):
@@ -306,7 +306,7 @@ class CVAECompletion(LatentModel):
     def log_terms(self, batch: Batch, draws: Draws):
         """log p(x_M|z,c), log p(z|c), log q(z|x,c) at draws z (K, B, Z); each (K, B)."""
         x, c, mask, z = batch["x"], batch["c"], batch["mask"], draws["z"]
-        log_px = masked_log_bernoulli(x, self.decoder(broadcast_cat(z, c)), _as_float(mask, x))
+        log_px = masked_log_bernoulli(x, self.decoder(z, c), _as_float(mask, x))
         log_pz = bounds.log_normal(z, *self.prior_net(c))
         log_qz = bounds.log_normal(z, *self.recognition_net(x, c))
         return log_px, log_pz, log_qz
@@ -327,7 +327,7 @@ class CVAECompletion(LatentModel):
         batch = completion_batch(x, quadrants)
         loc, scale = self.prior_net(batch["c"])
         z = loc + scale * torch.randn((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device)
-        probs = torch.sigmoid(self.decoder(broadcast_cat(z, batch["c"])))
+        probs = torch.sigmoid(self.decoder(z, batch["c"]))
         return torch.where(batch["mask"], probs, x)
 
 

@@ -44,8 +44,8 @@ class GMVAE(VAE):
     pyro_name = "gmvae"
 
     def __init__(self, x_dim: int = 784, z_dim: int = 10, hidden: Sequence[int] = (500, 500),
-                 num_components: int = 500, init_spread: float = 1.0):
-        super().__init__(x_dim, z_dim, hidden)
+                 num_components: int = 500, init_spread: float = 1.0, activation: str = "softplus"):
+        super().__init__(x_dim, z_dim, hidden, activation)
         if num_components < 1:
             raise ConfigError(f"num_components must be >= 1, got {num_components}")
         self.num_components = num_components
@@ -54,7 +54,8 @@ class GMVAE(VAE):
 
     @classmethod
     def from_config(cls, config, data_info) -> "GMVAE":
-        return cls(data_info["x_dim"], config.z_dim, config.hidden, num_components=config.components)
+        return cls(data_info["x_dim"], config.z_dim, config.hidden, num_components=config.components,
+                   activation=config.activation)
 
     # ---- the prior ---------------------------------------------------------------------------
     @property

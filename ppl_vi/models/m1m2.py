@@ -63,7 +63,7 @@ from ppl_vi import bounds
 from ppl_vi import run as rundir
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, ModelTraits, register
-from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, broadcast_cat, validate_labels
+from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, validate_labels
 from ppl_vi.models.ssvae import SemiSupervisedPair
 from ppl_vi.models.vae import VAE
 from ppl_vi.nets import GaussianEncoder, fresh_copy, mlp
@@ -87,7 +87,7 @@ def load_m1(run_dir: str, x_dim: int) -> VAE:
     if not checkpoint.is_file():
         raise ConfigError(f"--m1 {run_dir} has no checkpoint (checkpoints/best.pt or last.pt); let its training finish")
     state = rundir.load_checkpoint(checkpoint)
-    m1 = VAE(x_dim, saved["z_dim"], saved["hidden"])
+    m1 = VAE(x_dim, saved["z_dim"], saved["hidden"], saved.get("activation", "softplus"))
     try:
         m1.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
@@ -177,7 +177,7 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
             y_value = pyro.sample("y", dist.Categorical(logits=x.new_zeros(self.num_classes)), obs=y)  # p(y)
             zeros = x.new_zeros(self.z_dim)
             z2 = pyro.sample("z2", dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))  # (C?, K?, B, Z2)
-            loc, scale = self.decoder(broadcast_cat(z2, self._one_hot(y_value, x)))
+            loc, scale = self.decoder(z2, self._one_hot(y_value, x))
             z1 = pyro.sample("z1", dist.Normal(loc, scale).to_event(1))  # the guide's (K?, B, Z1)
             pyro.sample("x", dist.Bernoulli(logits=self.m1.decoder(z1)).to_event(1), obs=x)
             if y is not None and self.alpha_scale > 0:  # the classifier term α' log q(y|z1), labelled only
@@ -192,7 +192,7 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
             z1 = pyro.sample("z1", dist.Normal(loc1, scale1).to_event(1))  # (K?, B, Z1)
             if y is None:
                 y = pyro.sample("y", dist.Categorical(logits=self.classifier(z1)), infer={"enumerate": "parallel"})
-            loc2, scale2 = self.encoder(broadcast_cat(z1, self._one_hot(y, x)))  # (C?, K?, B, Z2)
+            loc2, scale2 = self.encoder(z1, self._one_hot(y, x))  # (C?, K?, B, Z2)
             pyro.sample("z2", dist.Normal(loc2, scale2).to_event(1))
 
     # ---- enumerated draws --------------------------------------------------------------------
@@ -214,10 +214,10 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     def log_m2_terms(self, z1: Tensor, y: Tensor, z2: Tensor):
         """log p(z1|y,z2), log p(z2), log q(z2|z1,y); y broadcastable to z2's batch shape."""
         y1h = self._one_hot(y, z2)
-        loc, scale = self.decoder(broadcast_cat(z2, y1h))
+        loc, scale = self.decoder(z2, y1h)
         log_pz1 = bounds.log_normal(z1, loc, scale)
         log_pz2 = bounds.log_normal(z2, torch.zeros_like(z2), torch.ones_like(z2))
-        loc2, scale2 = self.encoder(broadcast_cat(z1, y1h))
+        loc2, scale2 = self.encoder(z1, y1h)
         return log_pz1, log_pz2, bounds.log_normal(z2, loc2, scale2)
 
     def log_qy(self, y: Tensor, z1: Tensor) -> Tensor:
@@ -349,7 +349,7 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         p = next(self.classifier.parameters())
         y = self._labels(n, y, p.device)
         z2 = torch.randn(n, self.z_dim, dtype=p.dtype, device=p.device)
-        loc, scale = self.decoder(broadcast_cat(z2, self._one_hot(y, z2)))
+        loc, scale = self.decoder(z2, self._one_hot(y, z2))
         z1 = loc + scale * torch.randn_like(loc)
         return torch.sigmoid(self.m1.decoder(z1))
 
@@ -359,7 +359,7 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         z1 = self.features(x)
         y = self.classifier(z1).argmax(-1) if y is None else y
         validate_labels(y, x.shape[0], self.num_classes, model="m1m2")
-        return self.encoder(broadcast_cat(z1, self._one_hot(y, z1)))[0]
+        return self.encoder(z1, self._one_hot(y, z1))[0]
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
@@ -368,4 +368,4 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         z1 = self.features(x)
         y = self.classifier(z1).argmax(-1) if y is None else y
         z2 = self.encode_mean(x, y)
-        return torch.sigmoid(self.m1.decoder(self.decoder(broadcast_cat(z2, self._one_hot(y, z2)))[0]))
+        return torch.sigmoid(self.m1.decoder(self.decoder(z2, self._one_hot(y, z2))[0]))

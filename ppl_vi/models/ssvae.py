@@ -64,7 +64,7 @@ from torch import Tensor
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, ModelTraits, register
-from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, broadcast_cat, one_hot, validate_labels
+from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, one_hot, validate_labels
 from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, fresh_copy, mlp
 
 
@@ -154,7 +154,7 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
             y_value = pyro.sample("y", dist.Categorical(logits=prior_logits), obs=y)
             zeros = x.new_zeros(self.z_dim)
             z = pyro.sample("z", dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))  # (C?, K?, B, Z)
-            logits = self.decoder(broadcast_cat(z, self._one_hot(y_value, x)))  # (C?, K?, B, D)
+            logits = self.decoder(z, self._one_hot(y_value, x))  # (C?, K?, B, D)
             pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
             if y is not None and self.alpha_scale > 0:  # the classifier term α' log q(y|x), labelled only
                 with poutine.scale(scale=self.alpha_scale):
@@ -166,7 +166,7 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
             if y is None:
                 y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)), infer={"enumerate": "parallel"})
-            loc, scale = self.encoder(broadcast_cat(x, self._one_hot(y, x)))  # (C?, K?, B, Z)
+            loc, scale = self.encoder(x, self._one_hot(y, x))  # (C?, K?, B, Z)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     # ---- enumerated draws --------------------------------------------------------------------
@@ -190,14 +190,14 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
 
         Each has z's batch shape: (K, B) labelled or sampled, (C, K, B) enumerated."""
         y1h = self._one_hot(y, x)
-        log_px = bounds.log_bernoulli_with_logits(x, self.decoder(broadcast_cat(z, y1h)))
+        log_px = bounds.log_bernoulli_with_logits(x, self.decoder(z, y1h))
         log_pz = bounds.log_normal(z, torch.zeros_like(z), torch.ones_like(z))
-        loc, scale = self.encoder(broadcast_cat(x, y1h))
+        loc, scale = self.encoder(x, y1h)
         return log_px, log_pz, bounds.log_normal(z, loc, scale)
 
     def kl_z(self, x: Tensor, y: Tensor) -> Tensor:
         """KL(q(z|x,y) || N(0, I)) in closed form, y's batch shape broadcast with (B,)."""
-        loc, scale = self.encoder(broadcast_cat(x, self._one_hot(y, x)))
+        loc, scale = self.encoder(x, self._one_hot(y, x))
         return bounds.kl_normal(loc, scale, torch.zeros_like(loc), torch.ones_like(scale))
 
     def classifier_term(self, batch: Batch) -> Tensor:
@@ -319,11 +319,11 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         """(B, Z) mean of q(z|x,y); without labels y is the classifier's prediction."""
         y = self.classify(x) if y is None else y
         validate_labels(y, x.shape[0], self.num_classes, model="ssvae")
-        return self.encoder(broadcast_cat(x, self._one_hot(y, x)))[0]
+        return self.encoder(x, self._one_hot(y, x))[0]
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """(B, D) pixel probabilities of the decoder at q(z|x,y)'s mean (y predicted if not given)."""
         y = self.classify(x) if y is None else y
         z = self.encode_mean(x, y)
-        return torch.sigmoid(self.decoder(broadcast_cat(z, self._one_hot(y, x))))
+        return torch.sigmoid(self.decoder(z, self._one_hot(y, x)))

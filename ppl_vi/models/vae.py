@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ppl_vi import bounds
 from ppl_vi.models.base import Batch, Draws, LatentModel, register
-from ppl_vi.nets import BernoulliDecoder, GaussianEncoder
+from ppl_vi.nets import ACTIVATIONS, BernoulliDecoder, GaussianEncoder
 
 
 @register(
@@ -44,15 +44,16 @@ class VAE(LatentModel):
     #: the name under which ``pyro.module`` registers the networks in the param store.
     pyro_name = "vae"
 
-    def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: Sequence[int] = (500, 500)):
+    def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: Sequence[int] = (500, 500),
+                 activation: str = "softplus"):
         super().__init__()
         self.x_dim, self.z_dim, self.hidden = x_dim, z_dim, list(hidden)
-        self.encoder = GaussianEncoder(x_dim, self.hidden, z_dim)
-        self.decoder = BernoulliDecoder(z_dim, self.hidden[::-1], x_dim)
+        self.encoder = GaussianEncoder(x_dim, self.hidden, z_dim, activation=ACTIVATIONS[activation])
+        self.decoder = BernoulliDecoder(z_dim, self.hidden[::-1], x_dim, activation=ACTIVATIONS[activation])
 
     @classmethod
     def from_config(cls, config, data_info) -> "VAE":
-        return cls(data_info["x_dim"], config.z_dim, config.hidden)
+        return cls(data_info["x_dim"], config.z_dim, config.hidden, config.activation)
 
     # ---- the Pyro pair -------------------------------------------------------------------
     def model(self, x: Tensor, **_):

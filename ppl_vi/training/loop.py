@@ -49,8 +49,8 @@ def fit(trainer) -> dict:
     if trainer.fast is not None:  # what the fast path runs (and why), whatever --progress says
         trainer.fast.announce()
     try:
-        for epoch in range(trainer.epoch, cfg.epochs):
-            losses = run_epoch(trainer, epoch)
+        while trainer.epoch < cfg.epochs:  # re-read every epoch: an epoch hook may change the plan
+            losses = run_epoch(trainer, trainer.epoch)
             finish_epoch(trainer, losses, trainer.train_seconds())
             if trainer.stop_requested:
                 stop(trainer, [], [])
