@@ -226,6 +226,6 @@ def test_check_cli_with_a_trained_m1(m1_run, capsys):
     """``ppl-vi check m1m2 --m1 RUN``: the run's M1 frozen, gradients compared on M2's 16 tensors only."""
     assert main(["check", "m1m2", "--m1", str(m1_run), "--batch-size", "4", "--repeats", "3", "--k", "2"]) == 0
     out = capsys.readouterr().out
-    assert "verdict: PASS" in out and "grads (16 tensors)" in out
+    assert "verdict: PASS" in out and "gradients of 16 tensors" in out
     assert main(["check", "ssvae", "--m1", str(m1_run)]) == 2
     assert "--m1 applies to m1m2 only" in capsys.readouterr().err
