@@ -220,3 +220,11 @@ def path_only_log_prob(site) -> Tensor:
     fixed_value = dict(site, value=site["value"].detach())
     at_fixed = unscaled_log_prob(fixed_value)
     return full - at_fixed + at_fixed.detach()
+
+
+
+def local_log_prob(site, k: int, max_plate_nesting: int, value: Optional[Tensor] = None) -> Tensor:
+    """A local site's unscaled log-density (or ``value``, a tensor of the site's batch shape) as (K, B):
+    plates inside the data plate summed, a missing particle dimension broadcast. The per-site pieces
+    of :func:`particle_terms`, for the checker's term-by-term comparison."""
+    return _local(unscaled_log_prob(site) if value is None else value, k, max_plate_nesting, site["name"])
