@@ -7,6 +7,8 @@ the model is registered, trained by the library's trainer, evaluated, and report
 
     python examples/student_t_fa.py --out runs/student-t-fa          # ~1 minute on a laptop CPU
     open runs/student-t-fa/report.html
+    ppl-vi check examples/student_t_fa.py                            # the check alone (untrained model)
+    ppl-vi check examples/student_t_fa.py --formula                  # the objective Pyro optimises
 
 The model (factor analysis whose noise is Student-t, so outliers cost little)::
 

@@ -110,7 +110,7 @@ def test_formula_flag_prints_text_and_latex(capsys):
     assert main(["check", str(EXAMPLE), "--formula"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("−ELBO(x) = N/B × (E_q(mu | x)[−log Normal(x | μ=f(mu), σ=0.5)] + "
-                          "E_q(mu | x)[log Normal(mu | μ=g(x), σ=0.5488) − log Normal(mu | μ=0, σ=1.5)])")
+                          "E_q(mu | x)[log Normal(mu | μ=g(x), σ=φ) − log Normal(mu | μ=0, σ=1.5)])")
     assert r"\mathbb{E}_{q(\mathrm{mu}\mid \mathrm{x})}" in out
     assert "−IWAE_K(x) = −N/B × log (1/K) Σ_k" in out
 
