@@ -95,6 +95,9 @@ details summary { cursor: pointer; color: var(--muted); }
 .scroll { max-height: 28em; overflow-y: auto; display: inline-block; border-bottom: 1px solid var(--line); }
 .scroll th { position: sticky; top: 0; }
 img.formula { max-width: 100%; height: auto; }
+div.formula { border: 1px solid var(--line); padding: 4px 12px 8px; margin: 8px 0 12px; }
+div.formula h3 { font-size: 15px; margin: 6px 0; }
+div.formula pre { white-space: pre-wrap; }
 """
 
 
@@ -269,7 +272,8 @@ def _check_section(check: Optional[dict]) -> str:
         note = "; ".join(s for s in (r.get("tolerance", ""), r.get("note", "")) if s)
         rows.append(f"<tr class='{'' if ok else 'bad'}'><td class='nowrap'>{_esc(r.get('kind', ''))}</td>"
                     f"<td>{_esc(r.get('name', ''))}</td>{_num(r.get('reference'), '.8g')}{_num(r.get('value'), '.8g')}"
-                    f"{_num(r.get('abs_diff'), '.2e')}{_num(r.get('rel_diff'), '.2e')}"
+                    f"{_num(r.get('abs_diff'), '.2e')}"
+                    f"{_num(r.get('rel_diff') if str(r.get('tolerance', '')).startswith('rel') else None, '.2e')}"
                     f"<td class='{'ok' if ok else 'bad'}'>{'ok' if ok else 'FAIL'}</td><td>{_esc(note)}</td></tr>")
     failed = sum(1 for r in check.get("rows", []) if not r.get("passed"))
     verdict = "passed" if check.get("passed") else f"failed ({failed} of {len(rows)} checks)"
@@ -278,9 +282,9 @@ def _check_section(check: Optional[dict]) -> str:
             "(same sample: value and every gradient; statistical: means over seeds) and against the exact answer "
             "where there is one. Values per datapoint (the mean over the batch) unless a row says otherwise.</p>"
             + (f"<div class='scaled'><b>Diagnosis</b><ul>{diagnoses}</ul></div>" if diagnoses else "")
-            + "<div class='columns'><div>"
-            + _table(("kind", "check", "reference", "value", "abs diff", "rel diff", "ok", "tolerance / note"), rows)
-            + "</div>" + _formula_section(check.get("formula")) + "</div>")
+            + _formula_section(check.get("formula"))
+            + _table(("kind", "check", "reference", "value", "abs diff", "rel diff (equalities)", "ok",
+                      "tolerance / note"), rows))
 
 
 def formula_image(latex: str) -> Optional[str]:
@@ -288,7 +292,7 @@ def formula_image(latex: str) -> Optional[str]:
     None where mathtext cannot typeset it."""
     buffer = io.BytesIO()
     try:
-        mathtext.math_to_image(f"${latex}$", buffer, format="svg", dpi=100)
+        mathtext.math_to_image(f"${latex}$", buffer, format="svg", dpi=130)
     except Exception:  # noqa: BLE001 - a formula mathtext cannot parse: the plain text stands alone
         return None
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -299,7 +303,7 @@ def _formula_section(formula: Any) -> str:
     """The objective Pyro optimises, typeset (and as plain text and LaTeX), beside the check table."""
     if not isinstance(formula, dict) or not isinstance(formula.get("text"), str):
         return ""
-    parts = ["<div><h3>The objective Pyro optimises</h3>"]
+    parts = ["<div class='formula'><h3>The objective Pyro optimises (per datapoint)</h3>"]
     for text_key, tex_key in (("text", "latex"), ("iwae_text", "iwae_latex")):
         text, tex = formula.get(text_key), formula.get(tex_key)
         if not isinstance(text, str):

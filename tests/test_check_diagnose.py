@@ -252,3 +252,29 @@ def test_unscaled_model_constant_is_half_log_2pi():
     assert "-0.918939 per datapoint" in report.verdicts[0] and "D = 1 (the size of site 'x')" in report.verdicts[0]
     assert "N/B" not in report.verdicts[0]
     assert bound_formula(model, guide, batch)["text"].startswith("−ELBO(x) = E_q(z | x)[−log Normal(x | μ=f(z), σ=1)]")
+
+
+def test_closed_form_kl_is_held_against_trace_meanfield_on_the_same_sample(example, pair):
+    """A bound with KL(q || p) in closed form matches TraceMeanField_ELBO draw for draw (Trace_ELBO then only
+    on average); the term rows compare the 'kl' term with the closed-form KL."""
+    def analytic(batch, draws):
+        x, mu = batch["x"], draws["mu"]
+        log_lik, _, _ = example.log_terms(x, mu)
+        q = torch.distributions.Normal(example.a * x + example.b, example.log_s.exp())
+        p = torch.distributions.Normal(torch.zeros_like(x), example.TAU)
+        return {"rec": example.C * (-log_lik).mean(0), "kl": example.C * torch.distributions.kl_divergence(q, p).sum(-1)}
+
+    report = check_pair(make_pair("t", {"model": pair.model, "guide": pair.guide, "batch": pair.batch,
+                                        "bound": analytic}), **FAST)
+    assert report.passed, report.table()
+    same = {r.name.split(":")[0] for r in report.rows if r.kind == "same sample"}
+    assert "TraceMeanField_ELBO (K=3) vs bound" in same and "Trace_ELBO (K=3) vs bound" not in same
+    assert any("KL(q || p) in closed form" in r.name for r in report.rows if r.kind == "term")
+    assert any(r.kind == "statistical" and r.name.startswith("Trace_ELBO") for r in report.rows)
+
+
+def test_formula_of_a_built_in_model(capsys):
+    assert main(["check", "linear-gaussian", "--formula"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("−ELBO(x) = E_q(z | x)[−log Normal(x | μ=f(z), σ=θ)] + "
+                          "E_q(z | x)[log Normal(z | μ=g(x), σ=φ) − log Normal(z | μ=0, σ=1)]"), out
