@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=CHECK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ch.add_argument("model", metavar="MODEL | FILE.py[:NAME]",
                     help="a built-in model, or your own file (module-level model, guide, bound, batch)")
-    ch.add_argument("--batch-size", type=int, default=32, help="datapoints in the checked batch")
+    ch.add_argument("--batch-size", type=int, default=32, help="datapoints in the checked batch (built-in models; a file brings its own batch)")
     ch.add_argument("--k", type=int, default=3, help="particles in the same-sample comparisons")
-    ch.add_argument("--beta", type=float, default=2.0, help="β of the scaled comparisons")
+    ch.add_argument("--beta", type=float, default=2.0, help="β of the scaled comparisons (built-in models)")
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--repeats", type=int, default=50, help="seeds in the statistical comparisons (>= 2)")
     ch.add_argument("--gradient-seeds", type=int, default=50,
