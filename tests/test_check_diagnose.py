@@ -278,3 +278,15 @@ def test_formula_of_a_built_in_model(capsys):
     out = capsys.readouterr().out
     assert out.startswith("−ELBO(x) = E_q(z | x)[−log Normal(x | μ=f(z), σ=θ)] + "
                           "E_q(z | x)[log Normal(z | μ=g(x), σ=φ) − log Normal(z | μ=0, σ=1)]"), out
+
+
+def test_a_file_with_a_latent_model_class_is_checked_as_a_built_in_model(tmp_path, capsys):
+    student = EXAMPLE.parent / "student_t_fa.py"
+    cls = load_target(str(student))
+    assert cls.__name__ == "StudentTFactorAnalysis" and load_target(f"{student}:StudentTFactorAnalysis").__name__ == cls.__name__
+    assert main(["check", str(student), "--formula"]) == 0  # resolved through the registry entry it made
+    assert "StudentT(x | ν=θ, μ=f(z), σ=θ)" in capsys.readouterr().out
+    unregistered = tmp_path / "mine.py"
+    unregistered.write_text("from ppl_vi.models.base import LatentModel\nclass Mine(LatentModel):\n    pass\n")
+    assert main(["check", f"{unregistered}:Mine"]) == 2
+    assert "Mine is not registered" in capsys.readouterr().err
