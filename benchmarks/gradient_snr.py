@@ -2,9 +2,10 @@
 
 Rainforth et al. (2018, "Tighter variational bounds are not necessarily better") show that the
 IWAE bound's inference-network (encoder) gradient has a signal-to-noise ratio that falls like
-1/√K, while the generative network's (decoder's) rises like √K. Tucker et al. (2019)'s doubly
-reparameterised gradient (DReG) removes the score part whose noise causes the fall: its encoder
-SNR rises with K. Both estimators target the same gradient (``ppl_vi.check``'s expected-gradient
+1/√K for large K, while the generative network's (decoder's) rises like √K. Tucker et al. (2019)'s
+doubly reparameterised gradient (DReG) removes the score part whose noise causes the fall (they
+report an encoder SNR that no longer falls with K). What this script measured is in
+benchmarks/RESULTS.md, section "Gradient signal-to-noise". Both estimators target the same gradient (``ppl_vi.check``'s expected-gradient
 rows prove DReG unbiased), so the SNR is a fair comparison of their noise.
 
 Protocol: a VAE (``ppl_vi.models.vae.VAE``, 784-H-Z, the library's model/guide pair) is first
@@ -17,10 +18,13 @@ times (fresh particles each time, the same seeds for both losses), and per param
     SNR_e = |mean_s g_se| / sd_s(g_se),
 
 averaged over the encoder's elements and over the decoder's (Rainforth et al.'s definition, on
-the batch's summed gradient). The table goes to stdout and ``--out`` (Markdown, JSON, a log-log
+the batch's summed gradient). Elements whose gradient is exactly zero on every draw (first-layer
+weights of pixels that are 0 in the batch) count as SNR 0: a constant fraction for every K and
+loss, so it scales the columns alike and leaves the slopes unchanged. An element with no signal
+still shows |mean|/sd ≈ 0.8/√seeds (the noise floor). The table goes to stdout and ``--out`` (Markdown, JSON, a log-log
 figure), with the slope of log SNR against log K fitted for each column.
 
-    python benchmarks/gradient_snr.py --out benchmarks/results/gradient_snr       # ~10 min on 2 CPU cores
+    python benchmarks/gradient_snr.py --out benchmarks/results/gradient_snr       # ~21 min on one CPU thread
     python benchmarks/gradient_snr.py --quick --out /tmp/snr                       # seconds (the test runs it)
 """
 

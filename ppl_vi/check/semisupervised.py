@@ -54,6 +54,14 @@ def batches_from_data(model, data, batch_size: int, seed: int = 0):
             model.make_batch(fixed_binarization(data.train_x[unlabelled], seed)))
 
 
+def beta_comparison(model, name: str, k: int, beta: float, sites) -> Comparison:
+    """Trace_ELBO with β on ``sites`` (model and guide scaled alike) against the hand bound with β."""
+    return Comparison(name, make_loss("trace", k, model.max_plate_nesting),
+                      lambda b, d: model.hand_negative_elbo(b, d, kl="mc", beta=beta), k,
+                      model=scale_sites(model.model, sites, beta), guide=scale_sites(model.guide, sites, beta),
+                      statistical=False)
+
+
 def labelled_comparisons(model, k: int, beta: float) -> List[Comparison]:
     """Labelled batch: β on the labelled latent sites (``model.labelled_sites``, default ("z",));
     TraceMeanField where the model has a closed-form KL; RenyiELBO against the model's own
@@ -66,10 +74,7 @@ def labelled_comparisons(model, k: int, beta: float) -> List[Comparison]:
     out = [
         Comparison(f"trace (K={k}) vs hand NELBO - a'log q", make_loss("trace", k, nest),
                    lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k),
-        Comparison(f"trace (K={k}), beta={beta:g} vs hand", make_loss("trace", k, nest),
-                   lambda b, d: model.hand_negative_elbo(b, d, kl="mc", beta=beta), k,
-                   model=scale_sites(model.model, sites, beta), guide=scale_sites(model.guide, sites, beta),
-                   statistical=False),
+        beta_comparison(model, f"trace (K={k}), beta={beta:g} vs hand", k, beta, sites),
         Comparison(f"enum (K={k}) vs hand NELBO - a'log q", make_loss("enum", k, nest),
                    lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k, statistical=False),
         # the classifier site carries its own scale α', which the IWAE reference objective does not
@@ -93,10 +98,7 @@ def unlabelled_comparisons(model, k: int, beta: float, hand: Optional[EnumHand] 
                    lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), 1, statistical=False),
         Comparison(f"trace (K={k}) y sampled vs hand (score fn)", make_loss("trace", k, nest),
                    lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k),
-        Comparison(f"trace (K={k}) y sampled, beta={beta:g} vs hand", make_loss("trace", k, nest),
-                   lambda b, d: model.hand_negative_elbo(b, d, kl="mc", beta=beta), k,
-                   model=scale_sites(model.model, both, beta), guide=scale_sites(model.guide, both, beta),
-                   statistical=False),
+        beta_comparison(model, f"trace (K={k}) y sampled, beta={beta:g} vs hand", k, beta, both),
         Comparison("enum (K=1) y enumerated vs hand", make_loss("enum", 1, nest), enum_hand, 1,
                    draws=lambda b: model.enum_draws(b, 1), statistical=False),
         Comparison(f"enum (K={k}) y enumerated vs hand", make_loss("enum", k, nest), enum_hand, k,

@@ -33,6 +33,7 @@ from torch import Tensor
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import is_latent
 from ppl_vi.objectives.importance import refuse_score_sites
+from ppl_vi.objectives.particle_loss import ParticleLoss
 from ppl_vi.objectives.traces import particle_terms, path_only_log_prob, run_particles
 
 
@@ -59,17 +60,15 @@ class _Gate:
         self.weight = normalised_weights.reshape(normalised_weights.shape + (1,) * self.event_dim)
 
 
-class DReGLoss:
+class DReGLoss(ParticleLoss):
     """The IWAE bound over ``num_particles`` reparameterised particles with DReG gradients."""
 
     target = "iwae"
 
     def __init__(self, num_particles: int = 2, max_plate_nesting: int = 1):
-        if num_particles < 1:
-            raise ConfigError(f"the number of particles K must be >= 1, got {num_particles}")
-        self.num_particles, self.max_plate_nesting = num_particles, max_plate_nesting
+        super().__init__(num_particles, max_plate_nesting)
 
-    def _surrogate(self, model, guide, batch):
+    def _estimate(self, model, guide, batch):
         k, nest = self.num_particles, self.max_plate_nesting
         gates = []
 
@@ -94,22 +93,5 @@ class DReGLoss:
             gate.set(normalised)
         bound = torch.logsumexp(log_w.detach(), dim=0) - math.log(k)  # (B,)
         surrogate = (normalised * log_w).sum(0)  # θ: Σ w̃ ∇log p; path: gated to Σ w̃² ∂log w/∂z ∂z/∂φ
-        return bound + (surrogate - surrogate.detach()), terms.c
-
-    def per_datapoint(self, model, guide, **batch) -> Tensor:
-        """L_K(x_i) per datapoint, (B,) (the value; its gradient is DReG's)."""
-        return self._surrogate(model, guide, batch)[0]
-
-    def differentiable_loss(self, model, guide, *args, **batch) -> Tensor:
-        """-c Σ_i L_K(x_i), with DReG's gradient."""
-        if args:
-            raise TypeError("DReGLoss takes the batch as keyword arguments (model(**batch))")
-        surrogate, c = self._surrogate(model, guide, batch)
-        return -c * surrogate.sum()
-
-    def loss(self, model, guide, *args, **batch) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **batch).item()
-
-    def __repr__(self) -> str:
-        return f"DReGLoss(num_particles={self.num_particles})"
+        per_datapoint = bound + (surrogate - surrogate.detach())
+        return per_datapoint, per_datapoint.sum(), terms.c

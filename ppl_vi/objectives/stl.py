@@ -14,25 +14,18 @@ Global latents enter as log p(θ_k) - log q(θ_k) once per particle.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
 from ppl_vi.errors import ConfigError
 from ppl_vi.objectives.importance import refuse_score_sites
+from ppl_vi.objectives.particle_loss import ParticleLoss
 from ppl_vi.objectives.traces import particle_terms, path_only_log_prob, run_particles
 
 
-class STLLoss:
-    """The K-particle ELBO with the sticking-the-landing gradient."""
+class STLLoss(ParticleLoss):
+    """The K-particle ELBO_β with the sticking-the-landing gradient."""
 
     target = "elbo"
 
-    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1):
-        if num_particles < 1:
-            raise ConfigError(f"the number of particles K must be >= 1, got {num_particles}")
-        self.num_particles, self.max_plate_nesting = num_particles, max_plate_nesting
-
-    def _elbo(self, model, guide, batch):
+    def _estimate(self, model, guide, batch):
         k, nest = self.num_particles, self.max_plate_nesting
         guide_trace, model_trace = run_particles(model, guide, k, batch, nest)
         terms = particle_terms(guide_trace, model_trace, k, nest, check_scales=False,
@@ -46,21 +39,3 @@ class STLLoss:
         if terms.global_ratio is not None:
             total = total + terms.beta * terms.global_ratio
         return per_particle.mean(0), total.mean(0), terms.c
-
-    def per_datapoint(self, model, guide, **batch) -> Tensor:
-        """ELBO_β(x_i) per datapoint, (B,) (local latents only)."""
-        return self._elbo(model, guide, batch)[0]
-
-    def differentiable_loss(self, model, guide, *args, **batch) -> Tensor:
-        """-c Σ_i ELBO_β(x_i), with the STL gradient."""
-        if args:
-            raise TypeError("STLLoss takes the batch as keyword arguments (model(**batch))")
-        _, total, c = self._elbo(model, guide, batch)
-        return -c * total
-
-    def loss(self, model, guide, *args, **batch) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **batch).item()
-
-    def __repr__(self) -> str:
-        return f"STLLoss(num_particles={self.num_particles})"

@@ -22,25 +22,25 @@ local latents only (every site in the data plate).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
+from ppl_vi.objectives.particle_loss import ParticleLoss
 from ppl_vi.objectives.traces import particle_terms, run_particles
 
 
-class VIMCOLoss:
+class VIMCOLoss(ParticleLoss):
     """The IWAE bound over ``num_particles`` particles with VIMCO's score-function gradient."""
 
     target = "iwae"
 
-    def __init__(self, num_particles: int = 2, max_plate_nesting: int = 1):
-        if num_particles < 2:
-            raise ConfigError(f"vimco needs K >= 2 particles (each particle's baseline uses the others), got "
-                              f"{num_particles}; pass --k 2 or more")
-        self.num_particles, self.max_plate_nesting = num_particles, max_plate_nesting
+    min_particles = 2
+    too_few = "vimco needs K >= 2 particles (each particle's baseline uses the others; pass --k 2 or more)"
 
-    def _surrogate(self, model, guide, batch):
+    def __init__(self, num_particles: int = 2, max_plate_nesting: int = 1):
+        super().__init__(num_particles, max_plate_nesting)
+
+    def _estimate(self, model, guide, batch):
         k, nest = self.num_particles, self.max_plate_nesting
         guide_trace, model_trace = run_particles(model, guide, k, batch, nest)
         terms = particle_terms(guide_trace, model_trace, k, nest)
@@ -49,22 +49,5 @@ class VIMCOLoss:
         if torch.is_tensor(terms.beta) or terms.beta != 1.0:
             raise ConfigError("vimco needs the latent scale β = 1 (no --beta or --kl-anneal); use 'enum' or 'trace' "
                               "for a β-weighted ELBO")
-        return bounds.vimco_surrogate(terms.log_weights, terms.log_score.expand_as(terms.log_weights)), terms.c
-
-    def per_datapoint(self, model, guide, **batch) -> Tensor:
-        """L_K(x_i) per datapoint, (B,) (the value; its gradient is VIMCO's)."""
-        return self._surrogate(model, guide, batch)[0]
-
-    def differentiable_loss(self, model, guide, *args, **batch) -> Tensor:
-        """-c Σ_i L_K(x_i), with VIMCO's gradient."""
-        if args:
-            raise TypeError("VIMCOLoss takes the batch as keyword arguments (model(**batch))")
-        surrogate, c = self._surrogate(model, guide, batch)
-        return -c * surrogate.sum()
-
-    def loss(self, model, guide, *args, **batch) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **batch).item()
-
-    def __repr__(self) -> str:
-        return f"VIMCOLoss(num_particles={self.num_particles})"
+        per_datapoint = bounds.vimco_surrogate(terms.log_weights, terms.log_score.expand_as(terms.log_weights))
+        return per_datapoint, per_datapoint.sum(), terms.c
