@@ -57,7 +57,7 @@ def test_right_bounds_pass_with_no_diagnosis(pair):
     assert report.passed, report.table()
     assert report.verdicts == []
     names = [r.name for r in report.rows]
-    assert "Trace_ELBO (K=3): term 'rec' = Pyro's site 'x': -log p(x|z)" in names  # matched by name hint
+    assert "Trace_ELBO (K=3): term 'rec' = Pyro's site 'x': -log p(x|mu)" in names  # matched by name hint
     assert any("decomposition" in n for n in names)
     assert any(r.kind == "ground truth" for r in report.rows)  # exact_log_likelihood was used
     assert "Normal(x | μ=f(mu), σ=0.5)" in report.formula["text"]
@@ -290,3 +290,18 @@ def test_a_file_with_a_latent_model_class_is_checked_as_a_built_in_model(tmp_pat
     unregistered.write_text("from ppl_vi.models.base import LatentModel\nclass Mine(LatentModel):\n    pass\n")
     assert main(["check", f"{unregistered}:Mine"]) == 2
     assert "Mine is not registered" in capsys.readouterr().err
+
+
+def test_a_files_own_loss_renyi_puts_the_scale_inside(example, pair):
+    """``losses`` replaces the defaults; Pyro's RenyiELBO(α=0) puts N/B inside the log-mean-exp, so it matches
+    the scale-inside bound and not the right one, and the verdict says that the loss itself is the culprit."""
+    from ppl_vi.objectives.losses import RenyiLoss
+
+    renyi = {"RenyiELBO": RenyiLoss(alpha=0, num_particles=K, vectorize_particles=True, max_plate_nesting=1)}
+    base = {"model": pair.model, "guide": pair.guide, "batch": pair.batch, "bound": pair.bound, "losses": renyi}
+    right = check_pair(make_pair("t", {**base, "iwae_bound": example.iwae_bound}), **FAST)
+    assert not right.passed
+    assert right.verdicts[0].startswith("scale: RenyiELBO (K=3) itself puts the minibatch scale N/B = 62.5 inside")
+    inside = check_pair(make_pair("t", {**base, "iwae_bound": example._iwae_scale_inside}), **FAST)
+    assert all(r.passed for r in inside.rows if r.kind == "same sample" and "decomposition" not in r.name)
+    assert any("inside the log-mean-exp" in v and "hand bound" in v for v in inside.verdicts), inside.verdicts

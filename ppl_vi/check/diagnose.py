@@ -275,7 +275,8 @@ HINTS = (
 def pyro_groups(terms: SiteTerms, analytic: bool = False) -> Dict[str, Tuple[str, Tensor]]:
     """Pyro's terms a hand term may correspond to: key -> (description, per-datapoint value)."""
     comps = terms.components(analytic)
-    out = {n: (f"site {n!r}: " + ("-log p(" + n + "|z)" if n in terms.observed else
+    given = ", ".join(terms.prior) or "z"
+    out = {n: (f"site {n!r}: " + ("-log p(" + n + "|" + given + ")" if n in terms.observed else
                                   ("KL(q || p) in closed form" if analytic and n in terms.analytic_kl
                                    else "log q(" + n + "|x) - log p(" + n + ")")), v) for n, v in comps.items()}
     if len(terms.observed) > 1:
