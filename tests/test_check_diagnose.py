@@ -305,3 +305,12 @@ def test_a_files_own_loss_renyi_puts_the_scale_inside(example, pair):
     inside = check_pair(make_pair("t", {**base, "iwae_bound": example._iwae_scale_inside}), **FAST)
     assert all(r.passed for r in inside.rows if r.kind == "same sample" and "decomposition" not in r.name)
     assert any("inside the log-mean-exp" in v and "hand bound" in v for v in inside.verdicts), inside.verdicts
+
+
+def test_two_mistakes_in_one_tensor_a_flipped_kl_and_a_dropped_constant(example, pair, terms):
+    log_lik, log_prior, log_q = _pieces(example, pair, terms)
+    c, d = example.C, example.D
+    both = c * (-(log_lik + 0.5 * d * math.log(2 * math.pi)) - (log_q - log_prior)).mean(0)
+    verdicts = diagnose("L", both, terms, "elbo")
+    assert [v.split(":")[0] for v in verdicts] == ["sign", "constant"], verdicts
+    assert "site 'mu'" in verdicts[0] and "D = 5 (the size of site 'x')" in verdicts[1]

@@ -120,11 +120,34 @@ def _gradient_note(grads_agree: Optional[bool]) -> str:
             else "; but the gradients differ: a parameter-dependent term (e.g. -log σ), not a pure constant")
 
 
+def _constant_verdict(label: str, what: str, const: float, size: int, terms: SiteTerms,
+                      grads_agree: Optional[bool]) -> str:
+    named = _name(const, constant_names(terms), 1e-6)
+    return (f"constant: {label}: {what} differs from Pyro's by {_fmt(const)} per datapoint, the same at all "
+            f"{size} datapoints" + (f" = {named}" if named else " (no known constant matched)")
+            + _gradient_note(grads_agree))
+
+
+def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int) -> str:
+    """The verdict for r = a · piece: a = -2 a flipped sign, -1 a missing term, else a scale 1 + a."""
+    if abs(a + 2) <= 1e-6:
+        return (f"sign: {label}: the term {name} has its sign flipped (the hand bound = Pyro's - 2 × that term "
+                "at every datapoint)")
+    if abs(a + 1) <= 1e-6:
+        entropy = "entropy" in name
+        return (f"missing {'entropy' if entropy else 'term'}: {label}: the term {name} is left out"
+                + (" (the guide's entropy -E_q log q(z|x))" if entropy else ""))
+    named = _name(1 + a, factor_names(terms, size), 1e-6)
+    return (f"scale: {label}: the term {name} is multiplied by {_fmt(1 + a)}"
+            + (f", a factor {named}" if named else " (no known factor matched)"))
+
+
 def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTerms,
                       pieces: Dict[str, Tensor], rtol: float, grads_agree: Optional[bool] = None,
                       what: str = "the hand bound") -> List[str]:
     """Verdicts for a per-datapoint hand value against the reference (both (B,)): constant offset,
-    whole-bound factor or sign, one piece with its sign flipped, missing or scaled."""
+    whole-bound factor or sign, one piece with its sign flipped, missing or scaled, and one such
+    piece together with a constant offset (two mistakes at once)."""
     hand, reference = hand.detach().double(), reference.detach().double()
     if _close(hand, reference, rtol):
         return []
@@ -132,11 +155,7 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
     tol = rtol * max(hand.abs().max().item(), reference.abs().max().item(), 1.0)
     size = hand.numel()
     if (r.max() - r.min()).item() <= 10 * tol and size > 1:
-        const = r.mean().item()
-        named = _name(const, constant_names(terms), 1e-6)
-        return [f"constant: {label}: {what} differs from Pyro's by {_fmt(const)} per datapoint, the same at all "
-                f"{size} datapoints" + (f" = {named}" if named else " (no known constant matched)")
-                + _gradient_note(grads_agree)]
+        return [_constant_verdict(label, what, r.mean().item(), size, terms, grads_agree)]
     nonzero = reference.abs() > tol
     if nonzero.all():
         ratio = hand / reference
@@ -149,24 +168,20 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
             named = _name(a, factor_names(terms, size), 1e-6)
             return [f"scale: {label}: {what} is {_fmt(a)} × Pyro's at every datapoint"
                     + (f", a factor {named}" if named else " (no known factor matched)")]
-    for name, piece in pieces.items():
+    for name, piece in pieces.items():  # one piece wrong
         piece = piece.detach().double()
         denom = (piece * piece).sum().item()
-        if denom == 0:
-            continue
-        a = (r * piece).sum().item() / denom
-        if not _close(reference + a * piece, hand, rtol):
-            continue
-        if abs(a + 2) <= 1e-6:
-            return [f"sign: {label}: the term {name} has its sign flipped (the hand bound = Pyro's - 2 × that term "
-                    "at every datapoint)"]
-        if abs(a + 1) <= 1e-6:
-            entropy = "entropy" in name
-            return [f"missing {'entropy' if entropy else 'term'}: {label}: the term {name} is left out"
-                    + (" (the guide's entropy -E_q log q(z|x))" if entropy else "")]
-        named = _name(1 + a, factor_names(terms, size), 1e-6)
-        return [f"scale: {label}: the term {name} is multiplied by {_fmt(1 + a)}"
-                + (f", a factor {named}" if named else " (no known factor matched)")]
+        if denom and _close(reference + (r * piece).sum().item() / denom * piece, hand, rtol):
+            return [_piece_verdict(label, name, (r * piece).sum().item() / denom, terms, size)]
+    if size >= 3:  # one piece wrong and a constant offset: least squares r = a · piece + C
+        for name, piece in pieces.items():
+            design = torch.stack([piece.detach().double(), torch.ones_like(r)], 1)
+            if torch.linalg.matrix_rank(design).item() < 2:
+                continue
+            a, const = torch.linalg.lstsq(design, r.unsqueeze(1)).solution.flatten().tolist()
+            if _close(reference + a * piece.detach().double() + const, hand, rtol):
+                return [_piece_verdict(label, name, a, terms, size),
+                        _constant_verdict(label, what, const, size, terms, None)]
     bad = ((r.abs() > tol).nonzero().flatten().tolist())
     return [f"unexplained: {label}: {what} differs from Pyro's at datapoints {_datapoints(bad)} (residual "
             f"{_fmt(r.min().item())} .. {_fmt(r.max().item())} per datapoint); no common mistake matched it exactly"
