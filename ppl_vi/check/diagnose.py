@@ -102,6 +102,12 @@ def factor_names(terms: SiteTerms, batch_size: int) -> List[Tuple[float, str]]:
     return out
 
 
+def _match(rtol: float) -> float:
+    """How near a fitted constant or factor must be to a catalogue entry (relative): 1e-6 in float64,
+    looser with the check's tolerance (float32)."""
+    return max(1e-6, 10 * rtol)
+
+
 def _name(value: float, catalogue: List[Tuple[float, str]], rtol: float) -> Optional[str]:
     for v, text in catalogue:
         if abs(abs(value) - v) <= max(rtol, 1e-9) * max(abs(v), 1.0):
@@ -121,23 +127,23 @@ def _gradient_note(grads_agree: Optional[bool]) -> str:
 
 
 def _constant_verdict(label: str, what: str, const: float, size: int, terms: SiteTerms,
-                      grads_agree: Optional[bool]) -> str:
-    named = _name(const, constant_names(terms), 1e-6)
+                      grads_agree: Optional[bool], rtol: float = 1e-7) -> str:
+    named = _name(const, constant_names(terms), _match(rtol))
     return (f"constant: {label}: {what} differs from Pyro's by {_fmt(const)} per datapoint, the same at all "
             f"{size} datapoints" + (f" = {named}" if named else " (no known constant matched)")
             + _gradient_note(grads_agree))
 
 
-def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int) -> str:
+def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int, rtol: float = 1e-7) -> str:
     """The verdict for r = a · piece: a = -2 a flipped sign, -1 a missing term, else a scale 1 + a."""
-    if abs(a + 2) <= 1e-6:
+    if abs(a + 2) <= _match(rtol) * 2:
         return (f"sign: {label}: the term {name} has its sign flipped (the hand bound = Pyro's - 2 × that term "
                 "at every datapoint)")
-    if abs(a + 1) <= 1e-6:
+    if abs(a + 1) <= _match(rtol):
         entropy = "entropy" in name
         return (f"missing {'entropy' if entropy else 'term'}: {label}: the term {name} is left out"
                 + (" (the guide's entropy -E_q log q(z|x))" if entropy else ""))
-    named = _name(1 + a, factor_names(terms, size), 1e-6)
+    named = _name(1 + a, factor_names(terms, size), _match(rtol))
     return (f"scale: {label}: the term {name} is multiplied by {_fmt(1 + a)}"
             + (f", a factor {named}" if named else " (no known factor matched)"))
 
@@ -155,24 +161,24 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
     tol = rtol * max(hand.abs().max().item(), reference.abs().max().item(), 1.0)
     size = hand.numel()
     if (r.max() - r.min()).item() <= 10 * tol and size > 1:
-        return [_constant_verdict(label, what, r.mean().item(), size, terms, grads_agree)]
+        return [_constant_verdict(label, what, r.mean().item(), size, terms, grads_agree, rtol)]
     nonzero = reference.abs() > tol
     if nonzero.all():
         ratio = hand / reference
         if (ratio.max() - ratio.min()).item() <= 10 * rtol * ratio.abs().max().item():
             a = ratio.mean().item()
-            if abs(a + 1) <= 1e-6:
+            if abs(a + 1) <= _match(rtol):
                 return [f"sign: {label}: {what} is minus Pyro's at every datapoint" + (
                     ": it returns the bound, not the negative bound (the loss)" if what == "the hand bound"
                     else ": its sign is flipped")]
-            named = _name(a, factor_names(terms, size), 1e-6)
+            named = _name(a, factor_names(terms, size), _match(rtol))
             return [f"scale: {label}: {what} is {_fmt(a)} × Pyro's at every datapoint"
                     + (f", a factor {named}" if named else " (no known factor matched)")]
     for name, piece in pieces.items():  # one piece wrong
         piece = piece.detach().double()
         denom = (piece * piece).sum().item()
         if denom and _close(reference + (r * piece).sum().item() / denom * piece, hand, rtol):
-            return [_piece_verdict(label, name, (r * piece).sum().item() / denom, terms, size)]
+            return [_piece_verdict(label, name, (r * piece).sum().item() / denom, terms, size, rtol)]
     if size >= 3:  # one piece wrong and a constant offset: least squares r = a · piece + C
         for name, piece in pieces.items():
             design = torch.stack([piece.detach().double(), torch.ones_like(r)], 1)
@@ -180,8 +186,8 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
                 continue
             a, const = torch.linalg.lstsq(design, r.unsqueeze(1)).solution.flatten().tolist()
             if _close(reference + a * piece.detach().double() + const, hand, rtol):
-                return [_piece_verdict(label, name, a, terms, size),
-                        _constant_verdict(label, what, const, size, terms, None)]
+                return [_piece_verdict(label, name, a, terms, size, rtol),
+                        _constant_verdict(label, what, const, size, terms, None, rtol)]
     bad = ((r.abs() > tol).nonzero().flatten().tolist())
     return [f"unexplained: {label}: {what} differs from Pyro's at datapoints {_datapoints(bad)} (residual "
             f"{_fmt(r.min().item())} .. {_fmt(r.max().item())} per datapoint); no common mistake matched it exactly"
