@@ -316,3 +316,54 @@ def test_two_mistakes_in_one_tensor_a_flipped_kl_and_a_dropped_constant(example,
     verdicts = diagnose("L", both, terms, "elbo")
     assert [v.split(":")[0] for v in verdicts] == ["sign", "constant"], verdicts
     assert "site 'mu'" in verdicts[0] and "D = 5 (the size of site 'x')" in verdicts[1]
+
+
+def test_a_latent_model_with_a_wrong_log_terms_gets_a_verdict_from_check_model():
+    """The built-in path (check_model: every loss the model trains with) names the mistake too, and says
+    nothing for the right log_terms."""
+    import pyro.distributions as dist
+    from torch import nn
+
+    from ppl_vi import bounds
+    from ppl_vi.check import check_model
+    from ppl_vi.models.base import LatentModel
+
+    class Scalar(LatentModel):
+        has_analytic_kl = True
+
+        def __init__(self, drop_constant: bool):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([0.5]))
+            self.log_s = nn.Parameter(torch.tensor([-0.3]))
+            self.drop_constant = drop_constant
+
+        def model(self, x, **_):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+        def guide(self, x, **_):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(self.w * x, self.log_s.exp()).to_event(1))
+
+        def log_terms(self, batch, draws):
+            x, z = batch["x"], draws["z"]
+            log_lik = bounds.log_normal(x, z, torch.ones_like(z))
+            if self.drop_constant:
+                log_lik = log_lik + 0.5 * bounds.LOG_2PI
+            return (log_lik, bounds.log_normal(z, torch.zeros_like(z), torch.ones_like(z)),
+                    bounds.log_normal(z, self.w * x, self.log_s.exp().expand_as(z)))
+
+        def kl_to_prior(self, batch):
+            loc = self.w * batch["x"]
+            return bounds.kl_normal(loc, self.log_s.exp().expand_as(loc), torch.zeros_like(loc), torch.ones_like(loc))
+
+    batch = {"x": torch.linspace(-1, 1, 5).unsqueeze(-1)}
+    kw = dict(repeats=4, gradient_seeds=2, ks=(1, 10), ladder_repeats=2)
+    right = check_model(Scalar(False), batch, **kw)
+    assert right.verdicts == [], right.verdicts
+    wrong = check_model(Scalar(True), batch, **kw)
+    constants = [v for v in wrong.verdicts if v.startswith("constant:")]
+    assert constants and all("D = 1 (the size of site 'x')" in v for v in constants)
+    assert len(constants) == 1 and constants[0].startswith("constant: trace (K=3), meanfield (K=3), stl (K=3)")
+    assert "the gradients agree" in constants[0]

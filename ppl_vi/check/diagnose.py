@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ppl_vi.check.terms import SiteTerms
+from ppl_vi.check.terms import SiteTerms, site_terms
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -328,3 +328,39 @@ def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool 
         if value.dim() == 1:
             out[name] = min(groups, key=lambda g: (value - groups[g][1].detach().double()).norm().item())
     return out
+
+
+def explain_failures(report, model, guide, batch, comparisons, max_plate_nesting: int = 1, seed: int = 0,
+                     rtol: float = 1e-6) -> None:
+    """Add to ``report.verdicts`` the likely mistake of each same-sample comparison whose rows failed
+    (a built-in or registered model's check: its hand bounds come from ``log_terms``). Nothing runs
+    for a passing comparison; one that is scaled (β), re-drawn or targets no bound is left alone, and
+    a diagnosis that cannot run adds nothing (the rows already fail)."""
+    failing = {c.name for c in comparisons
+               if any(r.kind == "same sample" and not r.passed and r.name.startswith(c.name + ":") for r in report.rows)}
+    verdicts = []
+    for c in comparisons:
+        objective = c.objective()
+        if c.name not in failing or not c.same_sample or c.model is not None or c.draws is not None \
+                or objective not in ("elbo", "iwae"):
+            continue
+        gradient_row = next((r for r in report.rows if r.name.startswith(f"{c.name}: gradients of")), None)
+        try:
+            terms = site_terms(model, c.guide or guide, batch, c.num_particles, max_plate_nesting, seed)
+            hand = c.hand(batch, terms.draws)
+            analytic = type(c.loss).__name__ == "TraceMeanField_ELBO"
+            verdicts += diagnose(c.name.split(" vs ")[0], hand, terms, objective, analytic=analytic, rtol=rtol,
+                                 grads_agree=None if gradient_row is None else gradient_row.passed)
+        except Exception:  # noqa: BLE001 - no verdict rather than no report
+            continue
+    report.verdicts += merge_verdicts(verdicts)
+
+
+def merge_verdicts(verdicts: List[str]) -> List[str]:
+    """Verdicts that say the same of several losses ("keyword: LABEL: the same text"), as one line
+    naming every loss."""
+    merged: Dict[Tuple[str, str], List[str]] = {}
+    for v in verdicts:
+        keyword, label, text = (v.split(": ", 2) + ["", ""])[:3]
+        merged.setdefault((keyword, text), []).append(label)
+    return [f"{keyword}: {', '.join(labels)}: {text}" for (keyword, text), labels in merged.items()]
