@@ -178,3 +178,31 @@ def kl_mvnormal(q_loc: Tensor, q_tril: Tensor, p_loc: Tensor, p_tril: Tensor) ->
     log_det_p = 2 * torch.diagonal(p_tril, dim1=-2, dim2=-1).log().sum(-1)
     log_det_q = 2 * torch.diagonal(q_tril, dim1=-2, dim2=-1).log().sum(-1)
     return 0.5 * (trace_term + mahalanobis - d + log_det_p - log_det_q)
+
+
+def vimco_surrogate(log_weights: Tensor, log_q_score: Tensor) -> Tensor:
+    """The IWAE bound with VIMCO's gradient for the non-reparameterised sites (Mnih & Rezende 2016).
+
+        L̂ = log (1/K) Σ_k w_k
+        L̂_-j = log (1/K) [ Σ_{k≠j} w_k + exp( (1/(K-1)) Σ_{k≠j} log w_k ) ]     (h_j replaced by a geometric mean)
+        ∇L_K ≈ ∇L̂ + Σ_j (L̂ - L̂_-j) ∇log q(h_j | x)
+
+    ``log_weights`` (K, B) are log w_k = log p(x, h_k) - log q(h_k|x) (differentiable through the
+    parameters and any reparameterised values); ``log_q_score`` (K, B) is Σ log q over the sites
+    sampled without ``rsample``. Returns (B,): the value of L̂, with gradient L̂'s plus the leave-one-out
+    score term Σ_j ⊥(L̂ - L̂_-j) log q(h_j|x) (⊥: stop-gradient). The baseline L̂_-j does not depend on
+    h_j, so the estimator stays unbiased for ∇E[L̂]. Memory O(K² B). Needs K ≥ 2.
+    """
+    k = log_weights.shape[0]
+    if k < 2:
+        raise ValueError("VIMCO needs K >= 2 particles (the baseline of particle j uses the others)")
+    lw = log_weights.detach()
+    bound = log_mean_exp(lw, dim=0)  # (B,)
+    geometric = (lw.sum(0, keepdim=True) - lw) / (k - 1)  # (K, B): mean of the others' log w
+    replaced = lw.unsqueeze(0).expand((k,) + lw.shape).clone()  # (J, K, B): row j holds log w with k=j swapped
+    index = torch.arange(k, device=lw.device)
+    replaced[index, index] = geometric
+    baseline = log_mean_exp(replaced, dim=1)  # (J, B): L̂_-j
+    pathwise = log_mean_exp(log_weights, dim=0)  # ∇L̂ = Σ_k w̃_k ∇log w_k
+    score = ((bound - baseline) * log_q_score).sum(0)  # Σ_j (L̂ - L̂_-j) log q(h_j|x)
+    return bound + (pathwise - pathwise.detach()) + (score - score.detach())

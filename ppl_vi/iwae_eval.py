@@ -8,8 +8,9 @@ in chunks of c, and every IWAE-k is read off the same draws (the first k of them
 
 with the logsumexp over chunks merged by ``logaddexp``. Each L_k is exactly the IWAE-k estimator
 (the first k of K i.i.d. draws are k i.i.d. draws); the estimates for different k share draws.
-The log-densities are those of :meth:`ppl_vi.objectives.importance.IWAELoss.log_terms` (the
-model replayed against the guide's trace), so the values are the library's IWAE bound.
+The log-densities are those of :meth:`ppl_vi.objectives.importance.IWAELoss.terms` (the
+model replayed against the guide's trace, model-only enumerated sites summed out), so the values
+are the library's IWAE bound.
 
 **The encoder once per batch.** The guide is run once on the batch and its latent sites'
 distributions are recorded (:func:`record_guide`); each chunk then samples from the recorded
@@ -38,6 +39,7 @@ import torch
 from pyro import poutine
 from torch import Tensor, nn
 
+from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import PARTICLE_PLATE, Batch, is_latent
 from ppl_vi.objectives.importance import IWAELoss
 
@@ -171,10 +173,13 @@ def iwae_bounds(model, batch: Batch, ks: Sequence[int], rows: int,
     done = 0
     while done < top:
         k_chunk = min(chunk, top - done)
-        log_lik, log_ratio, c, beta = objective.log_terms(model.model, guide, k_chunk, **batch)
-        if c != 1.0 or beta != 1.0:
-            raise ValueError(f"evaluation expects unscaled sites, found scale {c} and β {beta}")
-        log_w = log_lik + log_ratio  # (k_chunk, B)
+        terms = objective.terms(model.model, guide, k_chunk, **batch)
+        if terms.c != 1.0 or terms.beta != 1.0:
+            raise ValueError(f"evaluation expects unscaled sites, found scale {terms.c} and β {terms.beta}")
+        if terms.global_ratio is not None:
+            raise ConfigError(f"per-datapoint IWAE-k needs local latents; {list(terms.global_sites)} are global "
+                              "(use IWAELoss.total_bound for the joint bound)")
+        log_w = terms.log_weights  # (k_chunk, B); model-enumerated sites already summed out
         for k in ks:
             if k > done:  # particles done .. min(k, done + k_chunk) - 1 belong to L_k
                 part = torch.logsumexp(log_w[: min(k, done + k_chunk) - done], dim=0)  # (B,)

@@ -24,10 +24,13 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Tuple
+
+from matplotlib import mathtext
 
 from ppl_vi import run as rundir
 from ppl_vi.config import FIELDS
@@ -91,6 +94,10 @@ details summary { cursor: pointer; color: var(--muted); }
 .scaled ul { margin: 4px 0; }
 .scroll { max-height: 28em; overflow-y: auto; display: inline-block; border-bottom: 1px solid var(--line); }
 .scroll th { position: sticky; top: 0; }
+img.formula { max-width: 100%; height: auto; }
+div.formula { border: 1px solid var(--line); padding: 4px 12px 8px; margin: 8px 0 12px; }
+div.formula h3 { font-size: 15px; margin: 6px 0; }
+div.formula pre { white-space: pre-wrap; }
 """
 
 
@@ -265,14 +272,61 @@ def _check_section(check: Optional[dict]) -> str:
         note = "; ".join(s for s in (r.get("tolerance", ""), r.get("note", "")) if s)
         rows.append(f"<tr class='{'' if ok else 'bad'}'><td class='nowrap'>{_esc(r.get('kind', ''))}</td>"
                     f"<td>{_esc(r.get('name', ''))}</td>{_num(r.get('reference'), '.8g')}{_num(r.get('value'), '.8g')}"
-                    f"{_num(r.get('abs_diff'), '.2e')}{_num(r.get('rel_diff'), '.2e')}"
+                    f"{_num(r.get('abs_diff'), '.2e')}"
+                    f"{_num(r.get('rel_diff') if str(r.get('tolerance', '')).startswith('rel') else None, '.2e')}"
                     f"<td class='{'ok' if ok else 'bad'}'>{'ok' if ok else 'FAIL'}</td><td>{_esc(note)}</td></tr>")
     failed = sum(1 for r in check.get("rows", []) if not r.get("passed"))
     verdict = "passed" if check.get("passed") else f"failed ({failed} of {len(rows)} checks)"
+    diagnoses = "".join(f"<li>{_esc(v)}</li>" for v in check.get("verdicts", []) if isinstance(v, str))
     return (f"<h2>Consistency check: {_esc(verdict)}</h2><p class='sub'>Hand-derived bounds against Pyro's losses "
             "(same sample: value and every gradient; statistical: means over seeds) and against the exact answer "
-            "where there is one.</p>"
-            + _table(("kind", "check", "reference", "value", "abs diff", "rel diff", "ok", "tolerance / note"), rows))
+            "where there is one. Values per datapoint (the mean over the batch) unless a row says otherwise.</p>"
+            + (f"<div class='scaled'><b>Diagnosis</b><ul>{diagnoses}</ul></div>" if diagnoses else "")
+            + _formula_section(check.get("formula"))
+            + _table(("kind", "check", "reference", "value", "abs diff", "rel diff (equalities)", "ok",
+                      "tolerance / note"), rows))
+
+
+def formula_image(latex: str) -> Optional[str]:
+    """A LaTeX formula as a self-contained SVG ``<img>`` (matplotlib's mathtext: no TeX, no network);
+    None where mathtext cannot typeset it."""
+    buffer = io.BytesIO()
+    try:
+        mathtext.math_to_image(f"${latex}$", buffer, format="svg", dpi=130)
+    except Exception:  # noqa: BLE001 - a formula mathtext cannot parse: the plain text stands alone
+        return None
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f"<img class='formula' alt='{_esc(latex)}' src=\"data:image/svg+xml;base64,{data}\">"
+
+
+def _formula_section(formula: Any) -> str:
+    """The objective Pyro optimises, typeset (and as plain text and LaTeX), beside the check table."""
+    if not isinstance(formula, dict) or not isinstance(formula.get("text"), str):
+        return ""
+    parts = ["<div class='formula'><h3>The objective Pyro optimises (per datapoint)</h3>"]
+    for text_key, tex_key in (("text", "latex"), ("iwae_text", "iwae_latex")):
+        text, tex = formula.get(text_key), formula.get(tex_key)
+        if not isinstance(text, str):
+            continue
+        image = formula_image(tex) if isinstance(tex, str) else None
+        parts.append(f"<p>{image}</p>" if image else "")
+        parts.append(f"<pre>{_esc(text)}</pre>")
+        if isinstance(tex, str):
+            parts.append(f"<details><summary>LaTeX</summary><pre>{_esc(tex)}</pre></details>")
+    if isinstance(formula.get("note"), str):
+        parts.append(f"<p class='sub'>{_esc(formula['note'])}</p>")
+    return "".join(parts) + "</div>"
+
+
+def render_check_page(check: dict, title: str) -> str:
+    """A page with only a check (``ppl-vi check FILE.py --html``): verdict, diagnoses, formula, table."""
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return "".join([
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{_esc(title)}</h1><p class='sub'>written {_esc(now)}</p><p>{_badge(check)}</p>",
+        _check_section(check), "</body></html>\n"])
 
 
 def _scaled_down_note(metrics: dict) -> str:

@@ -170,10 +170,10 @@ def test_correct_hand_bounds_pass(toy, batch):
         log_px=toy.log_px(batch["x"]).detach(), ks=(1, 10, 100), repeats=10, seed=0)
     report = _run(toy, batch, good_comparisons(toy), extra_rows=[ladder])
     assert report.passed, report.table()
-    # 1 structure + 4 × (loss, grads) + 4 statistical + 3 ladder steps × 2 rows (1 for the first)
+    # 1 structure + 4 × (loss, each datapoint, gradients) + 4 statistical + 3 ladder steps × 2 rows (1 for the first)
     kinds = [r.kind for r in report.rows]
     assert kinds.count("structure") == 1
-    assert kinds.count("same sample") == 8
+    assert kinds.count("same sample") == 12
     assert kinds.count("statistical") == 4
     assert kinds.count("ground truth") == 6
     # non-vacuous: the losses are real numbers, the grads were compared to ~machine precision
@@ -181,8 +181,10 @@ def test_correct_hand_bounds_pass(toy, batch):
         assert row.reference == pytest.approx(row.value, rel=1e-12)
         assert abs(row.reference) > 1.0
         assert "draws verified identical" in row.note
-    for row in _rows(report, "same sample", ": grads"):
+    for row in _rows(report, "same sample", ": gradients"):
         assert row.rel_diff < 1e-10
+    for row in _rows(report, "same sample", ": each datapoint"):  # every datapoint, not only the sum
+        assert row.rel_diff < 1e-10 and len(row.details["pyro"]) == batch["x"].shape[0]
     # the IWAE losses are below (better bounds than) the ELBO losses on average
     stat = {r.name.split(":")[0]: r.value for r in report.rows if r.kind == "statistical"}
     assert stat["IWAELoss vs hand IWAE"] < stat["Trace_ELBO vs hand NELBO MC"]
@@ -217,7 +219,11 @@ def test_kl_sign_error_fails(toy, batch):
     assert not loss_row.passed
     kl_total = _kl(toy, batch["x"]).sum().item()
     assert kl_total > 1.0
-    assert loss_row.abs_diff == pytest.approx(2 * kl_total, rel=1e-9)  # exactly twice the KL apart
+    n = batch["x"].shape[0]
+    assert loss_row.abs_diff == pytest.approx(2 * kl_total / n, rel=1e-9)  # exactly twice the KL apart (mean)
+    each = _rows(report, "same sample", ": each datapoint")[0]  # and datapoint by datapoint, by its own KL
+    diffs = torch.tensor(each.details["hand"], dtype=DT) - torch.tensor(each.details["pyro"], dtype=DT)
+    torch.testing.assert_close(diffs, -2 * _kl(toy, batch["x"]).detach(), rtol=1e-9, atol=1e-12)
     assert not _rows(report, "statistical", "sign error")[0].passed
     assert _rows(report, "structure", "")[0].passed
 
@@ -229,10 +235,9 @@ def test_dropped_log_2pi_constant_fails(toy, batch):
     assert not report.passed
     loss_row = _rows(report, "same sample", ": loss")[0]
     assert not loss_row.passed
-    n = batch["x"].numel()
-    assert loss_row.abs_diff == pytest.approx(0.5 * LOG_2PI * n, rel=1e-9)
-    # a constant has no gradient: the grads row still passes, the statistical row fails
-    assert _rows(report, "same sample", ": grads")[0].passed
+    assert loss_row.abs_diff == pytest.approx(0.5 * LOG_2PI, rel=1e-9)  # ½ log 2π per datapoint
+    # a constant has no gradient: the gradients row still passes, the statistical row fails
+    assert _rows(report, "same sample", ": gradients")[0].passed
     assert not _rows(report, "statistical", "")[0].passed
 
 
@@ -256,7 +261,7 @@ def test_beta_on_the_wrong_term_fails(toy, batch):
     # and β really matters here: the scaled loss differs from the unscaled one
     plain = _run(toy, batch, good_comparisons(toy)[:1], repeats=0)
     assert abs(_rows(plain, "same sample", ": loss")[0].reference
-               - _rows(report, "same sample", "(right): loss")[0].reference) > 1.0
+               - _rows(report, "same sample", "(right): loss")[0].reference) > 0.3  # nats per datapoint
 
 
 def test_guide_missing_the_latent_site_fails_without_raising(toy, batch):
@@ -294,7 +299,7 @@ def test_right_value_wrong_gradient_fails_on_grads_only(toy, batch):
                      hand_nelbo_mc(toy, detach_q_scale=True), K)
     report = _run(toy, batch, [bad], repeats=20)
     loss_row = _rows(report, "same sample", ": loss")[0]
-    grads_row = _rows(report, "same sample", ": grads")[0]
+    grads_row = _rows(report, "same sample", ": gradients")[0]
     assert loss_row.passed and loss_row.rel_diff < 1e-12
     assert not grads_row.passed
     assert grads_row.note == "worst: r"  # only the guide scale's gradient is wrong
@@ -309,7 +314,7 @@ def test_iwae_with_detached_q_scale_fails_on_grads(toy, batch):
                      hand_neg_iwae(toy, detach_q_scale=True), K)
     report = _run(toy, batch, [bad], repeats=0)
     assert _rows(report, "same sample", ": loss")[0].passed
-    assert not _rows(report, "same sample", ": grads")[0].passed
+    assert not _rows(report, "same sample", ": gradients")[0].passed
 
 
 def test_renyi_without_param_sites_gives_no_gradient(batch):
@@ -336,8 +341,8 @@ def test_renyi_without_param_sites_gives_no_gradient(batch):
     iwae = Comparison("IWAELoss, plain tensors", IWAELoss(num_particles=K, max_plate_nesting=1), hand, K)
     report = check(model, guide, batch, [renyi, iwae], [a, w], param_names=["a", "w"], repeats=0)
     assert _rows(report, "same sample", "Renyi, plain tensors: loss")[0].passed
-    assert not _rows(report, "same sample", "Renyi, plain tensors: grads")[0].passed
-    assert _rows(report, "same sample", "IWAELoss, plain tensors: grads")[0].passed
+    assert not _rows(report, "same sample", "Renyi, plain tensors: gradients")[0].passed
+    assert _rows(report, "same sample", "IWAELoss, plain tensors: gradients")[0].passed
 
 
 # ------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_help_shows_defaults_choices_and_scope(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--epochs EPOCHS passes over the training set (default: 10;" in out
     assert f"gmm: {REGISTRY['gmm'].defaults['epochs']}" in out  # each model's own default, from the registry
-    assert "--loss {trace,meanfield,enum,iwae,renyi}" in out
+    assert "--loss {trace,meanfield,enum,stl,renyi,iwae,vimco,dreg}" in out
     assert "--nan-policy {stop,skip}" in out
     assert re.search(r"--labels LABELS .*\[applies to: ssvae, m1m2\]", out)
     assert "--hidden N,N,..." in out and "default: 500,500" in out

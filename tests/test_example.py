@@ -25,7 +25,7 @@ def test_example_checks_trains_and_reports(example, tmp_path, capsys):
     assert "verdict: PASS" in printed and "check passed" in printed
     # every kind of check ran, and the hand bounds matched Pyro's on the same draws (value and grads)
     kinds = {r.kind for r in result["check"].rows}
-    assert kinds == {"structure", "same sample", "statistical", "ground truth"}
+    assert kinds == {"structure", "same sample", "statistical", "expected gradient", "ground truth"}
     assert sum(r.kind == "same sample" for r in result["check"].rows) >= 8
 
     report = Path(result["report"])

@@ -30,14 +30,9 @@ LATE_OK = {"torch.utils.tensorboard", "yaml", "tomllib", "torchvision"}
 #: known exceptions in files other issues own, to be removed there
 KNOWN_UPWARD = {
     ("ppl_vi.config", "ppl_vi.models.base"),  # build_config reads the registry's defaults (config: issue 13)
-    ("ppl_vi.models.ssvae", "ppl_vi.check"),  # the SSVAE check suite lives beside the model (issue 11)
-    ("ppl_vi.models.m1m2", "ppl_vi.check"),  # likewise M1+M2's; both move into issue 10's ppl_vi/check/ package
 }
 KNOWN_LATE = {
     "ppl_vi.models.base",  # get_spec imports ppl_vi.models (registers the built-in models) on first use
-    "ppl_vi.models.ssvae",  # its check suite imports the checker late (issue 11)
-    "ppl_vi.models.m1m2",  # likewise (issue 11)
-    "ppl_vi.check",  # late imports of scale_sites, IWAELoss, copy, pyro.infer (issues 10 / 12)
     "ppl_vi.config",  # build_config imports the registry late (issue 13)
 }
 

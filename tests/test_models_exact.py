@@ -109,39 +109,65 @@ def _row(report, name_part):
 
 def test_check_model_linear_gaussian_amortised_passes(lg_truth, lg_batch):
     model = make_lg(lg_truth)
-    report = check_model(model, lg_batch, repeats=30, ks=KS, ladder_repeats=10)
+    report = check_model(model, lg_batch, repeats=30, gradient_seeds=60, ks=KS, ladder_repeats=10)
     assert report.passed, report.table()
-    # the expected comparisons all ran: 6 comparisons (MC, MC β, MF, MF β, Renyi, IWAE), each loss
-    # + grads, 4 statistical, 3 ground-truth (exact guide ×2, posterior KL) and the IWAE ladder
+    # every loss a reparameterised model trains with ran, each same-sample (loss, each datapoint,
+    # gradients) and with its expected gradient; β on the latents wherever the loss allows β
+    unscaled = ["trace", "meanfield", "stl", "renyi", "iwae", "vimco", "dreg"]
+    scaled = ["trace", "meanfield", "stl", "iwae"]
+    for name in unscaled:
+        for part in ("loss", "each datapoint", "gradients of 6 tensors"):
+            assert _row(report, f"{name} (K=3) vs hand: {part}").passed
+        assert _row(report, f"{name} (K=3) vs hand: mean over 30 seeds").kind == "statistical"
+        assert "vs reference" in _row(report, f"{name} (K=3) vs hand: mean over 60 seeds vs reference").name
+    for name in scaled:
+        assert _row(report, f"{name} (K=3), beta=2 vs hand: each datapoint").passed
     kinds = [r.kind for r in report.rows]
-    assert kinds.count("same sample") == 12
-    assert kinds.count("statistical") == 4
+    assert kinds.count("same sample") == 3 * (len(unscaled) + len(scaled))
+    assert kinds.count("statistical") == len(unscaled)
+    assert kinds.count("expected gradient") == 7 * (len(unscaled) + len(scaled))  # summary + 6 tensors each
     assert kinds.count("ground truth") == 3 + 2 * len(KS)
+    assert not report.skipped
     # β = 2 changes the loss (the encoder was perturbed), so the β rows test something
-    plain, beta = _row(report, "Trace_ELBO(K=3) vs hand NELBO (MC KL): loss"), _row(report, "beta=2 vs hand: loss")
-    assert plain.passed and beta.passed
-    assert abs(beta.reference - plain.reference) > 1.0
+    plain, beta = _row(report, "trace (K=3) vs hand: loss"), _row(report, "trace (K=3), beta=2 vs hand: loss")
+    assert abs(beta.reference - plain.reference) > 0.1
 
 
 def test_check_model_gmm_amortised_passes(gmm_batch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Trace_ELBO on a guide marked for enumeration
-        report = check_model(make_gmm(), gmm_batch, repeats=30, ks=KS, ladder_repeats=10)
+        report = check_model(make_gmm(), gmm_batch, repeats=30, gradient_seeds=20, ks=KS, ladder_repeats=10)
     assert report.passed, report.table()
     names = " | ".join(r.name for r in report.rows)
-    assert "TraceEnum_ELBO (guide enumerated) vs hand exact ELBO: loss" in names
+    assert "enum (K=3), guide enumerated, vs hand exact ELBO: loss" in names
     assert "log p(x) - ELBO = KL(q || p(z|x)) (exact ELBO)" in names
     assert "IWAE_100 <= IWAE_1000" in names
+    assert "IWAELoss (K=3) values, for eval, vs hand IWAE: each datapoint" in names
+    # the discrete c: Trace_ELBO's and VIMCO's expected gradients are exact (every tuple of c
+    # enumerated per datapoint) and equal the exact gradients of the ELBO and of E[L_3] to rounding
+    for name in ("trace (K=3) vs hand", "trace (K=3), beta=2 vs hand", "vimco (K=3) vs hand"):
+        summary = _row(report, f"{name}: expectation over 27 tuples x 8 datapoints, exact vs reference")
+        assert summary.passed and summary.details["worst_z"] < 1e-3
+        worst_rel = max(r.rel_diff for r in report.rows if r.kind == "expected gradient" and r.name.startswith(name)
+                        and r.name.endswith(("weight", "bias", "logits", "locs", "log_scales")) and r.reference > 0)
+        assert worst_rel < 1e-10
+    # the losses that cannot train a discrete guide are not offered
+    assert "iwae (K=3) vs hand" not in names and "meanfield" not in names and "dreg" not in names
 
 
 def test_check_model_gmm_marginal_passes(gmm_batch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        report = check_model(make_gmm(guide="marginal"), gmm_batch, repeats=30, ks=KS, ladder_repeats=10)
+        report = check_model(make_gmm(guide="marginal"), gmm_batch, repeats=30, gradient_seeds=20, ks=KS,
+                             ladder_repeats=10)
     assert report.passed, report.table()
-    row = _row(report, "TraceEnum_ELBO vs hand -log p(x): loss")
+    row = _row(report, "enum (K=3) vs hand -log p(x): loss")
     assert row.rel_diff < 1e-12
-    assert _row(report, "TraceEnum_ELBO vs hand -log p(x): grads").passed
+    assert _row(report, "enum (K=3) vs hand -log p(x): gradients").passed
+    # IWAE-k with c summed out in the model is log p(x) itself, for every datapoint and K
+    for name in ("iwae", "vimco"):
+        assert _row(report, f"{name} (K=3) vs hand: each datapoint").rel_diff < 1e-12
+        assert _row(report, f"{name} (K=3) vs hand: one evaluation (deterministic) vs reference").passed
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,8 +17,11 @@ from ppl_vi import bounds
 from ppl_vi.cli import main
 from ppl_vi.config import build_config
 from ppl_vi.errors import ConfigError, DataError
-from ppl_vi.models.m1m2 import M1M2, check_suite
-from ppl_vi.models.ssvae import enumerated_rows
+from ppl_vi.check import Comparison, check
+from ppl_vi.check.semisupervised import check_semisupervised
+from ppl_vi.models.m1m2 import M1M2
+from ppl_vi.models.base import get_spec
+from ppl_vi.objectives.losses import check_config, make_loss
 from ppl_vi.models.vae import VAE
 
 D, Z1, Z2, C, B, ALPHA = 30, 3, 2, 4, 6, 2.5
@@ -43,30 +46,39 @@ def y():
 @pytest.mark.parametrize("frozen", [False, True])
 def test_check_suite_passes(frozen, x, y):
     model = build(frozen)
-    report = check_suite(model, model.make_batch(x, y), model.make_batch(x), repeats=8, ks=(1, 10), ladder_repeats=4)
+    report = check_semisupervised(model, model.make_batch(x, y), model.make_batch(x), repeats=8, gradient_seeds=10,
+                                  ks=(1, 10), ladder_repeats=4)
     assert report.passed, "\n" + report.table()
-    enum = [r for r in report.rows if "y enumerated" in r.name and r.kind == "same sample" and r.name.endswith("loss")]
-    assert len(enum) == 2 and all("z1" in r.note and "z2" in r.note and "verified identical" in r.note for r in enum)
-    grads = [r for r in report.rows if r.name.endswith("tensors)")]
+    enum = [r for r in report.rows if "y enumerated vs hand" in r.name and r.kind == "same sample"
+            and r.name.endswith("loss")]
+    assert len(enum) == 2 and all("verified identical" in r.note for r in enum)
+    grads = [r for r in report.rows if r.kind == "same sample" and ": gradients of" in r.name]
     n_trainable = sum(p.requires_grad for p in model.parameters())
-    assert grads and all(f"({n_trainable} tensors)" in r.name for r in grads)
+    assert grads and all(f"gradients of {n_trainable} tensors" in r.name for r in grads)
     n_m2 = sum(1 for name, _ in model.named_parameters() if not name.startswith("m1."))
     assert n_m2 == 16 and n_trainable == (n_m2 if frozen else n_m2 + len(list(model.m1.parameters())))
+    assert any(r.kind == "expected gradient" and r.name.startswith("[U] trace (K=1) y sampled") for r in report.rows)
+
+
+def _enumerated(model, batch, hand):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params, names = [p for _, p in named], [n for n, _ in named]
+    c = Comparison("enum (K=3) y enumerated", make_loss("enum", 3, 1), hand, 3,
+                   draws=lambda b: model.enum_draws(b, 3), statistical=False)
+    return check(model.model, model.guide, batch, [c], params, param_names=names, repeats=0).rows[1:]
 
 
 def test_a_wrong_bound_fails(x):
     """Dropping -log q(z1|x) (as if z1 were data, not a latent) is not TraceEnum's loss: the row fails."""
     model = build(frozen=True)
     batch = model.make_batch(x)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params, names = [p for _, p in named], [n for n, _ in named]
 
     def without_qz1(b, d):
         _, log_qz1 = model.log_px_and_qz1(b["x"], d["z1"])
         return model.hand_negative_elbo(b, d) - log_qz1.mean(0)
 
-    good = enumerated_rows(model, batch, model.hand_negative_elbo, params, names, repeats=0)
-    bad = enumerated_rows(model, batch, without_qz1, params, names, repeats=0)
+    good = _enumerated(model, batch, model.hand_negative_elbo)
+    bad = _enumerated(model, batch, without_qz1)
     assert all(r.passed for r in good)
     assert not bad[0].passed and bad[0].rel_diff > 1e-6
 
@@ -135,11 +147,11 @@ def test_baseline_classifiers_are_fresh_and_label_only(x):
     torch.testing.assert_close(head(x), head.head(model.m1.encoder(x)[0]))
 
 
-@pytest.mark.parametrize("loss", ["meanfield", "renyi", "iwae"])
+@pytest.mark.parametrize("loss", ["meanfield", "renyi", "iwae", "vimco", "dreg", "stl"])
 def test_losses_it_cannot_train_with_are_refused(loss):
-    config = build_config("m1m2", overrides={"loss": loss})
-    with pytest.raises(ConfigError, match="m1m2 trains with --loss enum .* or trace"):
-        M1M2.from_config(config, {"x_dim": D, "train_size": 100, "n_labelled": 10, "num_classes": C})
+    config = build_config("m1m2", overrides={"loss": loss, "k": 3})
+    with pytest.raises(ConfigError, match=f"--loss {loss} cannot train m1m2: .*; losses that work for m1m2: trace, enum$"):
+        check_config(config, get_spec("m1m2"))
 
 
 def test_labels_are_checked(x):
@@ -214,6 +226,6 @@ def test_check_cli_with_a_trained_m1(m1_run, capsys):
     """``ppl-vi check m1m2 --m1 RUN``: the run's M1 frozen, gradients compared on M2's 16 tensors only."""
     assert main(["check", "m1m2", "--m1", str(m1_run), "--batch-size", "4", "--repeats", "3", "--k", "2"]) == 0
     out = capsys.readouterr().out
-    assert "verdict: PASS" in out and "grads (16 tensors)" in out
+    assert "verdict: PASS" in out and "gradients of 16 tensors" in out
     assert main(["check", "ssvae", "--m1", str(m1_run)]) == 2
     assert "--m1 applies to m1m2 only" in capsys.readouterr().err

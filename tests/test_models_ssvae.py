@@ -16,7 +16,10 @@ from ppl_vi import bounds
 from ppl_vi.config import TrainConfig
 from ppl_vi.errors import DataError
 from ppl_vi.models import get_spec
-from ppl_vi.models.ssvae import SSVAE, check_suite, enumerated_rows
+from ppl_vi.check import Comparison, check
+from ppl_vi.check.semisupervised import check_semisupervised
+from ppl_vi.models.ssvae import SSVAE
+from ppl_vi.objectives.losses import make_loss
 
 X_DIM, Z_DIM, HIDDEN, B, ALPHA = 784, 3, [16], 8, 2.5
 
@@ -45,27 +48,45 @@ def params_of(model):
 
 
 def test_check_suite_passes_labelled_and_unlabelled(model, x, y):
-    report = check_suite(model, model.make_batch(x, y), model.make_batch(x), repeats=12, ks=(1, 10), ladder_repeats=5)
+    report = check_semisupervised(model, model.make_batch(x, y), model.make_batch(x), repeats=12, gradient_seeds=12,
+                                  ks=(1, 10), ladder_repeats=5)
     assert report.passed, "\n" + report.table()
     names = [r.name for r in report.rows]
-    assert any(n.startswith("[L] TraceEnum_ELBO") for n in names)
-    enum_rows = [r for r in report.rows if "y enumerated" in r.name and r.kind == "same sample"]
-    assert len(enum_rows) == 4  # K = 1 and K = 3, loss and grads
+    assert any(n.startswith("[L] enum") for n in names)
+    enum_rows = [r for r in report.rows if "y enumerated vs hand" in r.name and r.kind == "same sample"]
+    assert len(enum_rows) == 6  # K = 1 and K = 3: loss, each datapoint, gradients
     assert all("verified identical" in r.note for r in enum_rows if r.name.endswith("loss"))
+    # the expected gradient of Trace_ELBO with y sampled: y enumerated exactly per datapoint on the
+    # estimator's side, z averaged; every drawn-y comparison has one, and so has TraceEnum's
+    summaries = [r for r in report.rows if r.kind == "expected gradient" and "vs reference" in r.name]
+    exact_y = [r for r in summaries if "[U] trace (K=1) y sampled vs hand" in r.name]
+    assert exact_y and all("discrete sites enumerated, continuous averaged" in r.note for r in exact_y)
+    sampled = [r for r in summaries if "[U] trace (K=3) y sampled vs hand" in r.name]  # 10^3 tuples: sampled, and said
+    assert sampled and all("discrete sites sampled, not enumerated" in r.note for r in sampled)
+    assert any(r.name.startswith("[U] enum (K=3) y enumerated vs hand") for r in summaries)
+    assert not report.skipped
+
+
+def _enumerated(model, batch, hand):
+    params, names = params_of(model)
+    c = Comparison("enum (K=3) y enumerated", make_loss("enum", 3, 1), hand, 3,
+                   draws=lambda b: model.enum_draws(b, 3), statistical=False)
+    return check(model.model, model.guide, batch, [c], params, param_names=names, repeats=0).rows[1:]
 
 
 def test_missing_entropy_term_fails(model, x):
     """-Σ_y q(y|x) ELBO(x, y) without + H[q(y|x)] is not TraceEnum's loss."""
     batch = model.make_batch(x)
-    params, names = params_of(model)
 
     def wrong(b, d):
         return model.hand_negative_elbo(b, d) + bounds.entropy_categorical(model.classifier(b["x"]))
 
-    good = enumerated_rows(model, batch, lambda b, d: model.hand_negative_elbo(b, d), params, names, repeats=0)
-    bad = enumerated_rows(model, batch, wrong, params, names, repeats=0)
+    good = _enumerated(model, batch, lambda b, d: model.hand_negative_elbo(b, d))
+    bad = _enumerated(model, batch, wrong)
     assert all(r.passed for r in good)
     assert not bad[0].passed and bad[0].rel_diff > 1e-6
+    # datapoint by datapoint, every datapoint is off by its own entropy
+    assert not bad[1].passed and len(bad[1].details["differing"]) == B
 
 
 # ---- enumeration in closed form ----------------------------------------------------------------
@@ -161,7 +182,7 @@ def test_elbo_terms_match_the_bounds(model, x, y):
 def test_batches_from_data_for_the_cli(model, x, y):
     from types import SimpleNamespace
 
-    from ppl_vi.models.ssvae import batches_from_data
+    from ppl_vi.check.semisupervised import batches_from_data
 
     data = SimpleNamespace(train_x=torch.rand(20, X_DIM, dtype=torch.float64), train_y=torch.arange(20) % 10,
                            labelled_idx=torch.tensor([2, 5, 7, 11]), unlabelled_idx=torch.arange(12, 20))

@@ -143,19 +143,35 @@ def test_gmvae_trains_one_epoch(tmp_path):
 @pytest.fixture
 def small_defaults(monkeypatch):
     """Make ``ppl-vi check`` build small networks (it uses the model's registry defaults)."""
-    from ppl_vi.models.base import get_spec
+    from ppl_vi.models import REGISTRY
 
-    for name in ("vae", "gmvae"):
-        defaults = get_spec(name).defaults
-        monkeypatch.setitem(defaults, "hidden", [32])
-        monkeypatch.setitem(defaults, "z_dim", 4)
-        monkeypatch.setitem(defaults, "components", 5)
+    for spec in REGISTRY.values():
+        monkeypatch.setitem(spec.defaults, "hidden", [8])
+        monkeypatch.setitem(spec.defaults, "z_dim", 2)
+        monkeypatch.setitem(spec.defaults, "components", 3)
 
 
-@pytest.mark.parametrize("model", ["vae", "gmvae"])
-def test_check_small_exits_0(model, small_defaults, capsys):
-    assert main(["check", model, "--batch-size", "4", "--repeats", "10"]) == 0
-    assert "verdict: PASS" in capsys.readouterr().out
+def _registered():
+    from ppl_vi.models import REGISTRY
+
+    return sorted(REGISTRY)
+
+
+@pytest.mark.parametrize("model", _registered())
+def test_check_small_exits_0_with_gradient_rows(model, small_defaults, capsys):
+    """`ppl-vi check MODEL` passes for every registered model and prints expected-gradient rows."""
+    assert main(["check", model, "--batch-size", "4", "--repeats", "10", "--gradient-seeds", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: PASS" in out and "not run" not in out
+    assert out.count("expected gradient") >= 2 and "|z| <=" in out
+
+
+@pytest.mark.parametrize("flag, message", [("--repeats", "--repeats must be >= 2"),
+                                           ("--gradient-seeds", "--gradient-seeds must be >= 2")])
+def test_check_refuses_too_few_seeds(flag, message, capsys):
+    assert main(["check", "gmm", flag, "0"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -37,6 +37,25 @@ Draws = Dict[str, Tensor]
 PARTICLE_PLATE = "particles"
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelTraits:
+    """What decides which losses can train a model (``ppl_vi.objectives.losses.refusal``).
+
+    ``discrete_guide``: the guide samples a site without ``rsample`` (a score-function term is needed);
+    ``enumerable``: TraceEnum_ELBO has a discrete site to sum out (in the guide or the model);
+    ``model_enumerated``: a model site the guide does not sample is summed out by enumeration;
+    ``guide_latents``: the guide samples at least one latent site;
+    ``auxiliary_observed``: an observed site carries its own scale (a classifier term α'), so the
+    observed sites do not share the one minibatch scale the importance-weighted losses need.
+    """
+
+    discrete_guide: bool = False
+    enumerable: bool = False
+    model_enumerated: bool = False
+    guide_latents: bool = True
+    auxiliary_observed: bool = False
+
+
 class LatentModel(nn.Module):
     """Base class: a Pyro model/guide pair with its hand-derived bounds."""
 
@@ -56,6 +75,11 @@ class LatentModel(nn.Module):
     #: ``SVI`` with a ``pyro.optim`` optimiser needs; the trainer's fast path switches it off in
     #: the hot path (it optimises ``module.parameters()`` with a torch optimiser).
     use_param_store: bool = True
+
+    @classmethod
+    def traits(cls, config=None) -> ModelTraits:
+        """The model's :class:`ModelTraits` under ``config`` (from the class attributes by default)."""
+        return ModelTraits(discrete_guide=not cls.latent_reparameterized, enumerable=cls.enumerable_guide)
 
     def model(self, **batch):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -97,6 +121,52 @@ class LatentModel(nn.Module):
         With β ≠ 1 the β-weighted bound of :func:`ppl_vi.bounds.iwae_bound_beta`,
         β L_K(x) + (1 - β) (1/K) Σ_k log p(x|z_k)."""
         return bounds.iwae_bound_beta(*self.log_terms(batch, draws), beta)
+
+    def hand_path_surrogate(self, batch: Batch, draws: Draws, explicit_weights: Tensor, path_weights: Tensor,
+                            beta: float = 1.0) -> Tensor:
+        """A per-datapoint surrogate (B,) whose gradient is, for reparameterised draws z_k (K, B, ...),
+
+            Σ_k a_k ∇_θ [log p(x|z_k) + β log p(z_k)]|_z          (explicit: the model's parameters, z held)
+          + Σ_k b_k ∂[log p(x|z_k) + β (log p(z_k) - log q(z_k|x))]/∂z_k · ∂z_k/∂φ     (the path through z)
+
+        with a = ``explicit_weights``, b = ``path_weights`` (K, B), both held constant. Written by
+        hand from :meth:`log_terms`: ∂/∂z at detached leaves, then chained into the draws. No term
+        differentiates log q through its parameters: DReG and STL drop that zero-mean score part."""
+        if not torch.is_grad_enabled():  # values only: the surrogate carries gradients and nothing else
+            return torch.zeros_like(explicit_weights[0])
+        leaves = {n: v.detach().requires_grad_(True) for n, v in draws.items()}
+        log_px, log_pz, log_qz = self.log_terms(batch, leaves)
+        integrand = log_px + beta * (log_pz - log_qz)  # (K, B)
+        dz = torch.autograd.grad((path_weights.detach() * integrand).sum(), list(leaves.values()), retain_graph=True)
+        k, b = integrand.shape
+        path = sum((g.detach() * draws[n]).reshape(k, b, -1).sum((0, 2)) for n, g in zip(leaves, dz))
+        explicit = (explicit_weights.detach() * (log_px + beta * log_pz)).sum(0)
+        return explicit + path
+
+    def hand_dreg_bound(self, batch: Batch, draws: Draws) -> Tensor:
+        """L_K(x) per datapoint (B,), with the DReG gradient (Tucker et al. 2019), by hand:
+        explicit weights w̃_k, path weights w̃_k² (w̃ the normalised importance weights)."""
+        log_w = bounds.elbo_mc(*self.log_terms(batch, draws)).detach()  # (K, B)
+        normalised = torch.softmax(log_w, dim=0)
+        surrogate = self.hand_path_surrogate(batch, draws, normalised, normalised**2)
+        return bounds.iwae_bound(log_w) + (surrogate - surrogate.detach())
+
+    def hand_stl_elbo(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
+        """ELBO_β(x) per datapoint (B,), with the sticking-the-landing gradient (Roeder et al. 2017), by hand:
+        explicit and path weights 1/K."""
+        k = next(iter(draws.values())).shape[0]
+        weights = torch.full(bounds.elbo_mc(*self.log_terms(batch, draws)).shape, 1.0 / k,
+                             dtype=next(iter(draws.values())).dtype, device=next(iter(draws.values())).device)
+        surrogate = self.hand_path_surrogate(batch, draws, weights, weights, beta)
+        value = -self.hand_negative_elbo(batch, draws, kl="mc", beta=beta).detach()
+        return value + (surrogate - surrogate.detach())
+
+    def hand_vimco_bound(self, batch: Batch, draws: Draws) -> Tensor:
+        """L_K(x) per datapoint (B,), with VIMCO's gradient: :func:`ppl_vi.bounds.vimco_surrogate` on the
+        hand log-weights, the score term over log q(z|x) when the latents are discrete."""
+        log_px, log_pz, log_qz = self.log_terms(batch, draws)
+        score = torch.zeros_like(log_qz) if self.latent_reparameterized else log_qz
+        return bounds.vimco_surrogate(bounds.elbo_mc(log_px, log_pz, log_qz), score)
 
     def exact_log_likelihood(self, batch: Batch) -> Tensor:
         """Per-datapoint exact log p(x) (shape (B,)), where tractable."""
@@ -193,12 +263,13 @@ class _ScaleSites(poutine.messenger.Messenger):
         self.sites, self.scale = frozenset(sites), scale
 
     def _process_message(self, msg):
-        if msg["type"] == "sample" and msg["name"] in self.sites:
+        if msg["type"] == "sample" and msg["name"] in self.sites and not msg["is_observed"]:
             msg["scale"] = msg["scale"] * self.scale
 
 
 def scale_sites(fn: Callable, sites, scale) -> Callable:
-    """``fn`` with ``poutine.scale(scale)`` applied to the sample sites named in ``sites`` only.
+    """``fn`` with ``poutine.scale(scale)`` applied to the sample sites named in ``sites`` only, where
+    they are latent (a site observed in this call, e.g. the SSVAE's y on a labelled batch, keeps its scale).
 
     With ``sites`` the latent sites and ``scale`` β, model and guide wrapped alike turn the ELBO
     into E_q[log p(x|z)] - β KL(q(z|x) || p(z)), the β-VAE objective; β ramped over the first

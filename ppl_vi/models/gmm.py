@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import Batch, Draws, LatentModel, register
+from ppl_vi.models.base import Batch, Draws, LatentModel, ModelTraits, register
 
 GUIDES = ("amortised", "posterior", "prior", "marginal")
 
@@ -57,6 +57,14 @@ class GMM(LatentModel):
         self.locs = nn.Parameter(init_locs.clone() if init_locs is not None else torch.randn(num_components, x_dim))
         self.log_scales = nn.Parameter(torch.zeros(num_components, x_dim))
         self.encoder = nn.Sequential(nn.Linear(x_dim, hidden), nn.Tanh(), nn.Linear(hidden, num_components))
+
+    @classmethod
+    def traits(cls, config=None) -> ModelTraits:
+        """c is discrete: sampled by the guide (score function) or, with the "marginal" guide, summed out
+        in the model only."""
+        if getattr(config, "guide", None) == "marginal":
+            return ModelTraits(enumerable=True, model_enumerated=True, guide_latents=False)
+        return ModelTraits(discrete_guide=True, enumerable=True)
 
     @classmethod
     def from_config(cls, config, data_info) -> "GMM":
@@ -157,3 +165,9 @@ class GMM(LatentModel):
         if self.guide_kind == "marginal":
             return self.exact_log_likelihood(batch)
         return super().hand_iwae_bound(batch, draws, beta)
+
+    def hand_vimco_bound(self, batch: Batch, draws: Draws) -> Tensor:
+        """log p(x) with the marginal guide (every weight is p(x)), else VIMCO's surrogate on sampled c."""
+        if self.guide_kind == "marginal":
+            return self.exact_log_likelihood(batch)
+        return super().hand_vimco_bound(batch, draws)

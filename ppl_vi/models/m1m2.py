@@ -50,10 +50,8 @@ the evaluator uses IWAELoss for values only.
 
 from __future__ import annotations
 
-import math
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -64,14 +62,11 @@ from torch import Tensor, nn
 from ppl_vi import bounds
 from ppl_vi import run as rundir
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, register, scale_sites
+from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, ModelTraits, register
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, validate_labels
-from ppl_vi.models.ssvae import SemiSupervisedPair, enumerated_rows, prefixed, suite_from_cli, suite_inputs
+from ppl_vi.models.ssvae import SemiSupervisedPair
 from ppl_vi.models.vae import VAE
 from ppl_vi.nets import GaussianEncoder, fresh_copy, mlp
-
-if TYPE_CHECKING:  # ppl_vi.check imports the models package: import it lazily below
-    from ppl_vi.check import CheckReport
 
 #: M1's architecture when no trained M1 is given (the ``vae`` defaults).
 M1_Z_DIM, M1_HIDDEN = 50, (500, 500)
@@ -134,8 +129,8 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     latent_reparameterized = False  # y is discrete on unlabelled batches
     enumerable_guide = True
     has_analytic_kl = False  # q(z2|z1,y) depends on z1: no mean-field closed form
-    #: the losses this pair trains with (see the module docstring for the others).
-    losses = ("enum", "trace")
+    #: with z1 drawn before y, the enumerated IWAE bound sums y inside the log: tighter than the ELBO
+    iwae_sums_y_in_log = True
 
     def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: Sequence[int] = (500,), m1: Optional[VAE] = None,
                  num_classes: int = NUM_CLASSES, alpha_scale: float = 1.0, freeze_m1: bool = True):
@@ -155,13 +150,16 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         self.decoder = GaussianEncoder(z_dim + num_classes, list(reversed(hidden)), self.z1_dim)  # p(z1|y,z2)
 
     @classmethod
+    def traits(cls, config=None) -> ModelTraits:
+        """y is discrete on unlabelled batches; labelled batches carry the α'-scaled classifier site
+        (which depends on z1). So: enum and trace (``ppl_vi.objectives.losses.refusal`` says why not
+        the others; meanfield would also need a mean-field guide, and q(z2|z1,y) depends on z1)."""
+        return ModelTraits(discrete_guide=True, enumerable=True, auxiliary_observed=True)
+
+    @classmethod
     def from_config(cls, config, data_info) -> "M1M2":
         """M1 from ``config.m1`` (a trained vae run, frozen) or a fresh one (trained jointly);
         α' = config.alpha · train_size / n_labelled, as for M2."""
-        if config.loss not in cls.losses:
-            raise ConfigError(f"m1m2 trains with --loss enum (default) or trace, not {config.loss!r}: meanfield's "
-                              "closed-form KL needs a mean-field guide (q(z2|z1,y) depends on z1); renyi and iwae "
-                              "have no score-function term for the sampled y")
         m1 = load_m1(config.m1, data_info["x_dim"]) if getattr(config, "m1", None) else None
         return cls(data_info["x_dim"], config.z_dim, config.hidden, m1, data_info.get("num_classes") or NUM_CLASSES,
                    cls.alpha_scale_for(config, data_info))
@@ -371,111 +369,3 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         y = self.classifier(z1).argmax(-1) if y is None else y
         z2 = self.encode_mean(x, y)
         return torch.sigmoid(self.m1.decoder(self.decoder(z2, self._one_hot(y, z2))[0]))
-
-
-# --------------------------------------------------------------------------------------------
-# The check: Pyro's losses against the hand bounds, labelled and unlabelled
-
-
-def check_suite(model: M1M2, labelled_batch, unlabelled_batch=None, *, num_particles: int = 3, beta: float = 2.0,
-                seed: int = 0, rtol: float = 1e-6, repeats: int = 50, ks=(1, 10, 100), ladder_repeats: int = 10,
-                dtype=torch.float64) -> CheckReport:
-    """Pyro's losses against the hand bounds of :class:`M1M2` on a labelled and an unlabelled batch.
-
-    ``ppl-vi check m1m2`` calls ``check_suite(model, data, args)`` (as for ``ssvae``).
-
-    Labelled ("[L]"): Trace_ELBO (also with β on z1, z2), TraceEnum_ELBO (nothing to enumerate),
-    RenyiELBO(α=0) against :meth:`M1M2.renyi_labelled_loss`.
-    Unlabelled ("[U]"): TraceEnum_ELBO with y enumerated (K = 1 and K; β on z1, y, z2), same
-    sample on every draw (z1 and z2), loss and gradients; Trace_ELBO with y sampled (score
-    function); RenyiELBO(0) and IWAELoss values against the sampled IWAE bound; the IWAE bound with
-    y summed inside the log above the ELBO on the same draws, and above the sampled IWAE_1 in mean;
-    the ladder L_1 ≤ L_10 ≤ ... within SE.
-    """
-    from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO
-
-    from ppl_vi.check import CheckReport, Comparison, Row, check, iwae_ladder_rows
-    from ppl_vi.objectives.importance import IWAELoss
-
-    if not isinstance(labelled_batch, dict):  # ppl-vi check m1m2: check_suite(model, data, args)
-        return suite_from_cli(check_suite, model, labelled_batch, unlabelled_batch, ks=ks,
-                              ladder_repeats=ladder_repeats, dtype=dtype)
-    model, labelled, unlabelled, params, names = suite_inputs(model, labelled_batch, unlabelled_batch, dtype)
-    k, nest = num_particles, model.max_plate_nesting
-    kw = dict(num_particles=k, vectorize_particles=True, max_plate_nesting=nest)
-    iw_k = max(k, 2)
-    common = dict(param_names=names, max_plate_nesting=nest, seed=seed, rtol=rtol, repeats=repeats)
-    z_sites = ("z1", "z2")
-
-    labelled_comparisons = [
-        Comparison(f"Trace_ELBO(K={k}) vs hand NELBO - a'log q", Trace_ELBO(**kw),
-                   lambda b, d: model.hand_negative_elbo(b, d), k),
-        Comparison(f"Trace_ELBO(K={k}), beta={beta:g} vs hand", Trace_ELBO(**kw),
-                   lambda b, d: model.hand_negative_elbo(b, d, beta=beta), k,
-                   model=scale_sites(model.model, z_sites, beta), guide=scale_sites(model.guide, z_sites, beta),
-                   statistical=False),
-        Comparison(f"TraceEnum_ELBO(K={k}) vs hand NELBO - a'log q",
-                   TraceEnum_ELBO(strict_enumeration_warning=False, **kw),
-                   lambda b, d: model.hand_negative_elbo(b, d), k, statistical=False),
-        Comparison(f"RenyiELBO(0, K={iw_k}) vs -log mean w q(y|z1)^a'",
-                   RenyiELBO(alpha=0, **{**kw, "num_particles": iw_k}), model.renyi_labelled_loss, iw_k),
-    ]
-    rows = prefixed(check(model.model, model.guide, labelled, labelled_comparisons, params, **common).rows, "[L]")
-
-    unlabelled_comparisons = [
-        Comparison(f"Trace_ELBO(K={k}) y sampled vs hand (score fn)", Trace_ELBO(**kw),
-                   lambda b, d: model.hand_negative_elbo(b, d), k),
-        Comparison(f"RenyiELBO(0, K={iw_k}) vs hand IWAE (values)", RenyiELBO(alpha=0, **{**kw, "num_particles": iw_k}),
-                   lambda b, d: -model.hand_iwae_bound(b, d), iw_k, compare_grads=False),
-        Comparison(f"IWAELoss(K={iw_k}) vs hand IWAE (values)", IWAELoss(num_particles=iw_k, max_plate_nesting=nest),
-                   lambda b, d: -model.hand_iwae_bound(b, d), iw_k, compare_grads=False),
-    ]
-
-    def enum_rows() -> List[Row]:
-        hand = lambda b, d: model.hand_negative_elbo(b, d)  # noqa: E731
-        out = enumerated_rows(model, unlabelled, hand, params, names, num_particles=1, seed=seed, rtol=rtol, repeats=0)
-        out += enumerated_rows(model, unlabelled, hand, params, names, num_particles=k, seed=seed, rtol=rtol,
-                               repeats=repeats)
-        out += enumerated_rows(model, unlabelled, lambda b, d: model.hand_negative_elbo(b, d, beta=beta), params,
-                               names, num_particles=k, beta=beta, seed=seed, rtol=rtol, repeats=0,
-                               name=f"TraceEnum_ELBO(K={k}) beta={beta:g}")
-        return out
-
-    def enumerated_iwae_rows() -> List[Row]:
-        """Summing y inside the log tightens the bound: on the same enumerated draws, pointwise,
-        IWAE_K(y summed) ≥ ELBO (Jensen over k, then over y); and over independent draws
-        E[IWAE_1, y summed] ≥ E[IWAE_1, y sampled] = ELBO, within 4 SE."""
-        with torch.no_grad():
-            pyro.set_rng_seed(seed)
-            draws = model.enum_draws(unlabelled, k)
-            iwae, elbo = model.hand_iwae_bound(unlabelled, draws), -model.hand_negative_elbo(unlabelled, draws)
-            gap = (iwae - elbo).min().item()
-            reps = max(repeats, 2)
-            enum_values, sampled_values = [], []
-            for r in range(reps):
-                pyro.set_rng_seed(seed + 5000 + r)
-                enum_values.append(model.hand_iwae_bound(unlabelled, model.enum_draws(unlabelled, 1)).sum().item())
-                pyro.set_rng_seed(seed + 9000 + r)
-                sampled_values.append(model.hand_iwae_bound(unlabelled, model.sample_draws(unlabelled, 1)).sum().item())
-        e, s = torch.tensor(enum_values, dtype=torch.float64), torch.tensor(sampled_values, dtype=torch.float64)
-        se = math.sqrt(e.var().item() / reps + s.var().item() / reps)
-        diff = e.mean().item() - s.mean().item()
-        return [Row("ground truth", f"IWAE_{k} (y summed) >= ELBO on the same draws, every datapoint",
-                    elbo.sum().item(), iwae.sum().item(), gap, math.nan, "min gap >= 0", gap >= -1e-9,
-                    f"smallest gap {gap:.3g} nats"),
-                Row("statistical", f"E[IWAE_1] y summed >= y sampled (= ELBO) (means over {reps} seeds)",
-                    s.mean().item(), e.mean().item(), diff, abs(diff) / max(abs(s.mean().item()), 1e-300),
-                    "within 4 SE", diff >= -4 * se, f"SE {se:.3g}")]
-
-    def ladder_rows() -> List[Row]:
-        with torch.no_grad():
-            pyro.set_rng_seed(seed)
-            elbo = -model.hand_negative_elbo(unlabelled, model.sample_draws(unlabelled, 2000))
-        return iwae_ladder_rows(lambda kk: model.hand_iwae_bound(unlabelled, model.sample_draws(unlabelled, kk)),
-                                elbo, None, ks, ladder_repeats, seed)
-
-    with warnings.catch_warnings():  # Trace_ELBO & co. warn that they sample the enumerable y: intended here
-        warnings.filterwarnings("ignore", message=r"(?s).*use TraceEnum_ELBO instead")
-        report = check(model.model, model.guide, unlabelled, unlabelled_comparisons, params,
-                       extra_rows=[enum_rows, enumerated_iwae_rows, ladder_rows], **common)
-    return CheckReport(rows + prefixed(report.rows, "[U]"))

@@ -46,15 +46,14 @@ weighs its auxiliary loss (46 per labelled image, its labelled batch once per ep
 ``(C, 1)`` without one), the guide's z is drawn once per class, shape (C, K, B, Z) (or (C, B, Z)
 for K = 1), and every cost is weighted by q(y|x). :meth:`SSVAE.enum_draws` re-runs the guide the
 way TraceEnum does, so that re-seeding reproduces its z draws bit for bit;
-:func:`enumerated_rows` holds TraceEnum against the hand bound on them. Under Trace_ELBO,
+``ppl_vi.check.semisupervised`` holds TraceEnum against the hand bound on them. Under Trace_ELBO,
 RenyiELBO or our IWAELoss ``y`` is sampled instead (score-function gradient).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -64,12 +63,9 @@ from torch import Tensor
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, register, scale_sites
+from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, ModelTraits, register
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, one_hot, validate_labels
 from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, fresh_copy, mlp
-
-if TYPE_CHECKING:  # ppl_vi.check imports the models package: import it lazily below
-    from ppl_vi.check import CheckReport, Row
 
 
 class SemiSupervisedPair:
@@ -135,6 +131,12 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         self.classifier = mlp([x_dim, *hidden, num_classes])  # logits of q(y|x)
         self.encoder = GaussianEncoder(x_dim + num_classes, list(hidden), z_dim)  # q(z|x,y)
         self.decoder = BernoulliDecoder(z_dim + num_classes, list(reversed(hidden)), x_dim)  # p(x|y,z)
+
+    @classmethod
+    def traits(cls, config=None) -> ModelTraits:
+        """y is discrete on unlabelled batches (sampled or enumerated in the guide); labelled batches carry
+        the α'-scaled classifier site y_aux beside x."""
+        return ModelTraits(discrete_guide=True, enumerable=True, auxiliary_observed=True)
 
     @classmethod
     def from_config(cls, config, data_info) -> "SSVAE":
@@ -325,231 +327,3 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         y = self.classify(x) if y is None else y
         z = self.encode_mean(x, y)
         return torch.sigmoid(self.decoder(z, self._one_hot(y, x)))
-
-
-# --------------------------------------------------------------------------------------------
-# Checks: TraceEnum_ELBO against the enumerated hand bound on the same draws, and the full suite
-
-EnumHand = Callable[[Batch, Draws], Tensor]
-
-
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(a), abs(b), 1e-300)
-
-
-def _recording(guide: Callable, traces: list) -> Callable:
-    def recorded(**batch):
-        with poutine.trace() as tracer:
-            out = guide(**batch)
-        traces.append(tracer.trace)
-        return out
-
-    return recorded
-
-
-def enumerated_rows(model: SSVAE, batch: Batch, hand: EnumHand, params: Sequence[Tensor], names: Sequence[str], *,
-                    num_particles: int = 3, beta: float = 1.0, name: Optional[str] = None, seed: int = 0,
-                    rtol: float = 1e-6, repeats: int = 50) -> List[Row]:
-    """``TraceEnum_ELBO(num_particles=K, vectorize_particles=True)`` with y enumerated in the guide,
-    against ``hand(batch, draws)`` at the enumerated draws of :meth:`SSVAE.enum_draws`.
-
-    Same sample: TraceEnum's guide run is recorded; the RNG is re-seeded and ``enum_draws`` re-runs
-    the guide as TraceEnum does; every draw it returns besides y (z (C, K, B, Z) here; z1 and z2 for
-    :class:`~ppl_vi.models.m1m2.M1M2`) must equal the recorded one exactly, then the
-    loss and every gradient are compared. Statistical: means over ``repeats`` seeds, TraceEnum's
-    against the hand bound's on independent enumerated draws, within 4 SE.
-    """
-    from pyro.infer import TraceEnum_ELBO
-
-    from ppl_vi.check import Row, pyro_loss_and_grads
-
-    k = num_particles
-    name = name or f"TraceEnum_ELBO(K={k}) y enumerated vs hand"
-    loss = TraceEnum_ELBO(num_particles=k, vectorize_particles=True, max_plate_nesting=model.max_plate_nesting)
-    sites = model.latent_sites_for(batch)
-    pyro_model, guide = scale_sites(model.model, sites, beta), scale_sites(model.guide, sites, beta)
-    traces: list = []
-    pyro.set_rng_seed(seed)
-    pyro_value, pyro_grads = pyro_loss_and_grads(loss, pyro_model, _recording(guide, traces), batch, params)
-    pyro.set_rng_seed(seed)
-    draws = model.enum_draws(batch, k)
-    continuous = [site for site in draws if site != "y"]  # every drawn site: z (M2), z1 and z2 (M1+M2)
-    for site in continuous:
-        recorded = traces[-1].nodes[site]["value"]
-        if recorded.numel() != draws[site].numel() or not torch.equal(recorded.detach().reshape(draws[site].shape),
-                                                                      draws[site].detach()):
-            return [Row("same sample", name, pyro_value, passed=False,
-                        note=f"could not reproduce TraceEnum's enumerated draws of {site!r} by re-seeding")]
-    hand_total = hand(batch, draws).sum()
-    hand_grads = torch.autograd.grad(hand_total, list(params), allow_unused=True)
-    hand_value, tol = hand_total.item(), f"rel <= {rtol:g}"
-    note = f"K={k}, " + ", ".join(f"{site} {tuple(draws[site].shape)}" for site in continuous) + " verified identical"
-    rows = [Row("same sample", f"{name}: loss", pyro_value, hand_value, abs(pyro_value - hand_value),
-                _rel(pyro_value, hand_value), tol, _rel(pyro_value, hand_value) <= rtol, note)]
-    worst, worst_name, worst_abs = 0.0, "", 0.0
-    for pname, gp, gh in zip(names, pyro_grads, hand_grads):
-        gh = torch.zeros_like(gp) if gh is None else gh
-        scale = max(gp.abs().max().item(), gh.abs().max().item(), 1e-300)
-        diff = (gp - gh).abs().max().item()
-        if diff / scale >= worst:
-            worst, worst_name, worst_abs = diff / scale, pname, diff
-    rows.append(Row("same sample", f"{name}: grads ({len(params)} tensors)", math.nan, math.nan, worst_abs, worst,
-                    tol + " (max over tensors)", worst <= rtol, f"worst: {worst_name}"))
-    if repeats >= 2:
-        pyro_values, hand_values = [], []
-        with torch.no_grad():
-            for r in range(repeats):
-                pyro.set_rng_seed(seed + 1 + r)
-                pyro_values.append(float(loss.loss(pyro_model, guide, **batch)))
-                pyro.set_rng_seed(seed + 1 + repeats + r)
-                hand_values.append(hand(batch, model.enum_draws(batch, k)).sum().item())
-        p, h = torch.tensor(pyro_values, dtype=torch.float64), torch.tensor(hand_values, dtype=torch.float64)
-        se = math.sqrt(p.var().item() / repeats + h.var().item() / repeats)
-        diff = abs(p.mean().item() - h.mean().item())
-        rows.append(Row("statistical", f"{name}: mean over {repeats} seeds", p.mean().item(), h.mean().item(), diff,
-                        _rel(p.mean().item(), h.mean().item()), "within 4 SE", diff <= 4 * se, f"SE {se:.3g}"))
-    return rows
-
-
-def prefixed(rows: List[Row], prefix: str) -> List[Row]:
-    for r in rows:
-        r.name = f"{prefix} {r.name}"
-    return rows
-
-
-def suite_from_cli(suite: Callable, model, data, args, **kwargs):
-    """``suite`` (a check suite of a semi-supervised model) as ``ppl-vi check MODEL`` runs it: on the
-    batches of :func:`batches_from_data`, with the command's ``k``, ``beta``, ``seed``, ``repeats``."""
-    labelled, unlabelled = batches_from_data(model, data, args.batch_size, args.seed)
-    return suite(model, labelled, unlabelled, num_particles=args.k, beta=args.beta, seed=args.seed,
-                 repeats=args.repeats, **kwargs)
-
-
-def suite_inputs(model, labelled_batch: Batch, unlabelled_batch: Batch, dtype):
-    """The model in ``dtype``, both batches cast to it (labelled with y, unlabelled without), and the
-    trainable parameters with their names: what every semi-supervised check suite starts from."""
-    model = model.to(dtype)
-
-    def cast(batch: Batch) -> Batch:
-        return {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in batch.items()}
-
-    labelled, unlabelled = cast(labelled_batch), cast(unlabelled_batch)
-    if labelled.get("y") is None or unlabelled.get("y") is not None:
-        raise ConfigError("check_suite needs a labelled batch (with y) and an unlabelled one (y None)")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return model, labelled, unlabelled, [p for _, p in named], [n for n, _ in named]
-
-
-def batches_from_data(model: SSVAE, data, batch_size: int, seed: int = 0):
-    """The first ``batch_size`` labelled and unlabelled training images of a loaded data bundle
-    (``train_x``, ``train_y``, ``labelled_idx``, ``unlabelled_idx``), binarised with ``seed``."""
-    from ppl_vi.data.mnist import fixed_binarization
-
-    everything = torch.arange(data.train_x.shape[0], device=data.train_x.device)
-    labelled = (everything if data.labelled_idx is None else data.labelled_idx)[:batch_size]
-    unlabelled = (everything if data.unlabelled_idx is None else data.unlabelled_idx)[:batch_size]
-    return (model.make_batch(fixed_binarization(data.train_x[labelled], seed), data.train_y[labelled]),
-            model.make_batch(fixed_binarization(data.train_x[unlabelled], seed)))
-
-
-def check_suite(model: SSVAE, labelled_batch, unlabelled_batch=None, *, num_particles: int = 3,
-                beta: float = 2.0, seed: int = 0, rtol: float = 1e-6, repeats: int = 50, ks=(1, 10, 100),
-                ladder_repeats: int = 10, unlabelled_hand: Optional[EnumHand] = None,
-                dtype=torch.float64) -> CheckReport:
-    """Pyro's losses against the hand bounds on a labelled and an unlabelled batch (rows "[L]", "[U]").
-
-    ``ppl-vi check ssvae`` calls ``check_suite(model, data, args)``: the loaded data bundle and the
-    command's options (``batch_size``, ``k``, ``beta``, ``seed``, ``repeats``); the batches are then
-    those of :func:`batches_from_data`.
-
-    Labelled: Trace_ELBO (also with β on z), TraceMeanField_ELBO (closed-form KL), TraceEnum_ELBO
-    (nothing to enumerate), RenyiELBO(α=0) against -(L_K + α' log q(y|x)). Our IWAELoss is left
-    out: it requires one scale on the observed sites, and y_aux carries α'.
-    Unlabelled: TraceEnum_ELBO with y enumerated (K = 1 and K), also with β on (y, z), against the
-    exact-in-y hand bound (``unlabelled_hand`` replaces it, e.g. to show that a wrong bound fails);
-    Trace_ELBO with y sampled (score-function surrogate); RenyiELBO(α=0) and IWAELoss values
-    against the sampled IWAE bound; the enumerated bound equal to a loop over the classes of
-    labelled losses weighted by q(y|x) minus H[q(y|x)]; and the IWAE ladder L_1 ≤ L_10 ≤ ... within SE.
-    """
-    from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
-
-    from ppl_vi.check import CheckReport, Comparison, check, close_row, iwae_ladder_rows
-    from ppl_vi.objectives.importance import IWAELoss
-
-    if not isinstance(labelled_batch, dict):  # ppl-vi check ssvae: check_suite(model, data, args)
-        return suite_from_cli(check_suite, model, labelled_batch, unlabelled_batch, ks=ks,
-                              ladder_repeats=ladder_repeats, dtype=dtype)
-    model, labelled, unlabelled, params, names = suite_inputs(model, labelled_batch, unlabelled_batch, dtype)
-    k, nest = num_particles, model.max_plate_nesting
-    kw = dict(num_particles=k, vectorize_particles=True, max_plate_nesting=nest)
-    iw_k = max(k, 2)
-    common = dict(param_names=names, max_plate_nesting=nest, seed=seed, rtol=rtol, repeats=repeats)
-
-    # ---- labelled: y observed, the classifier term in every loss -------------------------------
-    z_only = ("z",)
-    labelled_comparisons = [
-        Comparison(f"Trace_ELBO(K={k}) vs hand NELBO - a'log q", Trace_ELBO(**kw),
-                   lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k),
-        Comparison(f"Trace_ELBO(K={k}), beta={beta:g} vs hand", Trace_ELBO(**kw),
-                   lambda b, d: model.hand_negative_elbo(b, d, kl="mc", beta=beta), k,
-                   model=scale_sites(model.model, z_only, beta), guide=scale_sites(model.guide, z_only, beta),
-                   statistical=False),
-        Comparison(f"TraceMeanField_ELBO(K={k}) vs hand (closed KL)", TraceMeanField_ELBO(**kw),
-                   lambda b, d: model.hand_negative_elbo(b, d, kl="analytic"), k),
-        Comparison(f"TraceEnum_ELBO(K={k}) vs hand NELBO - a'log q",
-                   TraceEnum_ELBO(strict_enumeration_warning=False, **kw),
-                   lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k, statistical=False),
-        Comparison(f"RenyiELBO(0, K={iw_k}) vs -(IWAE + a'log q)", RenyiELBO(alpha=0, **{**kw, "num_particles": iw_k}),
-                   lambda b, d: -(model.hand_iwae_bound(b, d) + model.classifier_term(b)), iw_k),
-    ]
-    rows = prefixed(check(model.model, model.guide, labelled, labelled_comparisons, params, **common).rows, "[L]")
-
-    # ---- unlabelled: y enumerated (TraceEnum) or sampled (the others) ----------------------------
-    hand = unlabelled_hand or (lambda b, d: model.hand_negative_elbo(b, d, kl="mc"))
-    unlabelled_comparisons = [
-        Comparison(f"Trace_ELBO(K={k}) y sampled vs hand (score fn)", Trace_ELBO(**kw),
-                   lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k),
-        Comparison(f"RenyiELBO(0, K={iw_k}) vs hand IWAE (values)", RenyiELBO(alpha=0, **{**kw, "num_particles": iw_k}),
-                   lambda b, d: -model.hand_iwae_bound(b, d), iw_k, compare_grads=False),
-        Comparison(f"IWAELoss(K={iw_k}) vs hand IWAE (values)", IWAELoss(num_particles=iw_k, max_plate_nesting=nest),
-                   lambda b, d: -model.hand_iwae_bound(b, d), iw_k, compare_grads=False),
-    ]
-
-    def enum_rows() -> List[Row]:
-        out = enumerated_rows(model, unlabelled, hand, params, names, num_particles=1, seed=seed, rtol=rtol,
-                              repeats=0)
-        out += enumerated_rows(model, unlabelled, hand, params, names, num_particles=k, seed=seed, rtol=rtol,
-                               repeats=repeats)
-        if unlabelled_hand is None:
-            out += enumerated_rows(model, unlabelled, lambda b, d: model.hand_negative_elbo(b, d, beta=beta),
-                                   params, names, num_particles=k, beta=beta, seed=seed, rtol=rtol, repeats=0,
-                                   name=f"TraceEnum_ELBO(K={k}) beta={beta:g}")
-        return out
-
-    def closed_form_rows() -> List[Row]:
-        """Σ_y q(y|x) (-ELBO(x, y)) - H[q] equals a loop over the classes of labelled losses."""
-        x = unlabelled["x"]
-        with torch.no_grad():
-            pyro.set_rng_seed(seed)
-            draws = model.enum_draws(unlabelled, k)
-            q = model.classifier(x).softmax(-1)
-            loop = -bounds.entropy_categorical(model.classifier(x))
-            for c in range(model.num_classes):
-                labelled_c = {"x": x, "y": torch.full_like(x[:, 0], c, dtype=torch.long)}
-                loss_c = model.hand_negative_elbo(labelled_c, {"z": draws["z"][c]}, kl="analytic")
-                loop = loop + q[:, c] * (loss_c + model.classifier_term(labelled_c))
-            enumerated = model.hand_negative_elbo(unlabelled, draws, kl="analytic")
-        return [close_row("ground truth", "enumerated bound = loop over classes (closed KL)", loop, enumerated, rtol)]
-
-    def ladder_rows() -> List[Row]:
-        with torch.no_grad():
-            pyro.set_rng_seed(seed)
-            elbo = -model.hand_negative_elbo(unlabelled, model.sample_draws(unlabelled, 2000), kl="mc")
-        return iwae_ladder_rows(lambda kk: model.hand_iwae_bound(unlabelled, model.sample_draws(unlabelled, kk)),
-                                elbo, None, ks, ladder_repeats, seed)
-
-    with warnings.catch_warnings():  # Trace_ELBO & co. warn that they sample the enumerable y: intended here
-        warnings.filterwarnings("ignore", message=r"(?s).*use TraceEnum_ELBO instead")
-        report = check(model.model, model.guide, unlabelled, unlabelled_comparisons, params,
-                       extra_rows=[enum_rows, closed_form_rows, ladder_rows], **common)
-    return CheckReport(rows + prefixed(report.rows, "[U]"))

@@ -40,9 +40,9 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 from torch import Tensor
 
-from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import PARTICLE_PLATE
 from ppl_vi.objectives.importance import IWAELoss
+from ppl_vi.objectives.traces import particle_terms
 
 
 class Unsupported(Exception):
@@ -88,13 +88,13 @@ def _site_log_prob(site) -> Tensor:
 
 def _check_guide(guide_trace, model_trace) -> None:
     """Raise :class:`Unsupported` unless every guide site is reparameterised and nothing enumerates."""
+    for site in _sample_sites(guide_trace):
+        if not getattr(site["fn"], "has_rsample", False):
+            raise Unsupported(f"guide site {site['name']!r} is not reparameterised (needs a score-function term)")
     for trace in (guide_trace, model_trace):
         for site in _sample_sites(trace):
             if site["infer"].get("enumerate"):
                 raise Unsupported(f"site {site['name']!r} is enumerated")
-    for site in _sample_sites(guide_trace):
-        if not getattr(site["fn"], "has_rsample", False):
-            raise Unsupported(f"guide site {site['name']!r} is not reparameterised (needs a score-function term)")
 
 
 def structure(*traces) -> tuple:
@@ -128,9 +128,8 @@ class SyncFreeLoss:
     def _traces(self, model, guide, batch):
         guide_trace = poutine.trace(guide).get_trace(**batch)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
-        if not self.checked:
-            _check_guide(guide_trace, model_trace)
-            self.checked = True
+        _check_guide(guide_trace, model_trace)  # every call: a step's batches may differ in kind (SSVAE)
+        self.checked = True
         if self.record:
             self.last_structure = structure(guide_trace, model_trace)
         return guide_trace, model_trace
@@ -164,59 +163,27 @@ class SyncFreeLoss:
         return total
 
     # ---- IWAELoss ---------------------------------------------------------------------------
-    def _iwae_terms(self, model, guide, k: int, batch):
-        """:meth:`IWAELoss.log_terms` without reading scales back: a tensor β stays a tensor."""
-        loss = self.loss
-        with pyro.plate(PARTICLE_PLATE, k, dim=-(loss.max_plate_nesting + 1)):
-            guide_trace, model_trace = self._traces(model, guide, batch)
-        log_lik, log_ratio = 0.0, 0.0
-        obs_scales, latent_scales = [], []
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            for site in _sample_sites(trace):
-                lp = loss._to_particles_by_batch(site, k)
-                if site["is_observed"]:
-                    log_lik = log_lik + lp
-                    obs_scales.append(site["scale"])
-                else:
-                    log_ratio = log_ratio + sign * lp
-                    latent_scales.append(site["scale"])
-        scales = obs_scales + latent_scales
-        if not any(torch.is_tensor(s) for s in scales):  # Python floats: IWAELoss's own checks, no sync
-            return (log_lik, log_ratio) + self._float_scales(obs_scales, latent_scales)
-        if not obs_scales:
-            raise ConfigError("IWAELoss needs an observed site")
-        c = obs_scales[0]  # tensor scales: one c and one β assumed, as IWAELoss checks on floats
-        beta = latent_scales[0] / c if latent_scales else 1.0
-        return log_lik, log_ratio, c, beta
-
-    @staticmethod
-    def _float_scales(obs_scales, latent_scales):
-        obs = set(float(s) for s in obs_scales)
-        if len(obs) != 1:
-            raise ConfigError(f"IWAELoss needs the observed sites to share one scale, found {sorted(obs)}")
-        c = obs.pop()
-        beta = {float(s) / c for s in latent_scales} if c else {1.0}
-        beta = {round(b, 12) for b in beta} or {1.0}
-        if len(beta) != 1:
-            raise ConfigError(f"IWAELoss needs one scale β on all latent sites, found {sorted(beta)}")
-        return c, beta.pop()
-
     def _iwae(self, model, guide, batch) -> Tensor:
+        """:meth:`IWAELoss.differentiable_loss` without reading scales back: a tensor β stays a tensor."""
         loss = self.loss
-        K = loss.num_particles
+        K, nest = loss.num_particles, loss.max_plate_nesting
         chunk = loss.chunk_size or K
-        running, mean_log_lik, done, c, beta = None, 0.0, 0, 1.0, 1.0
+        running, mean_log_lik, done, terms = None, 0.0, 0, None
         while done < K:
             k = min(chunk, K - done)
-            log_lik, log_ratio, c, beta = self._iwae_terms(model, guide, k, batch)
-            lse = torch.logsumexp(log_lik + log_ratio, dim=0)
+            with pyro.plate(PARTICLE_PLATE, k, dim=-(nest + 1)):
+                guide_trace, model_trace = self._traces(model, guide, batch)
+            terms = particle_terms(guide_trace, model_trace, k, nest, check_scales=False)
+            if terms.global_ratio is not None:
+                raise Unsupported(f"global latent(s) {list(terms.global_sites)}")
+            lse = torch.logsumexp(terms.log_weights, dim=0)
             running = lse if running is None else torch.logaddexp(running, lse)
-            mean_log_lik = mean_log_lik + log_lik.sum(0)
+            mean_log_lik = mean_log_lik + terms.log_lik.sum(0)
             done += k
         bound = running - math.log(K)
-        if torch.is_tensor(beta) or beta != 1.0:
-            bound = beta * bound + (1 - beta) * mean_log_lik / K
-        return -c * bound.sum()
+        if torch.is_tensor(terms.beta) or terms.beta != 1.0:
+            bound = terms.beta * bound + (1 - terms.beta) * mean_log_lik / K
+        return -terms.c * bound.sum()
 
     # ---- entry point ------------------------------------------------------------------------
     def __call__(self, model, guide, **batch) -> Tensor:
@@ -260,8 +227,9 @@ def plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
 # 3. the step
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _stdout(message: str) -> None:
+    """What the fast path decided: information, not an error, so stdout (stderr stays one line per mistake)."""
+    print(message, file=sys.stdout, flush=True)
 
 
 def _rng_state(device: torch.device):
@@ -285,13 +253,23 @@ class FastStep:
 
     ``trainer`` needs ``model``, ``model_fn``, ``guide_fn``, ``loss``, ``optimizer``, ``device``,
     ``config`` (``nan_policy``) and optionally ``dist`` (``enabled``). ``mode`` says what runs:
-    ``"cuda-graph"``, ``"sync-free"`` or ``"eager"`` (the plain loss, still on the hot path).
+    ``"cuda-graph"``, ``"sync-free"``, ``"eager"`` (the plain loss, still on the hot path), or
+    ``"sync-free + eager"`` when some kinds of batch are supported and others are not.
+
+    Support is decided per *kind* of batch (which keys it has, and which are None: a labelled and
+    an unlabelled SSVAE batch are two kinds), on its first traces, and the traces are checked again
+    on every call: a batch whose guide samples a discrete site (which needs a score-function term)
+    or whose sites are enumerated runs the trainer's own loss, eagerly, never the sync-free one.
+    Every decision is a line in ``notes``, written to stdout as it is made (whatever the progress
+    setting), and :meth:`record` gives both for metrics.json.
     """
 
     def __init__(self, trainer, quiet: bool = False, warmup: int = 3, log: Optional[Callable[[str], None]] = None):
         self.trainer, self.warmup = trainer, warmup
-        self.log = None if quiet else (log or _stderr)
+        self.log = None if quiet else (log or _stdout)
         self.notes: List[str] = []
+        self.announced = False  # notes are written from the first training step on (announce)
+        self.kinds: Dict[tuple, Optional[str]] = {}  # batch kind -> None (sync-free) or why it runs eagerly
         try:
             self.sync_free: Optional[SyncFreeLoss] = SyncFreeLoss(trainer.loss)
         except Unsupported as exc:
@@ -305,8 +283,15 @@ class FastStep:
     # ---- bookkeeping --------------------------------------------------------------------------
     def _note(self, message: str) -> None:
         self.notes.append(message)
-        if self.log is not None:
+        if self.log is not None and self.announced:
             self.log(f"ppl_vi fast path: {message}")
+
+    def announce(self) -> None:
+        """Write the notes made so far (once training starts), and every later one as it is made."""
+        if not self.announced and self.log is not None:
+            for message in self.notes:
+                self.log(f"ppl_vi fast path: {message}")
+        self.announced = True
 
     def _graph_blocker(self) -> Optional[str]:
         t = self.trainer
@@ -342,23 +327,38 @@ class FastStep:
     def mode(self) -> str:
         if self.graph is not None:
             return "cuda-graph"
-        return "sync-free" if self.sync_free is not None else "eager"
+        if self.sync_free is None:
+            return "eager"
+        eager = [k for k, why in self.kinds.items() if why is not None]
+        if eager and len(eager) == len(self.kinds):
+            return "eager"
+        return "sync-free + eager" if eager else "sync-free"
+
+    def record(self) -> dict:
+        """What ran, for metrics.json: the mode and every note on how it was decided."""
+        return {"mode": self.mode, "notes": list(self.notes)}
 
     # ---- the loss -----------------------------------------------------------------------------
     def differentiable_loss(self, model, guide, *args, **batch) -> Tensor:
         """The summed negative bound over ``batch``, like ``loss.differentiable_loss``."""
         with hot_path(self.trainer.model):
             if self.sync_free is not None:
-                if self.sync_free.checked:
+                kind = _kind(batch)
+                if kind in self.kinds and self.kinds[kind] is None:
                     return self.sync_free(model, guide, **batch)
-                rng = _rng_state(self.trainer.device)
-                try:  # the first traces tell whether the guide is supported
-                    return self.sync_free(model, guide, **batch)
-                except Unsupported as exc:  # before any gradient step; its random draws are undone
-                    _set_rng_state(rng, self.trainer.device)
-                    self.sync_free = None
-                    self._no_graph("no sync-free loss", quiet=True)
-                    self._note(f"sync-free loss off ({exc}); using {type(self.trainer.loss).__name__} eagerly")
+                if kind not in self.kinds:
+                    rng = _rng_state(self.trainer.device)
+                    try:  # the first traces of this kind of batch tell whether it is supported
+                        value = self.sync_free(model, guide, **batch)
+                        self.kinds[kind] = None
+                        return value
+                    except Unsupported as exc:  # its random draws are undone: the eager loss draws the same
+                        _set_rng_state(rng, self.trainer.device)
+                        self.kinds[kind] = str(exc)
+                        self._no_graph("a kind of batch has no sync-free loss", quiet=True)
+                        what = f" for batches with {_describe(kind)}" if len(self.kinds) > 1 or _has_none(kind) else ""
+                        self._note(f"sync-free loss off{what} ({exc}); using {type(self.trainer.loss).__name__} "
+                                   "eagerly for them")
             return self.trainer.loss.differentiable_loss(model, guide, *args, **batch)
 
     def _batches_loss(self, batches) -> Tensor:
@@ -461,9 +461,30 @@ class FastStep:
         return loss
 
 
+def _kind(batch: dict) -> tuple:
+    """A batch's kind: its keys, each marked present or None (labelled vs unlabelled)."""
+    return tuple(sorted((k, v is None) for k, v in batch.items()))
+
+
+def _has_none(kind: tuple) -> bool:
+    return any(none for _, none in kind)
+
+
+def _describe(kind: tuple) -> str:
+    missing = [k for k, none in kind if none]
+    return f"no {', '.join(missing)}" if missing else "every field (" + ", ".join(k for k, _ in kind) + ")"
+
+
 def fast_note(trainer) -> str:
     """One line saying which fast path a trainer runs (for benchmarks and logs)."""
     fast = getattr(trainer, "fast", None)
     if fast is None:
         return "fast path off (config.fast=False)"
     return f"{fast.mode}" + (f" ({'; '.join(fast.notes)})" if fast.notes else "")
+
+
+def fast_record(trainer) -> dict:
+    """The fast path's record for metrics.json: {"mode", "notes"}, or mode "off"."""
+    fast = getattr(trainer, "fast", None)
+    return {"mode": "off", "notes": ["config.fast is False: the plain loss, validation as configured"]} \
+        if fast is None else fast.record()

@@ -1,4 +1,4 @@
-"""Our importance-weighted objective on Pyro traces.
+"""Our importance-weighted objective on Pyro traces (pathwise gradients).
 
 For each datapoint x_i, K particles z_k ~ q(z|x_i) drawn in one vectorised guide run,
 
@@ -17,23 +17,39 @@ What Pyro's ``RenyiELBO(alpha=0)`` does not give, this does:
 
   which is c times the IWAE bound at β = 1 and the β-ELBO at K = 1; Pyro instead puts c and β
   inside the logsumexp, which bounds nothing;
-* large K in chunks with a running logsumexp (:meth:`IWAELoss.per_datapoint` with
-  ``chunk_size``), so IWAE-5000 over a test set fits in memory.
+* large K in chunks with a running logsumexp (``chunk_size``), so IWAE-5000 fits in memory;
+* model-only sites marked for enumeration summed out exactly (:mod:`ppl_vi.objectives.traces`):
+  the GMM with its "marginal" guide gives L_K = log p(x) for every K;
+* global latents θ (outside the data plate) in the joint form
 
-Assumption (checked): every sample site lies in the data plate, the rightmost plate dimension.
+      L_K = log (1/K) Σ_k exp( log p(θ_k) - log q(θ_k) + Σ_i log w_ik ),
+
+  one bound for the whole batch: :meth:`IWAELoss.per_datapoint` refuses it (a per-datapoint split
+  does not exist), :meth:`IWAELoss.total_bound` and the loss use it. It needs the whole data set in
+  the batch (c = 1) and β = 1.
+
+**Gradients are pathwise only.** With a guide site that has no ``rsample`` (a discrete c) the
+gradient of log w through the sampled value does not exist and a score-function term would be
+needed: :meth:`IWAELoss.differentiable_loss` refuses such a guide (use
+:class:`~ppl_vi.objectives.vimco.VIMCOLoss`). Values without gradients (evaluation) are fine.
 """
 
 from __future__ import annotations
 
 import math
 
-import pyro
 import torch
-from pyro import poutine
 from torch import Tensor
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, is_latent
+from ppl_vi.objectives.traces import ParticleTerms, particle_terms, run_particles
+
+
+def refuse_score_sites(terms: ParticleTerms, loss_name: str, instead: str) -> None:
+    """ConfigError if a gradient is being taken through a guide with score-function sites."""
+    if terms.score_sites and torch.is_grad_enabled() and terms.log_score.requires_grad:
+        raise ConfigError(f"{loss_name} has no score-function term for the guide's non-reparameterised site(s) "
+                          f"{list(terms.score_sites)}, so its gradient would be biased; use {instead}")
 
 
 class IWAELoss:
@@ -41,6 +57,9 @@ class IWAELoss:
 
     ``chunk_size`` splits K into chunks (running logsumexp); ``None`` evaluates all K at once.
     """
+
+    #: what the estimator's expectation targets (the checker's reference objective)
+    target = "iwae"
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1, chunk_size: int | None = None):
         if num_particles < 1:
@@ -50,71 +69,59 @@ class IWAELoss:
         self.num_particles, self.max_plate_nesting, self.chunk_size = num_particles, max_plate_nesting, chunk_size
 
     # ---- one chunk of particles --------------------------------------------------------------
-    def log_terms(self, model, guide, k: int, **batch):
-        """Unscaled log p(x|z_k) and log p(z_k) - log q(z_k|x), each (k, B), and (c, β)."""
-        with pyro.plate(PARTICLE_PLATE, k, dim=-(self.max_plate_nesting + 1)):
-            guide_trace = poutine.trace(guide).get_trace(**batch)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
-        log_lik, log_ratio = 0.0, 0.0
-        obs_scales, latent_scales = set(), set()
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
-                    continue
-                lp = self._to_particles_by_batch(site, k)
-                if site["is_observed"]:
-                    log_lik = log_lik + lp
-                    obs_scales.add(float(site["scale"]))
-                else:
-                    log_ratio = log_ratio + sign * lp
-                    latent_scales.add(float(site["scale"]))
-        if len(obs_scales) != 1:
-            raise ConfigError(f"IWAELoss needs the observed sites to share one scale, found {sorted(obs_scales)}")
-        c = obs_scales.pop()
-        beta = {s / c for s in latent_scales} if c else {1.0}
-        beta = {round(b, 12) for b in beta} or {1.0}
-        if len(beta) != 1:
-            raise ConfigError(f"IWAELoss needs one scale β on all latent sites, found {sorted(beta)}")
-        return log_lik, log_ratio, c, beta.pop()
-
-    def _to_particles_by_batch(self, site, k: int) -> Tensor:
-        """A site's unscaled log-density, reshaped to (k, B) (other plate dims summed)."""
-        lp = site["fn"].log_prob(site["value"])
-        if site["mask"] is not None:
-            lp = lp * site["mask"]
-        lp = lp.reshape((1,) * (self.max_plate_nesting + 1 - lp.dim()) + lp.shape) if lp.dim() <= self.max_plate_nesting else lp
-        if lp.dim() != self.max_plate_nesting + 1:
-            raise ConfigError(f"site {site['name']!r}: log_prob has shape {tuple(lp.shape)}; IWAELoss expects "
-                              f"(K, batch) plate dims with max_plate_nesting={self.max_plate_nesting}")
-        lp = lp.expand((k,) + lp.shape[1:])
-        return lp.reshape(k, -1, *lp.shape[-1:]).sum(1) if self.max_plate_nesting > 1 else lp
+    def terms(self, model, guide, k: int, **batch) -> ParticleTerms:
+        """The log-densities of ``k`` fresh particles (:class:`~ppl_vi.objectives.traces.ParticleTerms`)."""
+        guide_trace, model_trace = run_particles(model, guide, k, batch, self.max_plate_nesting)
+        return particle_terms(guide_trace, model_trace, k, self.max_plate_nesting)
 
     # ---- the bound -------------------------------------------------------------------------
-    def per_datapoint(self, model, guide, **batch) -> Tensor:
-        """β-weighted L_K(x_i) per datapoint, shape (B,), unscaled by the minibatch scale."""
-        bound, _ = self._bound_and_scale(model, guide, **batch)
-        return bound
-
-    def _bound_and_scale(self, model, guide, **batch):
+    def _bound(self, model, guide, batch, check_grad: bool):
+        """(bound, c, joint): β-weighted L_K per datapoint (B,), or the joint bound (scalar) with global latents."""
         chunk = self.chunk_size or self.num_particles
-        running, mean_log_lik, done, c, beta = None, 0.0, 0, 1.0, 1.0
+        running, mean_log_lik, done, terms = None, 0.0, 0, None
         while done < self.num_particles:
             k = min(chunk, self.num_particles - done)
-            log_lik, log_ratio, c, beta = self.log_terms(model, guide, k, **batch)
-            lse = torch.logsumexp(log_lik + log_ratio, dim=0)  # (B,)
+            terms = self.terms(model, guide, k, **batch)
+            if check_grad:
+                refuse_score_sites(terms, "IWAELoss", "loss 'vimco' (VIMCO's score-function estimator for the "
+                                   "IWAE bound), or 'enum'/'trace' for the ELBO")
+            log_w = terms.log_weights  # (k, B)
+            if terms.global_ratio is not None:  # joint over the batch: (k,)
+                log_w = terms.global_ratio + log_w.sum(-1)
+            lse = torch.logsumexp(log_w, dim=0)
             running = lse if running is None else torch.logaddexp(running, lse)
-            mean_log_lik = mean_log_lik + log_lik.sum(0)
+            if terms.beta != 1.0:
+                if terms.log_lik is None or terms.global_ratio is not None:
+                    raise ConfigError("a latent scale β != 1 needs local latents and no model-enumerated sites")
+                mean_log_lik = mean_log_lik + terms.log_lik.sum(0)
             done += k
         iwae = running - math.log(self.num_particles)
-        if beta == 1.0:
-            return iwae, c
-        return beta * iwae + (1 - beta) * mean_log_lik / self.num_particles, c
+        joint = terms.global_ratio is not None
+        if joint and terms.c != 1.0:
+            raise ConfigError(f"global latents {list(terms.global_sites)} need the whole data set in one batch "
+                              f"(minibatch scale 1), found scale {float(terms.c)}")
+        if terms.beta != 1.0:
+            iwae = terms.beta * iwae + (1 - terms.beta) * mean_log_lik / self.num_particles
+        return iwae, terms.c, joint
+
+    def per_datapoint(self, model, guide, **batch) -> Tensor:
+        """β-weighted L_K(x_i) per datapoint, shape (B,), unscaled by the minibatch scale."""
+        bound, _, joint = self._bound(model, guide, batch, check_grad=False)
+        if joint:
+            raise ConfigError("with a global latent the IWAE bound is joint over the batch and has no per-datapoint "
+                              "values; use IWAELoss.total_bound")
+        return bound
+
+    def total_bound(self, model, guide, **batch) -> Tensor:
+        """The bound for the whole batch: Σ_i L_K(x_i) with local latents, the joint L_K with global ones."""
+        bound, _, _ = self._bound(model, guide, batch, check_grad=False)
+        return bound.sum()
 
     def differentiable_loss(self, model, guide, *args, **batch) -> Tensor:
-        """-c Σ_i L_K,β(x_i): a torch scalar to call ``backward`` on."""
+        """-c Σ_i L_K,β(x_i) (or -L_K joint): a torch scalar to call ``backward`` on."""
         if args:
             raise TypeError("IWAELoss takes the batch as keyword arguments (model(**batch))")
-        bound, c = self._bound_and_scale(model, guide, **batch)
+        bound, c, _ = self._bound(model, guide, batch, check_grad=True)
         return -c * bound.sum()
 
     def loss(self, model, guide, *args, **batch) -> float:

@@ -34,6 +34,7 @@ from ppl_vi import distributed
 from ppl_vi import run as rundir
 from ppl_vi.errors import Terminated, TrainingDiverged
 from ppl_vi.metrics import classifier_accuracies
+from ppl_vi.objectives.graph_step import fast_record
 from ppl_vi.training.step import beta_at
 from ppl_vi.training.tensorboard import log_epoch, tensorboard_writer
 
@@ -45,6 +46,8 @@ def fit(trainer) -> dict:
     if cfg.tensorboard and trainer.tb is None:
         trainer.tb = tensorboard_writer(trainer.run_dir)
     trainer.in_fit = True  # SIGTERM now waits for a step or an epoch to end (ppl_vi.training.signals)
+    if trainer.fast is not None:  # what the fast path runs (and why), whatever --progress says
+        trainer.fast.announce()
     try:
         while trainer.epoch < cfg.epochs:  # re-read every epoch: an epoch hook may change the plan
             losses = run_epoch(trainer, trainer.epoch)
@@ -150,7 +153,7 @@ def summary(trainer, seconds: float) -> dict:
     return {"train_seconds": seconds, "epochs_done": trainer.epoch, "steps": trainer.step,
             "final_train_loss": history[-1]["train_loss"] if history else math.nan,
             "final_val_loss": history[-1].get("val_loss", math.nan) if history else math.nan,
-            "skipped_steps": trainer.skipped_steps}
+            "skipped_steps": trainer.skipped_steps, "fast_path": fast_record(trainer)}
 
 
 def mean_finite(losses: List[Tensor]) -> float:

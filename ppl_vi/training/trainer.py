@@ -35,7 +35,7 @@ from ppl_vi.data.sources import DataBundle, load_data
 from ppl_vi.metrics import iter_eval_batches
 from ppl_vi.models.base import Batch, LatentModel, default_make_batch, get_spec, scale_sites
 from ppl_vi.objectives.graph_step import FastStep
-from ppl_vi.objectives.losses import make_loss
+from ppl_vi.objectives.losses import check_config, make_loss
 from ppl_vi.runtime import resolve_device, seed_everything
 from ppl_vi.training import batches as epoch_batches
 from ppl_vi.training import checkpoint, diagnosis, loop, step
@@ -58,6 +58,7 @@ class Trainer:
         pyro.clear_param_store()
         pyro.enable_validation(False)  # validation off in the hot path (tests turn it on)
         self.spec = get_spec(config.model)
+        check_config(config, self.spec)  # a model x loss combination that cannot train: one line, before any work
         self.data: DataBundle = load_data(self.spec.data, config, self.device)
         self.model: LatentModel = self.spec.build(config, self.data.info).to(self.device)
         distributed.broadcast_parameters(self.model, self.dist)
@@ -94,7 +95,8 @@ class Trainer:
         self.epoch_hooks: List[Callable[["Trainer", dict], None]] = []  # run at each epoch's end (loop.finish_epoch)
         # config.fast: validation and param-store registration off in the hot path, a sync-free loss,
         # and on CUDA the whole step captured in a CUDA graph (ppl_vi.objectives.graph_step)
-        self.fast = FastStep(self, quiet=not self.progress) if config.fast else None
+        # what the fast path decides is written to stdout whatever --progress says, and kept for metrics.json
+        self.fast = FastStep(self) if config.fast else None
 
     # ---- batches (ppl_vi.training.batches) -----------------------------------------------------
     def _x(self, idx: Tensor) -> Tensor:

@@ -1,0 +1,433 @@
+"""The consistency checker: a hand-derived bound against Pyro's loss, datapoint by datapoint, and on average.
+
+For any model/guide pair (ours or a user's) and a hand-written bound, four kinds of check:
+
+* **same sample**: with the RNG seeded, Pyro's loss is evaluated (and differentiated) while the
+  guide's draws are recorded; the RNG is re-seeded, the guide is re-run under a particle plate to
+  reproduce those draws (verified equal), and the hand bound is evaluated on them. Compared: the
+  loss (mean per datapoint), every datapoint's own value, and the gradient of every parameter.
+  Pyro's value for datapoint i is its loss with every other datapoint masked out of the data plate
+  (``poutine.mask``-style, draws unchanged), so any Pyro loss decomposes, enumerated ones included.
+* **statistical**: Pyro's estimator and the hand one on *independent* draws over many seeds;
+  their means must agree within 4 standard errors.
+* **expected gradient** (:mod:`ppl_vi.check.gradients`): the estimator's gradient averaged over
+  seeds against the gradient of the objective it targets, exact over discrete sites.
+* **ground truth** (:mod:`ppl_vi.check.truth`, where log p(x) is exact).
+
+**The hand bound's form.** ``hand(batch, draws)`` returns the *negative* bound per datapoint, shape
+(B,), averaged over the K particles, when every latent is local (in the data plate). When the guide
+has a global latent (a site outside the data plate) no per-datapoint split exists: ``hand`` returns
+the batch total, shape (), and totals are compared. Any other shape is a failing row that says the
+expected shape (a (K, B) result is named: one value per particle instead of per datapoint).
+
+Every check becomes a :class:`~ppl_vi.check.rows.Row`; a check that raises becomes a failing row
+naming the error, so a guide that misses a site or has the wrong shape is reported, not crashed on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, List, Optional, Sequence
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from pyro.poutine.messenger import Messenger
+from torch import Tensor
+
+from ppl_vi.check.gradients import (GradientStats, TooManyTuples, enumerated_gradient_stats, expected_gradient_rows,
+                                    gradient_stats)
+from ppl_vi.check.reference import discrete_sites, has_continuous_sites, reference_loss
+from ppl_vi.check.rows import CheckReport, Row, failure_row, rel_diff
+from ppl_vi.models.base import Batch, Draws, draws_from_trace, is_latent, sample_draws
+
+HandBound = Callable[[Batch, Draws], Tensor]  # (batch, draws) -> per-datapoint loss (B,), or () with global latents
+
+
+@dataclasses.dataclass
+class Comparison:
+    """One Pyro loss held against one hand-written per-datapoint loss (a negative bound).
+
+    ``loss`` is a Pyro ELBO object (``Trace_ELBO(num_particles=K, vectorize_particles=True,
+    max_plate_nesting=...)``, ``RenyiELBO(alpha=0, ...)``, our ``IWAELoss``...). ``hand(batch,
+    draws)`` returns the per-datapoint loss at the guide's draws (see the module docstring for its
+    shape). ``model``/``guide`` override the pair's defaults (a ``poutine.scale``-d model for β,
+    another guide). ``same_sample=False`` where the hand bound needs no draws (enumeration);
+    ``draws`` re-creates the draws after re-seeding where the default particle-plate run would not
+    (e.g. the SSVAE's enumerated guide). ``compare_grads=False`` where only the value is comparable.
+    ``target`` ("elbo" or "iwae"; default the loss's own ``target``) names the objective whose
+    gradient the loss's expected gradient must equal; None skips the expected-gradient rows.
+    """
+
+    name: str
+    loss: object
+    hand: HandBound
+    num_particles: int = 1
+    model: Optional[Callable] = None
+    guide: Optional[Callable] = None
+    same_sample: bool = True
+    compare_grads: bool = True
+    statistical: bool = True
+    draws: Optional[Callable[[Batch], Draws]] = None
+    target: Optional[str] = "auto"
+
+    def objective(self) -> Optional[str]:
+        return getattr(self.loss, "target", None) if self.target == "auto" else self.target
+
+
+# ----------------------------------------------------------------------------------------------
+# Pyro's side
+
+
+def pyro_loss_and_grads(loss, model, guide, batch: Batch, params: Sequence[Tensor]):
+    """Pyro's loss value and its gradient for each of ``params`` (zeros where unused).
+
+    Uses ``differentiable_loss`` where the loss has one, else ``loss_and_grads`` (RenyiELBO).
+    """
+    if hasattr(loss, "differentiable_loss"):
+        value = loss.differentiable_loss(model, guide, **batch)
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        value = value.item()
+    else:
+        for p in params:
+            p.grad = None
+        value = loss.loss_and_grads(model, guide, **batch)
+        grads = [p.grad for p in params]
+    grads = [torch.zeros_like(p) if g is None else g.detach().clone() for p, g in zip(params, grads)]
+    return float(value), grads
+
+
+def loss_value(loss, model, guide, batch: Batch) -> float:
+    """The loss's value without a gradient."""
+    with torch.no_grad():
+        return float(loss.loss(model, guide, **batch))
+
+
+def recording(guide: Callable, traces: list) -> Callable:
+    """``guide`` that appends the trace of each of its runs to ``traces``."""
+
+    def recorded(*args, **kwargs):
+        with poutine.trace() as tracer:
+            out = guide(*args, **kwargs)
+        traces.append(tracer.trace)
+        return out
+
+    return recorded
+
+
+class KeepDatapoint(Messenger):
+    """Mask every sample site of the data plate (the plate of ``size`` at dim ``-max_plate_nesting``)
+    down to datapoint ``index``: the loss of the masked pair is that datapoint's own term."""
+
+    def __init__(self, index: int, size: int, max_plate_nesting: int):
+        super().__init__()
+        self.index, self.size, self.nest = index, size, max_plate_nesting
+
+    def _process_message(self, msg):
+        if msg["type"] != "sample" or not any(f.dim == -self.nest and f.size == self.size
+                                               for f in msg["cond_indep_stack"]):
+            return
+        keep = torch.zeros((self.size,) + (1,) * (self.nest - 1), dtype=torch.bool)
+        keep[self.index] = True
+        msg["mask"] = keep if msg["mask"] is None else msg["mask"] & keep.to(getattr(msg["mask"], "device", "cpu"))
+
+
+def batch_size(batch: Batch) -> int:
+    return next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+
+
+def pyro_per_datapoint(loss, model, guide, batch: Batch, seed: int, max_plate_nesting: int) -> Tensor:
+    """Pyro's loss split into datapoints, (B,): datapoint i's value is the loss with the others masked
+    out, on the same draws (re-seeded each time; masks do not change what the guide samples)."""
+    size = batch_size(batch)
+    values = []
+    for i in range(size):
+        pyro.set_rng_seed(seed)
+        keep = KeepDatapoint(i, size, max_plate_nesting)
+        values.append(loss_value(loss, keep(model), keep(guide), batch))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def global_sites(trace, max_plate_nesting: int) -> List[str]:
+    """Latent sites of a guide trace that lie outside the data plate."""
+    return [n for n, s in trace.nodes.items()
+            if is_latent(s) and not any(f.dim == -max_plate_nesting for f in s["cond_indep_stack"])]
+
+
+def hand_shape_error(shape, size: int, num_particles: int, is_global: bool) -> Optional[str]:
+    """None when the hand bound's shape is the documented one, else a one-line error."""
+    expected = () if is_global else (size,)
+    if tuple(shape) == expected:
+        return None
+    if is_global:
+        return (f"the hand bound returned shape {tuple(shape)}; with a global latent it must be the batch total, "
+                "shape () (no per-datapoint split exists)")
+    if tuple(shape) == (num_particles, size) and num_particles > 1:
+        return (f"the hand bound returned shape (K, B) = {tuple(shape)}: one value per particle, not per datapoint; "
+                f"average over the K = {num_particles} particles to return shape ({size},)")
+    return f"the hand bound returned shape {tuple(shape)}; expected ({size},): one value per datapoint"
+
+
+# ----------------------------------------------------------------------------------------------
+# The kinds of check
+
+
+def reproduce_draws(c: Comparison, guide, batch, traces, max_plate_nesting, seed) -> Optional[Draws]:
+    """The guide's draws re-created after re-seeding, checked identical to the recorded ones (None if not)."""
+    pyro.set_rng_seed(seed)
+    draws = c.draws(batch) if c.draws is not None else sample_draws(guide, batch, c.num_particles, max_plate_nesting)
+    if c.draws is not None:  # another layout (e.g. enumerated): compare values, not shapes
+        recorded = {n: s["value"] for n, s in traces[-1].nodes.items() if is_latent(s)}
+        same = set(draws) <= set(recorded) and all(
+            recorded[k].numel() == draws[k].numel() and torch.equal(recorded[k].detach().reshape(draws[k].shape),
+                                                                     draws[k].detach())
+            for k in draws if torch.is_floating_point(draws[k]))
+    else:
+        recorded = draws_from_trace(traces[-1], c.num_particles, max_plate_nesting)
+        same = set(recorded) == set(draws) and all(torch.equal(recorded[k].detach(), draws[k].detach()) for k in draws)
+    return draws if same else None
+
+
+def same_sample_rows(c: Comparison, model, guide, batch, params, names, max_plate_nesting, seed, rtol) -> List[Row]:
+    """Pyro's loss and the hand bound on the very same draws: mean value, each datapoint, every gradient."""
+    model, guide = c.model or model, c.guide or guide
+    traces: list = []
+    pyro.set_rng_seed(seed)
+    if c.compare_grads and params:
+        pyro_value, pyro_grads = pyro_loss_and_grads(c.loss, model, recording(guide, traces), batch, params)
+    else:  # values only (e.g. IWAE-k of a discrete guide, which has no pathwise gradient)
+        pyro_value, pyro_grads = loss_value(c.loss, model, recording(guide, traces), batch), []
+    size = batch_size(batch)
+    is_global = bool(traces) and bool(global_sites(traces[-1], max_plate_nesting))
+    note = ""
+    if c.same_sample:
+        draws = reproduce_draws(c, guide, batch, traces, max_plate_nesting, seed)
+        if draws is None:
+            return [Row("same sample", c.name, pyro_value / size, passed=False,
+                        note="could not reproduce the guide's draws by re-seeding (does the guide use other RNG?)")]
+        note = f"K={c.num_particles}, draws verified identical"
+    else:
+        draws = {}
+    hand = c.hand(batch, draws)
+    problem = hand_shape_error(hand.shape, size, c.num_particles, is_global)
+    if problem:
+        return [Row("same sample", f"{c.name}: per datapoint", passed=False, note=f"error: {problem}",
+                    details={"hand_shape": list(hand.shape), "expected_shape": [] if is_global else [size],
+                             "num_particles": c.num_particles})]
+    hand_total = hand.sum()
+    hand_grads = torch.autograd.grad(hand_total, params, allow_unused=True) if c.compare_grads and params else []
+    hand_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, hand_grads)]
+    hand_value = hand_total.item()
+    tol = f"rel <= {rtol:g}"
+    unit = "batch total (global latent)" if is_global else f"mean per datapoint over {size}"
+    div = 1 if is_global else size
+    rows = [Row("same sample", f"{c.name}: loss", pyro_value / div, hand_value / div, abs(pyro_value - hand_value) / div,
+                rel_diff(pyro_value, hand_value), tol, rel_diff(pyro_value, hand_value) <= rtol, f"{unit}; {note}")]
+    if not is_global:
+        rows.append(per_datapoint_row(c, model, guide, batch, hand.detach(), max_plate_nesting, seed, rtol, pyro_value))
+    if c.compare_grads and params:
+        worst, worst_name, worst_abs = 0.0, "", 0.0
+        for name, gp, gh in zip(names, pyro_grads, hand_grads):
+            scale = max(gp.abs().max().item(), gh.abs().max().item(), 1e-300)
+            diff = (gp - gh).abs().max().item()
+            if diff / scale >= worst:
+                worst, worst_name, worst_abs = diff / scale, name, diff
+        rows.append(Row("same sample", f"{c.name}: gradients of {len(params)} tensors", math.nan, math.nan, worst_abs,
+                        worst, tol + " (worst tensor)", worst <= rtol, f"worst: {worst_name}"))
+    return rows
+
+
+def per_datapoint_row(c: Comparison, model, guide, batch, hand: Tensor, max_plate_nesting, seed, rtol,
+                      pyro_total: float) -> Row:
+    """Pyro's value for each datapoint (masked loss) against the hand bound's, worst datapoint."""
+    name = f"{c.name}: each datapoint"
+    pyro_values = pyro_per_datapoint(c.loss, model, guide, batch, seed, max_plate_nesting)
+    hand = hand.double().cpu()
+    diff = (pyro_values - hand).abs()
+    rel = diff / torch.maximum(pyro_values.abs(), hand.abs()).clamp_min(1e-300)
+    worst = int(rel.argmax())
+    bad = (rel > rtol).nonzero().flatten().tolist()
+    decomposed = rel_diff(pyro_values.sum().item(), pyro_total)
+    note = f"worst datapoint {worst}" + (f"; differ at datapoints {bad[:8]}{' ...' if len(bad) > 8 else ''}"
+                                         if bad else "")
+    if decomposed > max(rtol, 1e-9):
+        note += f"; Pyro's per-datapoint values sum to its total only within {decomposed:.1e}"
+    return Row("same sample", name, pyro_values[worst].item(), hand[worst].item(), diff[worst].item(),
+               rel[worst].item(), f"rel <= {rtol:g} at every datapoint", not bad, note,
+               details={"pyro": pyro_values.tolist(), "hand": hand.tolist(), "differing": bad})
+
+
+def statistical_row(c: Comparison, model, guide, batch, params, max_plate_nesting, repeats, seed) -> Row:
+    """Means over independent draws of Pyro's estimator and the hand one agree within 4 SE."""
+    model, guide = c.model or model, c.guide or guide
+    traces: list = []
+    pyro.set_rng_seed(seed)
+    loss_value(c.loss, model, recording(guide, traces), batch)
+    is_global = bool(traces) and bool(global_sites(traces[-1], max_plate_nesting))
+    size = 1 if is_global else batch_size(batch)
+    pyro_values, hand_values = [], []
+    for r in range(repeats):
+        pyro.set_rng_seed(seed + 1 + r)
+        pyro_values.append(loss_value(c.loss, model, guide, batch) / size)
+        pyro.set_rng_seed(seed + 1 + repeats + r)
+        with torch.no_grad():
+            draws = (c.draws(batch) if c.draws is not None else sample_draws(guide, batch, c.num_particles,
+                                                                             max_plate_nesting)) if c.same_sample else {}
+            hand_values.append(c.hand(batch, draws).sum().item() / size)
+    p, h = torch.tensor(pyro_values, dtype=torch.float64), torch.tensor(hand_values, dtype=torch.float64)
+    se = math.sqrt(p.var().item() / repeats + h.var().item() / repeats)
+    diff = abs(p.mean().item() - h.mean().item())
+    ok = diff <= 4 * se if se > 0 else diff <= 1e-9 * max(abs(p.mean().item()), 1.0)
+    return Row("statistical", f"{c.name}: mean over {repeats} seeds", p.mean().item(), h.mean().item(), diff,
+               rel_diff(p.mean().item(), h.mean().item()), "within 4 SE", ok,
+               f"{'batch total (global latent)' if is_global else 'per datapoint'}; SE {se:.3g}")
+
+
+def reference_stats(model, guide, batch, params, *, target: str, k: int, max_plate_nesting: int, seed: int,
+                    draws: int) -> GradientStats:
+    """The reference gradient: exact (one evaluation) without continuous guide sites, else the mean of
+    20 groups of pathwise replicates (``draws`` replicates in all) with its standard error."""
+    kw = dict(target=target, k=k, max_plate_nesting=max_plate_nesting)
+    if not has_continuous_sites(guide, batch, max_plate_nesting):
+        return gradient_stats(lambda: reference_loss(model, guide, batch, replicates=1, **kw), params, [seed])
+    # continuous sites: groups of replicates, the spread of the group means gives the reference's SE
+    groups = 20
+    replicates = max(1, math.ceil(draws / groups))
+    return gradient_stats(lambda: reference_loss(model, guide, batch, replicates=replicates, **kw), params,
+                          [seed + 7919 * (g + 1) for g in range(groups)])
+
+
+def expected_gradient_check(name: str, loss_fn: Callable[[Batch], Tensor], model, guide, batch, params, names, *,
+                            target: str, k: int, max_plate_nesting: int = 1, seeds: int = 200, seed: int = 0,
+                            enumerate_discrete: bool = True, reference_draws: Optional[int] = None,
+                            note: str = "") -> List[Row]:
+    """Rows holding the expectation of ∇``loss_fn(batch)`` against the ``target`` objective's gradient
+    for ``model``/``guide`` (:mod:`ppl_vi.check.reference`). ``loss_fn`` is any estimator of minus the
+    objective summed over the batch (a Pyro loss, ours, the trainer's fast path).
+
+    With discrete guide sites and ``enumerate_discrete`` (False for losses that enumerate them
+    themselves), the estimator's expectation is taken exactly over them, datapoint by datapoint
+    (:func:`~ppl_vi.check.gradients.enumerated_gradient_stats`; ``seeds`` then only average the
+    continuous sites, 1 seed without any); otherwise it is averaged over ``seeds`` seeds."""
+    discrete = enumerate_discrete and bool(discrete_sites(guide, batch, max_plate_nesting))
+    continuous = has_continuous_sites(guide, batch, max_plate_nesting)
+    if discrete:
+        draws = [seed + 100_003 + s for s in range(seeds if continuous else 1)]
+        try:
+            estimate = enumerated_gradient_stats(loss_fn, params, batch, guide, max_plate_nesting, k, draws)
+            note = "; ".join(x for x in (note, "discrete sites enumerated" + (", continuous averaged" if continuous
+                                                                              else ": exact")) if x)
+        except TooManyTuples as exc:  # sample the discrete sites too, and say so
+            discrete = False
+            note = "; ".join(x for x in (note, f"discrete sites sampled, not enumerated ({exc})") if x)
+    if not discrete:  # nothing random when the loss enumerates every discrete site and nothing is continuous
+        random = continuous or any(not s["infer"].get("enumerate") for s in _guide_sites(guide, batch).values()
+                                   if not getattr(s["fn"], "has_rsample", False))
+        estimate = gradient_stats(lambda: loss_fn(batch), params,
+                                  [seed + 100_003 + s for s in range(seeds if random else 1)])
+    reference = reference_stats(model, guide, batch, params, target=target, k=k, max_plate_nesting=max_plate_nesting,
+                                seed=seed, draws=reference_draws or 10 * seeds)
+    return expected_gradient_rows(name, estimate, reference, names, note=note)
+
+
+def _guide_sites(guide, batch) -> dict:
+    """The guide's latent sites from one run, its random draws undone."""
+    state = torch.get_rng_state()
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(guide).get_trace(**batch)
+    torch.set_rng_state(state)
+    return {n: s for n, s in trace.nodes.items() if is_latent(s)}
+
+
+def structure_row(model, guide, batch, max_plate_nesting) -> Row:
+    """The guide samples every latent site of the model, with matching shapes."""
+    try:
+        guide_trace = poutine.trace(guide).get_trace(**batch)
+        model_trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(**batch)
+        latent = {n: s for n, s in model_trace.nodes.items() if is_latent(s)}
+        guided = {n: s for n, s in guide_trace.nodes.items() if is_latent(s)}
+        missing = sorted(set(latent) - set(guided))
+        extra = sorted(set(guided) - set(latent))
+        bad_shape = [n for n in set(latent) & set(guided) if latent[n]["value"].shape != guided[n]["value"].shape]
+        problems = []
+        if missing:
+            problems.append(f"guide misses latent site(s) {missing} (allowed only where the model enumerates them)")
+        if extra:
+            problems.append(f"guide has site(s) {extra} the model does not sample")
+        if bad_shape:
+            problems.append("shape mismatch at " + ", ".join(
+                f"{n}: model {tuple(latent[n]['value'].shape)} vs guide {tuple(guided[n]['value'].shape)}" for n in bad_shape))
+        enumerated = [n for n in missing if latent[n]["infer"].get("enumerate") == "parallel"]
+        problems = [p for p in problems if not (p.startswith("guide misses") and enumerated == missing)]
+        return Row("structure", "guide covers the model's latent sites", passed=not problems,
+                   note="; ".join(problems) or f"model latents {sorted(latent)}, guide {sorted(guided)}")
+    except Exception as exc:  # noqa: BLE001 - reported as a failing row
+        return failure_row("structure", "guide covers the model's latent sites", exc)
+
+
+def check(model: Callable, guide: Callable, batch: Batch, comparisons: Sequence[Comparison],
+          params: Sequence[Tensor], *, param_names: Optional[Sequence[str]] = None, max_plate_nesting: int = 1,
+          seed: int = 0, rtol: float = 1e-6, repeats: int = 50, gradient_seeds: int = 0, gradient_batch: int = 8,
+          extra_rows: Sequence[Callable[[], List[Row]]] = ()) -> CheckReport:
+    """Run every comparison (same sample, statistical, expected gradient) and any extra checks.
+
+    ``model``/``guide`` are plain Pyro callables taking ``**batch``; ``params`` the tensors whose
+    gradients are compared (float64 recommended: the default tolerance is 1e-6 relative).
+    ``repeats`` seeds for the statistical rows (fewer than 2: skipped, and the verdict says so);
+    ``gradient_seeds`` seeds for the expected-gradient rows of each comparison that compares
+    gradients and names a target (0: skipped, and the verdict says so), on the first
+    ``gradient_batch`` datapoints (the whole batch with a global latent). ``extra_rows`` are
+    callables returning more rows (ground truth); an exception in any check becomes a failing row.
+    """
+    params = list(params)
+    names = list(param_names) if param_names is not None else [f"param[{i}]" for i in range(len(params))]
+    rows = [structure_row(model, guide, batch, max_plate_nesting)]
+    skipped = []
+    for c in comparisons:
+        try:
+            rows += same_sample_rows(c, model, guide, batch, params, names, max_plate_nesting, seed, rtol)
+        except Exception as exc:  # noqa: BLE001
+            rows.append(failure_row("same sample", c.name, exc))
+    statistical = [c for c in comparisons if c.statistical]
+    if statistical and repeats < 2:
+        skipped.append(f"{len(statistical)} statistical row(s) (repeats={repeats} < 2)")
+    for c in statistical if repeats >= 2 else []:
+        try:
+            rows.append(statistical_row(c, model, guide, batch, params, max_plate_nesting, repeats, seed))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(failure_row("statistical", c.name, exc))
+    graded = [c for c in comparisons if c.compare_grads and c.objective() and params]
+    if graded and gradient_seeds < 2:
+        skipped.append(f"{len(graded)} expected-gradient check(s) (gradient_seeds={gradient_seeds} < 2)")
+    for c in graded if gradient_seeds >= 2 else []:
+        m, g = c.model or model, c.guide or guide
+        try:
+            local = not global_sites(poutine.trace(poutine.block(g)).get_trace(**batch), max_plate_nesting)
+            head = {k: (v[:gradient_batch] if torch.is_tensor(v) and v.dim() and local else v) for k, v in batch.items()}
+            rows += expected_gradient_check(c.name, lambda b, c=c, m=m, g=g: _differentiable(c.loss, m, g, b), m, g,
+                                            head, params, names, target=c.objective(), k=c.num_particles,
+                                            max_plate_nesting=max_plate_nesting, seeds=gradient_seeds, seed=seed,
+                                            enumerate_discrete=not enumerates(c.loss))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(failure_row("expected gradient", c.name, exc))
+    for extra in extra_rows:
+        try:
+            rows += extra()
+        except Exception as exc:  # noqa: BLE001
+            rows.append(failure_row("ground truth", getattr(extra, "__name__", "extra check"), exc))
+    return CheckReport(rows, skipped)
+
+
+def enumerates(loss) -> bool:
+    """Does the loss sum out the discrete sites marked for enumeration itself (TraceEnum_ELBO)?
+    A wrapper says so with an ``enumerates`` attribute."""
+    return bool(getattr(loss, "enumerates", isinstance(loss, TraceEnum_ELBO)))
+
+
+def _differentiable(loss, model, guide, batch) -> Tensor:
+    """The loss as a differentiable scalar (``loss_and_grads`` losses are not supported here)."""
+    if not hasattr(loss, "differentiable_loss"):
+        raise TypeError(f"{type(loss).__name__} has no differentiable_loss; wrap it (see RenyiLoss)")
+    return loss.differentiable_loss(model, guide, **batch)

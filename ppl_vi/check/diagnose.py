@@ -1,0 +1,366 @@
+"""Diagnose, don't just fail: name the likely mistake in a hand bound from value and gradient evidence.
+
+On the very draws where the hand bound h and Pyro's estimate p disagree (per datapoint, (B,)),
+the residual r = h - p is held against the shapes the common mistakes leave, each a one-line
+verdict that starts with its keyword:
+
+* **constant**: r is the same at every datapoint (a data-independent offset). The constant is
+  matched against ½·log 2π·D (D summed over any sites' sizes), log K, log 2, ... each possibly times
+  the minibatch scale N/B; the gradients say whether it moves a parameter (a dropped normalising
+  constant does not; a dropped -log σ does).
+* **sign**: h = -p (the bound, not the negative bound), or one term with its sign flipped:
+  r = -2 t for a site's term t (e.g. the KL).
+* **missing entropy** / **missing term**: r = -t for one piece t (log q(z|x): the entropy).
+* **scale**: h = a·p, or one term scaled, r = (a - 1) t, with a matched against N/B, 1/K, K, B,
+  1/B, β (mean vs sum over the batch or over particles, the minibatch scale twice or not at all).
+* **log-mean-exp**: an IWAE bound written as the mean of log w (the ELBO: Jensen's gap), or an ELBO
+  written as a log-mean-exp; **scale** also for N/B (or β) *inside* the log-mean-exp:
+  -log (1/K) Σ_k exp(c log w_k) instead of -c log (1/K) Σ_k w_k.
+* **per datapoint**: a (K, B) result (one value per particle) or a batch total.
+
+Every test is "equal at every datapoint to rounding" (``rtol``), so a verdict is evidence, not a
+guess; with none matching, the verdict says so and names the datapoints and the residual.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ppl_vi.check.terms import SiteTerms, site_terms
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _close(a: Tensor, b: Tensor, rtol: float) -> bool:
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        return False
+    tol = rtol * max(a.abs().max().item(), b.abs().max().item(), 1.0)
+    return bool(((a - b).abs() <= tol).all())
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _datapoints(idx: Sequence[int]) -> str:
+    idx = list(idx)
+    return f"{idx[:8]}{' ...' if len(idx) > 8 else ''}"
+
+
+# ------------------------------------------------------------------------------------------------
+# what a constant or a factor may be
+
+
+def constant_names(terms: SiteTerms) -> List[Tuple[float, str]]:
+    """(value, description) of the constants a hand derivation commonly drops or adds, per datapoint."""
+    out: List[Tuple[float, str]] = []
+    gaussian = "a Gaussian normalising constant dropped (or added)"
+    sites = list(terms.observed) + [n for n in terms.dims if n not in terms.observed]  # observed sites first
+    for n in sites:
+        out.append((0.5 * LOG_2PI * terms.dims[n], f"½·log 2π·D, D = {terms.dims[n]} (the size of site {n!r}): {gaussian}"))
+    total = sum(terms.dims.values())
+    out.append((0.5 * LOG_2PI * total, f"½·log 2π·D, D = {total} (all sites): {gaussian}"))
+    out += [(0.5 * LOG_2PI * d, f"½·log 2π·D, D = {d}: {gaussian}") for d in range(1, total + 1)]
+    k = terms.num_particles
+    if k > 1:
+        out.append((math.log(k), f"log K, K = {k}: the 1/K of a log-mean-exp"))
+    out += [(math.log(2), "log 2"), (math.log(math.pi), "log π"), (0.5 * math.log(math.pi), "½·log π"),
+            (1.0, "1"), (0.5, "½")]
+    c = terms.c
+    if c != 1.0:
+        def scaled(text: str) -> str:
+            head, _, tail = text.partition(": ")
+            return f"N/B · {head}, N/B = {_fmt(c)} (the minibatch scale)" + (f": {tail}" if tail else "")
+
+        out = out + [(c * v, scaled(text)) for v, text in out]
+    return out
+
+
+def factor_names(terms: SiteTerms, batch_size: int) -> List[Tuple[float, str]]:
+    """(factor, description) of the scale factors a hand derivation commonly gets wrong."""
+    c, k = terms.c, terms.num_particles
+    out = []
+    if c != 1.0:
+        out += [(c, f"N/B = {_fmt(c)}: the minibatch scale applied twice"),
+                (1 / c, f"B/N = 1/{_fmt(c)}: the minibatch scale N/B left out")]
+    if k > 1:
+        out += [(k, f"K = {k}: a sum over the particles where Pyro averages"),
+                (1 / k, f"1/K = 1/{k}: averaged over the particles twice")]
+    if batch_size > 1:
+        out += [(batch_size, f"B = {batch_size}: a sum over the batch where each datapoint has its own value"),
+                (1 / batch_size, f"1/B = 1/{batch_size}: a mean over the batch (the loss sums over datapoints)")]
+    betas = {round(terms.scales[n] / c, 12) for n in terms.prior if c} - {1.0}
+    for beta in betas:
+        out += [(beta, f"β = {_fmt(beta)}"), (1 / beta, f"1/β = 1/{_fmt(beta)}: β left out")]
+    out += [(2.0, "2"), (0.5, "½")]
+    return out
+
+
+def _match(rtol: float) -> float:
+    """How near a fitted constant or factor must be to a catalogue entry (relative): 1e-6 in float64,
+    looser with the check's tolerance (float32)."""
+    return max(1e-6, 10 * rtol)
+
+
+def _name(value: float, catalogue: List[Tuple[float, str]], rtol: float) -> Optional[str]:
+    for v, text in catalogue:
+        if abs(abs(value) - v) <= max(rtol, 1e-9) * max(abs(v), 1.0):
+            return ("−" if value < 0 else "+") + text
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the verdicts
+
+
+def _gradient_note(grads_agree: Optional[bool]) -> str:
+    if grads_agree is None:
+        return ""
+    return ("; the gradients agree (it moves no parameter)" if grads_agree
+            else "; but the gradients differ: a parameter-dependent term (e.g. -log σ), not a pure constant")
+
+
+def _constant_verdict(label: str, what: str, const: float, size: int, terms: SiteTerms,
+                      grads_agree: Optional[bool], rtol: float = 1e-7) -> str:
+    named = _name(const, constant_names(terms), _match(rtol))
+    return (f"constant: {label}: {what} differs from Pyro's by {_fmt(const)} per datapoint, the same at all "
+            f"{size} datapoints" + (f" = {named}" if named else " (no known constant matched)")
+            + _gradient_note(grads_agree))
+
+
+def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int, rtol: float = 1e-7) -> str:
+    """The verdict for r = a · piece: a = -2 a flipped sign, -1 a missing term, else a scale 1 + a."""
+    if abs(a + 2) <= _match(rtol) * 2:
+        return (f"sign: {label}: the term {name} has its sign flipped (the hand bound = Pyro's - 2 × that term "
+                "at every datapoint)")
+    if abs(a + 1) <= _match(rtol):
+        entropy = "entropy" in name
+        return (f"missing {'entropy' if entropy else 'term'}: {label}: the term {name} is left out"
+                + (" (the guide's entropy -E_q log q(z|x))" if entropy else ""))
+    named = _name(1 + a, factor_names(terms, size), _match(rtol))
+    return (f"scale: {label}: the term {name} is multiplied by {_fmt(1 + a)}"
+            + (f", a factor {named}" if named else " (no known factor matched)"))
+
+
+def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTerms,
+                      pieces: Dict[str, Tensor], rtol: float, grads_agree: Optional[bool] = None,
+                      what: str = "the hand bound") -> List[str]:
+    """Verdicts for a per-datapoint hand value against the reference (both (B,)): constant offset,
+    whole-bound factor or sign, one piece with its sign flipped, missing or scaled, and one such
+    piece together with a constant offset (two mistakes at once)."""
+    hand, reference = hand.detach().double(), reference.detach().double()
+    if _close(hand, reference, rtol):
+        return []
+    r = hand - reference
+    tol = rtol * max(hand.abs().max().item(), reference.abs().max().item(), 1.0)
+    size = hand.numel()
+    if (r.max() - r.min()).item() <= 10 * tol and size > 1:
+        return [_constant_verdict(label, what, r.mean().item(), size, terms, grads_agree, rtol)]
+    nonzero = reference.abs() > tol
+    if nonzero.all():
+        ratio = hand / reference
+        if (ratio.max() - ratio.min()).item() <= 10 * rtol * ratio.abs().max().item():
+            a = ratio.mean().item()
+            if abs(a + 1) <= _match(rtol):
+                return [f"sign: {label}: {what} is minus Pyro's at every datapoint" + (
+                    ": it returns the bound, not the negative bound (the loss)" if what == "the hand bound"
+                    else ": its sign is flipped")]
+            named = _name(a, factor_names(terms, size), _match(rtol))
+            return [f"scale: {label}: {what} is {_fmt(a)} × Pyro's at every datapoint"
+                    + (f", a factor {named}" if named else " (no known factor matched)")]
+    for name, piece in pieces.items():  # one piece wrong
+        piece = piece.detach().double()
+        denom = (piece * piece).sum().item()
+        if denom and _close(reference + (r * piece).sum().item() / denom * piece, hand, rtol):
+            return [_piece_verdict(label, name, (r * piece).sum().item() / denom, terms, size, rtol)]
+    if size >= 3:  # one piece wrong and a constant offset: least squares r = a · piece + C
+        for name, piece in pieces.items():
+            design = torch.stack([piece.detach().double(), torch.ones_like(r)], 1)
+            if torch.linalg.matrix_rank(design).item() < 2:
+                continue
+            a, const = torch.linalg.lstsq(design, r.unsqueeze(1)).solution.flatten().tolist()
+            if _close(reference + a * piece.detach().double() + const, hand, rtol):
+                return [_piece_verdict(label, name, a, terms, size, rtol),
+                        _constant_verdict(label, what, const, size, terms, None, rtol)]
+    bad = ((r.abs() > tol).nonzero().flatten().tolist())
+    return [f"unexplained: {label}: {what} differs from Pyro's at datapoints {_datapoints(bad)} (residual "
+            f"{_fmt(r.min().item())} .. {_fmt(r.max().item())} per datapoint); no common mistake matched it exactly"
+            + ("" if grads_agree is None else ("; the gradients agree" if grads_agree else "; the gradients differ"))]
+
+
+def shape_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTerms, objective: str,
+                   rtol: float) -> List[str]:
+    """Verdicts for a hand value whose shape is not (B,): per particle, or one number for the batch."""
+    k, size = terms.num_particles, reference.numel()
+    hand = hand.detach().double()
+    if hand.shape == (k, size) and k > 1:
+        evidence = ""
+        per_particle = -terms.c * terms.log_weights.detach().double()
+        if objective == "elbo" and _close(hand.mean(0), reference, rtol):
+            evidence = "; averaged over the particles it equals Pyro's at every datapoint"
+        elif _close(hand, per_particle, rtol):
+            evidence = ("; each row is one particle's -c log w_k" + (
+                ", and the IWAE bound is -c log (1/K) Σ_k w_k, not their mean" if objective == "iwae" else ""))
+        return [f"per datapoint: {label}: the bound returns one value per particle, shape (K, B) = {tuple(hand.shape)}, "
+                f"not one per datapoint ({size},){evidence}"]
+    if hand.dim() == 0:
+        how = ""
+        if _close(hand, reference.sum(), rtol):
+            how = ": it equals the sum over the batch of Pyro's per-datapoint values"
+        elif _close(hand, reference.mean(), rtol):
+            how = ": it equals the mean over the batch of Pyro's per-datapoint values"
+        return [f"per datapoint: {label}: the bound returns one number for the whole batch, not one per datapoint "
+                f"({size},){how}"]
+    return [f"per datapoint: {label}: the bound returns shape {tuple(hand.shape)}; expected ({size},), one value "
+            "per datapoint"]
+
+
+def iwae_verdicts(label: str, hand: Tensor, terms: SiteTerms, rtol: float) -> List[str]:
+    """Jensen and scale confusions of an importance-weighted bound (hand (B,), the negative bound)."""
+    log_w, c, k = terms.log_weights.detach().double(), terms.c, terms.num_particles
+    lme = lambda v: torch.logsumexp(v, 0) - math.log(k)  # noqa: E731
+    candidates = [
+        ("log-mean-exp", -c * log_w.mean(0),
+         "the mean of log w over the particles (the ELBO, by Jensen below IWAE_K), where IWAE_K is "
+         "log (1/K) Σ_k w_k: log-mean-exp, not mean of log"),
+        ("log-mean-exp", -c * torch.logsumexp(log_w, 0), "log Σ_k w_k without the 1/K (off by c·log K)"),
+    ]
+    if c != 1.0:
+        candidates.append(("scale", -lme(c * log_w),
+                           f"the minibatch scale N/B = {_fmt(c)} inside the log-mean-exp, -log (1/K) Σ_k exp(c log w_k); "
+                           "Pyro's loss (IWAELoss) applies it outside: -c log (1/K) Σ_k w_k"))
+        candidates.append(("scale", -lme(log_w), f"no minibatch scale N/B = {_fmt(c)} (Pyro's loss is c times the bound)"))
+    betas = {round(terms.scales[n] / c, 12) for n in terms.prior if c} - {1.0}
+    for keyword, value, text in candidates:
+        if _close(hand, value, rtol):
+            return [f"{keyword}: {label}: the hand bound is {text}"]
+    if k > 1 and betas:
+        return [f"scale: {label}: a latent scale β = {sorted(betas)} in the importance weights bounds nothing"]
+    return []
+
+
+def elbo_verdicts(label: str, hand: Tensor, terms: SiteTerms, rtol: float) -> List[str]:
+    """An ELBO written as a log-mean-exp (the IWAE bound) instead of the mean of log w."""
+    if terms.num_particles < 2:
+        return []
+    log_w, c, k = terms.log_weights.detach().double(), terms.c, terms.num_particles
+    if _close(hand, -c * (torch.logsumexp(log_w, 0) - math.log(k)), rtol):
+        return [f"log-mean-exp: {label}: the hand bound is the IWAE_K bound -c log (1/K) Σ_k w_k, where the ELBO "
+                "averages log w over the particles (mean of log, not log-mean-exp)"]
+    return []
+
+
+def pieces_for(terms: SiteTerms, objective: str, analytic: bool = False) -> Dict[str, Tensor]:
+    """The per-datapoint pieces a mistake may touch: each site's term, then its finer pieces
+    (ELBO only: the IWAE bound is not a sum over sites)."""
+    if objective != "elbo":
+        return {}
+    out = {f"of site {n!r} ({'-log p(x|z)' if n in terms.observed else 'log q - log p'})": v
+           for n, v in terms.components(analytic).items()}
+    out.update(terms.pieces())
+    return out
+
+
+def diagnose(label: str, hand, terms: SiteTerms, objective: str, *, analytic: bool = False,
+             rtol: float = 1e-6, grads_agree: Optional[bool] = None) -> List[str]:
+    """One-line verdicts for a hand bound (a tensor; a dict's total) against Pyro's ``objective``
+    ("elbo" or "iwae") on the draws of ``terms``; [] when they agree at every datapoint."""
+    reference = terms.negative_iwae() if objective == "iwae" else terms.negative_elbo() if not analytic \
+        else sum(terms.components(analytic=True).values())
+    reference = reference.detach().double()
+    hand = hand.detach().double()
+    if hand.shape != reference.shape:
+        return shape_verdicts(label, hand, reference, terms, objective, rtol)
+    if _close(hand, reference, rtol):
+        return []
+    special = iwae_verdicts(label, hand, terms, rtol) if objective == "iwae" else elbo_verdicts(label, hand, terms, rtol)
+    return special or residual_verdicts(label, hand, reference, terms, pieces_for(terms, objective, analytic), rtol,
+                                        grads_agree)
+
+
+# ------------------------------------------------------------------------------------------------
+# term by term
+
+HINTS = (
+    (re.compile(r"rec|lik|nll|recon|data|fit|obs", re.I), "observed"),
+    (re.compile(r"kl|prior|reg|latent|div", re.I), "latent"),
+)
+
+
+def pyro_groups(terms: SiteTerms, analytic: bool = False) -> Dict[str, Tuple[str, Tensor]]:
+    """Pyro's terms a hand term may correspond to: key -> (description, per-datapoint value)."""
+    comps = terms.components(analytic)
+    given = ", ".join(terms.prior) or "z"
+    out = {n: (f"site {n!r}: " + ("-log p(" + n + "|" + given + ")" if n in terms.observed else
+                                  ("KL(q || p) in closed form" if analytic and n in terms.analytic_kl
+                                   else "log q(" + n + "|x) - log p(" + n + ")")), v) for n, v in comps.items()}
+    if len(terms.observed) > 1:
+        out["observed"] = ("all observed sites: -log p(x|z)", sum(comps[n] for n in terms.observed))
+    if len(terms.prior) > 1:
+        out["latent"] = ("all latent sites: log q(z|x) - log p(z)", sum(comps[n] for n in terms.prior))
+    if len(terms.observed) == 1:
+        out["observed"] = out[next(iter(terms.observed))]
+    if len(terms.prior) == 1:
+        out["latent"] = out[next(iter(terms.prior))]
+    return out
+
+
+def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool = False) -> Dict[str, str]:
+    """Each hand term's Pyro counterpart (a key of :func:`pyro_groups`): by site name, then by name
+    hints (rec/lik/nll -> the observed sites, kl/prior -> the latent sites), then the nearest in value."""
+    groups = pyro_groups(terms, analytic)
+    out = {}
+    for name, value in hand_terms.items():
+        if name in terms.components():
+            out[name] = name
+            continue
+        hinted = next((g for rx, g in HINTS if rx.search(name) and g in groups), None)
+        if hinted:
+            out[name] = hinted
+            continue
+        value = value.detach().double()
+        if value.dim() == 1:
+            out[name] = min(groups, key=lambda g: (value - groups[g][1].detach().double()).norm().item())
+    return out
+
+
+def explain_failures(report, model, guide, batch, comparisons, max_plate_nesting: int = 1, seed: int = 0,
+                     rtol: float = 1e-6) -> None:
+    """Add to ``report.verdicts`` the likely mistake of each same-sample comparison whose rows failed
+    (a built-in or registered model's check: its hand bounds come from ``log_terms``). Nothing runs
+    for a passing comparison; one that is scaled (β), re-drawn or targets no bound is left alone, and
+    a diagnosis that cannot run adds nothing (the rows already fail)."""
+    failing = {c.name for c in comparisons
+               if any(r.kind == "same sample" and not r.passed and r.name.startswith(c.name + ":") for r in report.rows)}
+    verdicts = []
+    for c in comparisons:
+        objective = c.objective()
+        if c.name not in failing or not c.same_sample or c.model is not None or c.draws is not None \
+                or objective not in ("elbo", "iwae"):
+            continue
+        gradient_row = next((r for r in report.rows if r.name.startswith(f"{c.name}: gradients of")), None)
+        try:
+            terms = site_terms(model, c.guide or guide, batch, c.num_particles, max_plate_nesting, seed)
+            hand = c.hand(batch, terms.draws)
+            analytic = type(c.loss).__name__ == "TraceMeanField_ELBO"
+            verdicts += diagnose(c.name.split(" vs ")[0], hand, terms, objective, analytic=analytic, rtol=rtol,
+                                 grads_agree=None if gradient_row is None else gradient_row.passed)
+        except Exception:  # noqa: BLE001 - no verdict rather than no report
+            continue
+    report.verdicts += merge_verdicts(verdicts)
+
+
+def merge_verdicts(verdicts: List[str]) -> List[str]:
+    """Verdicts that say the same of several losses ("keyword: LABEL: the same text"), as one line
+    naming every loss."""
+    merged: Dict[Tuple[str, str], List[str]] = {}
+    for v in verdicts:
+        keyword, label, text = (v.split(": ", 2) + ["", ""])[:3]
+        merged.setdefault((keyword, text), []).append(label)
+    return [f"{keyword}: {', '.join(labels)}: {text}" for (keyword, text), labels in merged.items()]

@@ -1,0 +1,153 @@
+"""The objective Pyro optimises, written out from the traces with the user's own site names and distributions.
+
+From one run of the guide and the model replayed against it, every observed site x contributes
+-log p(x | ...) and every latent site z contributes log q(z | ...) - log p(z | ...) to the negative
+ELBO, each inside E_q and times the site's scale (N/B of a subsampled plate, β under
+``poutine.scale``)::
+
+    -ELBO(x) = E_q(z|x)[-log Bernoulli(x | logits=f(z))] + E_q(z|x)[log Normal(z | μ=g(x), σ=g(x)) - log Normal(z | μ=0, σ=1)]
+
+A distribution's parameter is shown as its number where it is one fixed constant, θ (model) or φ
+(guide) where it is one learnable constant, and ``f(...)`` (model) or ``g(...)`` (guide) of what it
+may depend on otherwise. The same objective is given as LaTeX (for
+the HTML report, rendered there without TeX) and, for the importance-weighted bound, as
+-log (1/K) Σ_k p(x, z_k) / q(z_k | x).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from ppl_vi.check.terms import SiteTerms, site_terms
+from ppl_vi.models.base import Batch, is_latent
+
+GREEK = {"loc": ("μ", r"\mu"), "scale": ("σ", r"\sigma"), "probs": ("p", "p"), "logits": ("logits", r"\mathrm{logits}"),
+         "df": ("ν", r"\nu"), "concentration": ("α", r"\alpha"), "rate": ("λ", r"\lambda"),
+         "concentration1": ("α", r"\alpha"), "concentration0": ("β", r"\beta"), "covariance_matrix": ("Σ", r"\Sigma"),
+         "scale_tril": ("L", "L")}
+
+
+def _base(fn):
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
+def _number(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _depends(value, sources: Dict[str, object]) -> List[str]:
+    """The names of ``sources`` (data tensors, latent draws) that ``value`` is a function of (autograd)."""
+    if not value.requires_grad:
+        return []
+    names = [n for n, t in sources.items() if torch.is_tensor(t) and t.requires_grad]
+    if not names:
+        return []
+    grads = torch.autograd.grad(value.sum(), [sources[n] for n in names], allow_unused=True, retain_graph=True)
+    return [n for n, g in zip(names, grads) if g is not None]
+
+
+def _params(fn, sources: Dict[str, object], f: str, learned: str, fallback: str) -> List[tuple]:
+    """(text, latex) of each parameter a distribution was built with: ``f(z)`` of the data or latents it
+    depends on (autograd); ``fallback`` where it varies without such a dependency (a discrete draw's
+    index); else θ/φ (``learned``) where it is learnable, its number where it is one fixed constant."""
+    fn = _base(fn)
+    given = {k: v for k, v in vars(fn).items() if k in getattr(fn, "arg_constraints", {}) and torch.is_tensor(v)}
+    if "logits" in given and "probs" in given:  # one was computed from the other: show the logits
+        given.pop("probs")
+    out = []
+    for key, value in given.items():
+        text, tex = GREEK.get(key, (key, r"\mathrm{" + key.replace("_", r"\_") + "}"))
+        flat = value.detach().reshape(-1)
+        deps = _depends(value, sources)
+        constant = flat.numel() and bool((flat == flat[0]).all())
+        if deps:
+            shown = f"{f}({', '.join(deps)})"
+        elif not constant and fallback:  # varies: a function of something autograd cannot see (a discrete draw)
+            shown = fallback
+        elif value.requires_grad:
+            shown = learned
+        elif constant:
+            shown = _number(flat[0].item())
+        else:
+            shown = "fixed"
+        shown_tex = {"θ": r"\theta", "φ": r"\phi"}.get(shown, shown.replace("_", r"\_"))
+        out.append((f"{text}={shown}", f"{tex}={shown_tex}"))
+    return out
+
+
+def _tex_name(name: str) -> str:
+    return r"\mathrm{" + name.replace("_", r"\_") + "}"
+
+
+def _density(site, sources: Dict[str, object], f: str, learned: str, fallback: str) -> tuple:
+    """('Normal(z | μ=0, σ=1)', LaTeX) of a site."""
+    dist_name = type(_base(site["fn"])).__name__
+    params = _params(site["fn"], sources, f, learned, fallback)
+    text = f"{dist_name}({site['name']} | {', '.join(p[0] for p in params)})" if params else f"{dist_name}({site['name']})"
+    tex_params = ", ".join(p[1] for p in params)
+    tex = r"\mathrm{" + dist_name + "}(" + _tex_name(site["name"]) + (r"\mid " + tex_params if params else "") + ")"
+    return text, tex
+
+
+def bound_formula(model, guide, batch: Batch, max_plate_nesting: int = 1,
+                  terms: Optional[SiteTerms] = None) -> Dict[str, str]:
+    """{"text", "latex", "iwae_text", "iwae_latex"}: the negative ELBO (and IWAE_K bound) Pyro optimises
+    for this pair; {} where the traces do not split into per-site terms."""
+    # one particle, the data marked as requiring grad: autograd then says what each parameter depends on
+    traced = {k: (v.detach().clone().requires_grad_(True) if torch.is_tensor(v) and v.is_floating_point() else v)
+              for k, v in batch.items()}
+    try:
+        with torch.enable_grad():
+            own = site_terms(model, guide, traced, 1, max_plate_nesting)
+    except Exception:  # noqa: BLE001 - no formula rather than no check
+        return {}
+    terms = terms or own
+    mt, gt = own.model_trace, own.guide_trace
+    data_sources = dict(traced)
+    latents = [n for n in terms.prior]
+    data = ", ".join(batch)
+    z = ", ".join(latents) or "∅"
+    q_text = f"q({z} | {data})"
+    q_tex = "q(" + ", ".join(_tex_name(n) for n in latents) + r"\mid " + ", ".join(_tex_name(n) for n in batch) + ")"
+    c = terms.c
+    text_terms, tex_terms, ratio_text, ratio_tex = [], [], [], []
+    sites = [(n, s) for n, s in mt.nodes.items() if s["type"] == "sample" and (s["is_observed"] or is_latent(s))]
+    for name, site in sorted(sites, key=lambda ns: not ns[1]["is_observed"]):  # the likelihood first
+        before = [n for n in latents if list(mt.nodes).index(n) < list(mt.nodes).index(name)]
+        latent_sources = {n: mt.nodes[n]["value"] for n in before}
+        discrete = [n for n in before if not getattr(mt.nodes[n]["fn"], "has_rsample", False)]
+        p_text, p_tex = _density(site, latent_sources, "f", "θ", f"f({', '.join(before)})" if discrete else "")
+        weight = terms.scales.get(name, c) / c if c else 1.0
+        w_text = "" if abs(weight - 1) < 1e-12 else f"{_number(weight)} × "
+        w_tex = "" if abs(weight - 1) < 1e-12 else _number(weight) + r"\,"
+        if site["is_observed"]:
+            text_terms.append(f"{w_text}E_{q_text}[−log {p_text}]")
+            tex_terms.append(w_tex + r"\mathbb{E}_{" + q_tex + r"}[-\log " + p_tex + "]")
+            ratio_text.append(p_text)
+            ratio_tex.append(p_tex)
+        else:
+            g_text, g_tex = _density(gt.nodes[name], data_sources, "g", "φ", "")
+            text_terms.append(f"{w_text}E_{q_text}[log {g_text} − log {p_text}]")
+            tex_terms.append(w_tex + r"\mathbb{E}_{" + q_tex + r"}[\log " + g_tex + r" - \log " + p_tex + "]")
+            ratio_text.append(p_text)
+            ratio_tex.append(p_tex)
+    guides = [_density(gt.nodes[n], data_sources, "g", "φ", "") for n in latents]
+    guide_text, guide_tex = [g[0] for g in guides], [g[1] for g in guides]
+    scale_text = "" if c == 1 else "N/B × "
+    scale_tex = "" if c == 1 else r"\frac{N}{B}\,"
+    lhs = f"−ELBO({data})"
+    text = f"{lhs} = {scale_text}{'(' if c != 1 else ''}{' + '.join(text_terms)}{')' if c != 1 else ''}"
+    latex = (r"-\mathrm{ELBO}(" + ", ".join(_tex_name(n) for n in batch) + ") = " + scale_tex
+             + (r"\left(" if c != 1 else "") + " + ".join(tex_terms) + (r"\right)" if c != 1 else ""))
+    iwae_text = (f"−IWAE_K({data}) = −{scale_text}log (1/K) Σ_k [{' · '.join(ratio_text)}] / "
+                 f"[{' · '.join(guide_text)}],  {', '.join(n + '_k' for n in latents)} ~ {q_text}")
+    iwae_latex = (r"-\mathrm{IWAE}_K = -" + scale_tex + r"\log \frac{1}{K}\sum_{k=1}^{K} \frac{"
+                  + r"\,".join(ratio_tex) + "}{" + r"\,".join(guide_tex) + "}")
+    out = {"text": text, "latex": latex, "iwae_text": iwae_text, "iwae_latex": iwae_latex}
+    if c != 1:
+        out["note"] = f"N/B = {_number(c)}: the minibatch scale of the subsampled data plate"
+    return out

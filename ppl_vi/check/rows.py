@@ -1,0 +1,108 @@
+"""Rows of a check table and the report that holds them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the check table."""
+
+    kind: str  # "structure", "same sample", "statistical", "ground truth"
+    name: str
+    reference: float = math.nan
+    value: float = math.nan
+    abs_diff: float = math.nan
+    rel_diff: float = math.nan
+    tolerance: str = ""
+    passed: bool = False
+    note: str = ""
+    details: dict = dataclasses.field(default_factory=dict)  # machine-readable extras (cosines, z-scores...)
+
+
+@dataclasses.dataclass
+class CheckReport:
+    rows: List[Row]
+    #: checks that were asked for but did not run, each a short phrase (shown in the verdict)
+    skipped: List[str] = dataclasses.field(default_factory=list)
+    #: one line per likely mistake found (ppl_vi.check.diagnose), shown under the table
+    verdicts: List[str] = dataclasses.field(default_factory=list)
+    #: the objective Pyro optimises, as {"text": ..., "latex": ...} (ppl_vi.check.formula), when known
+    formula: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows)
+
+    @property
+    def failures(self) -> List[Row]:
+        return [r for r in self.rows if not r.passed]
+
+    def table(self) -> str:
+        """A plain-text table of every row, full names, values per datapoint; the verdict and diagnoses under it."""
+        title = "check (values per datapoint, the batch mean, unless the note says otherwise)"
+        width = max([len(title)] + [len(r.name) for r in self.rows])
+        head = (f"{'kind':<17} {title:<{width}} {'reference':>14} {'value':>14} {'abs diff':>9} {'rel diff':>9}"
+                "  ok    tolerance / note")
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            note = "; ".join(s for s in (r.tolerance, r.note) if s)
+            lines.append(
+                f"{r.kind:<17} {r.name:<{width}} {_cell(r.reference, '14.6g')} {_cell(r.value, '14.6g')}"
+                f" {_cell(r.abs_diff, '9.2e')} {_cell(r.rel_diff if shows_rel(r) else math.nan, '9.2e')}"
+                f"  {'ok' if r.passed else 'FAIL':<5} {note}"
+            )
+        verdict = "PASS" if self.passed else f"FAIL ({len(self.failures)} of {len(self.rows)} checks failed: " + \
+            ", ".join(r.name for r in self.failures) + ")"
+        if self.skipped:
+            verdict += f" [not run: {'; '.join(self.skipped)}]"
+        lines.append(f"verdict: {verdict}")
+        lines += [f"diagnosis: {v}" for v in self.verdicts]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        out = {"passed": self.passed, "skipped": list(self.skipped), "rows": [dataclasses.asdict(r) for r in self.rows]}
+        if self.verdicts:
+            out["verdicts"] = list(self.verdicts)
+        if self.formula:
+            out["formula"] = dict(self.formula)
+        return out
+
+
+def shows_rel(row: Row) -> bool:
+    """The relative difference means something only where the tolerance is relative (equalities);
+    not on inequalities, ladders or within-SE rows."""
+    return row.tolerance.startswith("rel")
+
+
+def _cell(value: float, spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return f"{value:{spec}}" if isinstance(value, (int, float)) and math.isfinite(value) else " " * (width - 1) + "-"
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-300)
+
+
+def failure_row(kind: str, name: str, exc: BaseException) -> Row:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return Row(kind, name, passed=False, note=f"error: {type(exc).__name__}: {msg}"[:300])
+
+
+def close_row(kind: str, name: str, reference: Tensor, value: Tensor, rtol: float, note: str = "",
+              atol: float = 1e-12) -> Row:
+    """Two per-datapoint quantities equal to ``rtol`` (relative, worst datapoint), or within ``atol``
+    where both are near zero (a gap that should vanish); shown as means per datapoint."""
+    reference, value = reference.detach().double(), value.detach().double()
+    diff = (reference - value).abs()
+    rel = diff / torch.maximum(reference.abs(), value.abs()).clamp_min(1e-300)
+    worst = rel.max().item()
+    passed = bool(((rel <= rtol) | (diff <= atol)).all())
+    return Row(kind, name, reference.mean().item(), value.mean().item(), diff.max().item(), worst,
+               f"rel <= {rtol:g} (or abs <= {atol:g}) at every datapoint", passed, note)
