@@ -289,8 +289,9 @@ def cmd_check(args) -> int:
                 return print_formula(bound_formula(loaded.model, loaded.guide, loaded.batch, loaded.max_plate_nesting))
             report = check_pair(loaded, num_particles=args.k, seed=args.seed, repeats=args.repeats,
                                 gradient_seeds=args.gradient_seeds)
-            print(f"ppl-vi check {args.model}: batch of {next(iter(loaded.batch.values())).shape[0]}, K={args.k}, "
-                  f"seed {args.seed}")
+            first = next(iter(loaded.batch.values()))
+            print(f"ppl-vi check {args.model}: {str(first.dtype).replace('torch.', '')}, batch of {first.shape[0]}, "
+                  f"K={args.k}, seed {args.seed}")
             return finish_check(args, report)
     spec = get_spec(name)
     if getattr(args, "m1", None) and name != "m1m2":

@@ -57,7 +57,7 @@ def test_right_bounds_pass_with_no_diagnosis(pair):
     assert report.passed, report.table()
     assert report.verdicts == []
     names = [r.name for r in report.rows]
-    assert "Trace_ELBO (K=3): term 'rec' = Pyro's site 'x': -log p(x|z)" in names  # matched by name hint
+    assert "Trace_ELBO (K=3): term 'rec' = Pyro's site 'x': -log p(x|mu)" in names  # matched by name hint
     assert any("decomposition" in n for n in names)
     assert any(r.kind == "ground truth" for r in report.rows)  # exact_log_likelihood was used
     assert "Normal(x | μ=f(mu), σ=0.5)" in report.formula["text"]
@@ -224,15 +224,17 @@ def test_terms_matched_by_site_name_and_missing_term_named(example, pair):
     assert any(v.startswith("missing term:") and "site 'mu'" in v for v in report.verdicts), report.verdicts
 
 
-def test_unscaled_model_constant_is_half_log_2pi():
-    """No subsampling (N/B = 1), a scalar latent: a dropped ½ log 2π is named with D = 1."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_unscaled_model_constant_is_half_log_2pi(dtype):
+    """No subsampling (N/B = 1), a scalar latent: a dropped ½ log 2π is named with D = 1 (float32: looser
+    tolerances, same verdict)."""
     import pyro.distributions as dist
 
-    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(0.5, dtype=dtype, requires_grad=True)
 
     def model(x):
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0))
+            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=dtype), 1.0))
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
     def guide(x):
@@ -246,10 +248,10 @@ def test_unscaled_model_constant_is_half_log_2pi():
         log_q = torch.distributions.Normal(w * x, 0.8).log_prob(z)
         return (log_q - log_prior - log_lik).mean(0)
 
-    batch = {"x": torch.linspace(-1, 2, 6, dtype=torch.float64)}
+    batch = {"x": torch.linspace(-1, 2, 6, dtype=dtype)}
     report = check_pair(make_pair("t", dict(model=model, guide=guide, bound=bound, batch=batch)), **FAST)
     assert len(report.verdicts) == 1 and report.verdicts[0].startswith("constant:"), report.verdicts
-    assert "-0.918939 per datapoint" in report.verdicts[0] and "D = 1 (the size of site 'x')" in report.verdicts[0]
+    assert "-0.9189" in report.verdicts[0] and "D = 1 (the size of site 'x')" in report.verdicts[0]
     assert "N/B" not in report.verdicts[0]
     assert bound_formula(model, guide, batch)["text"].startswith("−ELBO(x) = E_q(z | x)[−log Normal(x | μ=f(z), σ=1)]")
 
@@ -290,3 +292,78 @@ def test_a_file_with_a_latent_model_class_is_checked_as_a_built_in_model(tmp_pat
     unregistered.write_text("from ppl_vi.models.base import LatentModel\nclass Mine(LatentModel):\n    pass\n")
     assert main(["check", f"{unregistered}:Mine"]) == 2
     assert "Mine is not registered" in capsys.readouterr().err
+
+
+def test_a_files_own_loss_renyi_puts_the_scale_inside(example, pair):
+    """``losses`` replaces the defaults; Pyro's RenyiELBO(α=0) puts N/B inside the log-mean-exp, so it matches
+    the scale-inside bound and not the right one, and the verdict says that the loss itself is the culprit."""
+    from ppl_vi.objectives.losses import RenyiLoss
+
+    renyi = {"RenyiELBO": RenyiLoss(alpha=0, num_particles=K, vectorize_particles=True, max_plate_nesting=1)}
+    base = {"model": pair.model, "guide": pair.guide, "batch": pair.batch, "bound": pair.bound, "losses": renyi}
+    right = check_pair(make_pair("t", {**base, "iwae_bound": example.iwae_bound}), **FAST)
+    assert not right.passed
+    assert right.verdicts[0].startswith("scale: RenyiELBO (K=3) itself puts the minibatch scale N/B = 62.5 inside")
+    inside = check_pair(make_pair("t", {**base, "iwae_bound": example._iwae_scale_inside}), **FAST)
+    assert all(r.passed for r in inside.rows if r.kind == "same sample" and "decomposition" not in r.name)
+    assert any("inside the log-mean-exp" in v and "hand bound" in v for v in inside.verdicts), inside.verdicts
+
+
+def test_two_mistakes_in_one_tensor_a_flipped_kl_and_a_dropped_constant(example, pair, terms):
+    log_lik, log_prior, log_q = _pieces(example, pair, terms)
+    c, d = example.C, example.D
+    both = c * (-(log_lik + 0.5 * d * math.log(2 * math.pi)) - (log_q - log_prior)).mean(0)
+    verdicts = diagnose("L", both, terms, "elbo")
+    assert [v.split(":")[0] for v in verdicts] == ["sign", "constant"], verdicts
+    assert "site 'mu'" in verdicts[0] and "D = 5 (the size of site 'x')" in verdicts[1]
+
+
+def test_a_latent_model_with_a_wrong_log_terms_gets_a_verdict_from_check_model():
+    """The built-in path (check_model: every loss the model trains with) names the mistake too, and says
+    nothing for the right log_terms."""
+    import pyro.distributions as dist
+    from torch import nn
+
+    from ppl_vi import bounds
+    from ppl_vi.check import check_model
+    from ppl_vi.models.base import LatentModel
+
+    class Scalar(LatentModel):
+        has_analytic_kl = True
+
+        def __init__(self, drop_constant: bool):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([0.5]))
+            self.log_s = nn.Parameter(torch.tensor([-0.3]))
+            self.drop_constant = drop_constant
+
+        def model(self, x, **_):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+        def guide(self, x, **_):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(self.w * x, self.log_s.exp()).to_event(1))
+
+        def log_terms(self, batch, draws):
+            x, z = batch["x"], draws["z"]
+            log_lik = bounds.log_normal(x, z, torch.ones_like(z))
+            if self.drop_constant:
+                log_lik = log_lik + 0.5 * bounds.LOG_2PI
+            return (log_lik, bounds.log_normal(z, torch.zeros_like(z), torch.ones_like(z)),
+                    bounds.log_normal(z, self.w * x, self.log_s.exp().expand_as(z)))
+
+        def kl_to_prior(self, batch):
+            loc = self.w * batch["x"]
+            return bounds.kl_normal(loc, self.log_s.exp().expand_as(loc), torch.zeros_like(loc), torch.ones_like(loc))
+
+    batch = {"x": torch.linspace(-1, 1, 5).unsqueeze(-1)}
+    kw = dict(repeats=4, gradient_seeds=2, ks=(1, 10), ladder_repeats=2)
+    right = check_model(Scalar(False), batch, **kw)
+    assert right.verdicts == [], right.verdicts
+    wrong = check_model(Scalar(True), batch, **kw)
+    constants = [v for v in wrong.verdicts if v.startswith("constant:")]
+    assert constants and all("D = 1 (the size of site 'x')" in v for v in constants)
+    assert len(constants) == 1 and constants[0].startswith("constant: trace (K=3), meanfield (K=3), stl (K=3)")
+    assert "the gradients agree" in constants[0]

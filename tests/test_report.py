@@ -49,6 +49,13 @@ def test_report_is_self_contained_and_complete(run_dir):
         assert text in html, text
 
 
+def test_report_shows_the_objective_as_a_formula(run_dir):
+    """check.json carries the objective Pyro optimises; the report typesets it (SVG, no TeX, no network)."""
+    html = (run_dir / "report.html").read_text()
+    assert "The objective Pyro optimises" in html and 'src="data:image/svg+xml;base64,' in html
+    assert "−ELBO(x) = E_q(c | x)[−log Normal(x | μ=f(c), σ=θ)]" in html
+
+
 def test_report_without_check_says_how(tmp_path, run_dir):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)

@@ -5,7 +5,11 @@
 * :mod:`~ppl_vi.check.gradients` and :mod:`~ppl_vi.check.reference`: expected gradients against
   the objective computed exactly over discrete sites;
 * :mod:`~ppl_vi.check.truth`: exact log p(x), the posterior gap, the IWAE ladder;
-* :mod:`~ppl_vi.check.suite`: :func:`check_model`, every loss a built-in model trains with.
+* :mod:`~ppl_vi.check.suite`: :func:`check_model`, every loss a built-in model trains with;
+* :mod:`~ppl_vi.check.userfile`: ``ppl-vi check FILE.py``, a user's own model/guide/bound
+  (:func:`check_pair`), with :mod:`~ppl_vi.check.terms` (Pyro's estimate per site and datapoint),
+  :mod:`~ppl_vi.check.diagnose` (the likely mistake, named) and :mod:`~ppl_vi.check.formula` (the
+  objective written out with the user's site names).
 """
 
 from ppl_vi.check.core import (Comparison, check, expected_gradient_check, loss_value, pyro_loss_and_grads,  # noqa: F401
@@ -15,3 +19,7 @@ from ppl_vi.check.reference import reference_loss, reference_objective  # noqa: 
 from ppl_vi.check.rows import CheckReport, Row, close_row, failure_row, rel_diff  # noqa: F401
 from ppl_vi.check.suite import check_model, loss_comparisons, standard_comparisons  # noqa: F401
 from ppl_vi.check.truth import ground_truth_rows, iwae_ladder_rows  # noqa: F401
+from ppl_vi.check.diagnose import diagnose  # noqa: F401
+from ppl_vi.check.formula import bound_formula  # noqa: F401
+from ppl_vi.check.terms import SiteTerms, site_terms  # noqa: F401
+from ppl_vi.check.userfile import UserPair, check_pair, load_target, make_pair  # noqa: F401

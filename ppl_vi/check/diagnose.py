@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ppl_vi.check.terms import SiteTerms
+from ppl_vi.check.terms import SiteTerms, site_terms
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -102,6 +102,12 @@ def factor_names(terms: SiteTerms, batch_size: int) -> List[Tuple[float, str]]:
     return out
 
 
+def _match(rtol: float) -> float:
+    """How near a fitted constant or factor must be to a catalogue entry (relative): 1e-6 in float64,
+    looser with the check's tolerance (float32)."""
+    return max(1e-6, 10 * rtol)
+
+
 def _name(value: float, catalogue: List[Tuple[float, str]], rtol: float) -> Optional[str]:
     for v, text in catalogue:
         if abs(abs(value) - v) <= max(rtol, 1e-9) * max(abs(v), 1.0):
@@ -120,11 +126,34 @@ def _gradient_note(grads_agree: Optional[bool]) -> str:
             else "; but the gradients differ: a parameter-dependent term (e.g. -log σ), not a pure constant")
 
 
+def _constant_verdict(label: str, what: str, const: float, size: int, terms: SiteTerms,
+                      grads_agree: Optional[bool], rtol: float = 1e-7) -> str:
+    named = _name(const, constant_names(terms), _match(rtol))
+    return (f"constant: {label}: {what} differs from Pyro's by {_fmt(const)} per datapoint, the same at all "
+            f"{size} datapoints" + (f" = {named}" if named else " (no known constant matched)")
+            + _gradient_note(grads_agree))
+
+
+def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int, rtol: float = 1e-7) -> str:
+    """The verdict for r = a · piece: a = -2 a flipped sign, -1 a missing term, else a scale 1 + a."""
+    if abs(a + 2) <= _match(rtol) * 2:
+        return (f"sign: {label}: the term {name} has its sign flipped (the hand bound = Pyro's - 2 × that term "
+                "at every datapoint)")
+    if abs(a + 1) <= _match(rtol):
+        entropy = "entropy" in name
+        return (f"missing {'entropy' if entropy else 'term'}: {label}: the term {name} is left out"
+                + (" (the guide's entropy -E_q log q(z|x))" if entropy else ""))
+    named = _name(1 + a, factor_names(terms, size), _match(rtol))
+    return (f"scale: {label}: the term {name} is multiplied by {_fmt(1 + a)}"
+            + (f", a factor {named}" if named else " (no known factor matched)"))
+
+
 def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTerms,
                       pieces: Dict[str, Tensor], rtol: float, grads_agree: Optional[bool] = None,
                       what: str = "the hand bound") -> List[str]:
     """Verdicts for a per-datapoint hand value against the reference (both (B,)): constant offset,
-    whole-bound factor or sign, one piece with its sign flipped, missing or scaled."""
+    whole-bound factor or sign, one piece with its sign flipped, missing or scaled, and one such
+    piece together with a constant offset (two mistakes at once)."""
     hand, reference = hand.detach().double(), reference.detach().double()
     if _close(hand, reference, rtol):
         return []
@@ -132,41 +161,33 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
     tol = rtol * max(hand.abs().max().item(), reference.abs().max().item(), 1.0)
     size = hand.numel()
     if (r.max() - r.min()).item() <= 10 * tol and size > 1:
-        const = r.mean().item()
-        named = _name(const, constant_names(terms), 1e-6)
-        return [f"constant: {label}: {what} differs from Pyro's by {_fmt(const)} per datapoint, the same at all "
-                f"{size} datapoints" + (f" = {named}" if named else " (no known constant matched)")
-                + _gradient_note(grads_agree)]
+        return [_constant_verdict(label, what, r.mean().item(), size, terms, grads_agree, rtol)]
     nonzero = reference.abs() > tol
     if nonzero.all():
         ratio = hand / reference
         if (ratio.max() - ratio.min()).item() <= 10 * rtol * ratio.abs().max().item():
             a = ratio.mean().item()
-            if abs(a + 1) <= 1e-6:
+            if abs(a + 1) <= _match(rtol):
                 return [f"sign: {label}: {what} is minus Pyro's at every datapoint" + (
                     ": it returns the bound, not the negative bound (the loss)" if what == "the hand bound"
                     else ": its sign is flipped")]
-            named = _name(a, factor_names(terms, size), 1e-6)
+            named = _name(a, factor_names(terms, size), _match(rtol))
             return [f"scale: {label}: {what} is {_fmt(a)} × Pyro's at every datapoint"
                     + (f", a factor {named}" if named else " (no known factor matched)")]
-    for name, piece in pieces.items():
+    for name, piece in pieces.items():  # one piece wrong
         piece = piece.detach().double()
         denom = (piece * piece).sum().item()
-        if denom == 0:
-            continue
-        a = (r * piece).sum().item() / denom
-        if not _close(reference + a * piece, hand, rtol):
-            continue
-        if abs(a + 2) <= 1e-6:
-            return [f"sign: {label}: the term {name} has its sign flipped (the hand bound = Pyro's - 2 × that term "
-                    "at every datapoint)"]
-        if abs(a + 1) <= 1e-6:
-            entropy = "entropy" in name
-            return [f"missing {'entropy' if entropy else 'term'}: {label}: the term {name} is left out"
-                    + (" (the guide's entropy -E_q log q(z|x))" if entropy else "")]
-        named = _name(1 + a, factor_names(terms, size), 1e-6)
-        return [f"scale: {label}: the term {name} is multiplied by {_fmt(1 + a)}"
-                + (f", a factor {named}" if named else " (no known factor matched)")]
+        if denom and _close(reference + (r * piece).sum().item() / denom * piece, hand, rtol):
+            return [_piece_verdict(label, name, (r * piece).sum().item() / denom, terms, size, rtol)]
+    if size >= 3:  # one piece wrong and a constant offset: least squares r = a · piece + C
+        for name, piece in pieces.items():
+            design = torch.stack([piece.detach().double(), torch.ones_like(r)], 1)
+            if torch.linalg.matrix_rank(design).item() < 2:
+                continue
+            a, const = torch.linalg.lstsq(design, r.unsqueeze(1)).solution.flatten().tolist()
+            if _close(reference + a * piece.detach().double() + const, hand, rtol):
+                return [_piece_verdict(label, name, a, terms, size, rtol),
+                        _constant_verdict(label, what, const, size, terms, None, rtol)]
     bad = ((r.abs() > tol).nonzero().flatten().tolist())
     return [f"unexplained: {label}: {what} differs from Pyro's at datapoints {_datapoints(bad)} (residual "
             f"{_fmt(r.min().item())} .. {_fmt(r.max().item())} per datapoint); no common mistake matched it exactly"
@@ -275,7 +296,8 @@ HINTS = (
 def pyro_groups(terms: SiteTerms, analytic: bool = False) -> Dict[str, Tuple[str, Tensor]]:
     """Pyro's terms a hand term may correspond to: key -> (description, per-datapoint value)."""
     comps = terms.components(analytic)
-    out = {n: (f"site {n!r}: " + ("-log p(" + n + "|z)" if n in terms.observed else
+    given = ", ".join(terms.prior) or "z"
+    out = {n: (f"site {n!r}: " + ("-log p(" + n + "|" + given + ")" if n in terms.observed else
                                   ("KL(q || p) in closed form" if analytic and n in terms.analytic_kl
                                    else "log q(" + n + "|x) - log p(" + n + ")")), v) for n, v in comps.items()}
     if len(terms.observed) > 1:
@@ -306,3 +328,39 @@ def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool 
         if value.dim() == 1:
             out[name] = min(groups, key=lambda g: (value - groups[g][1].detach().double()).norm().item())
     return out
+
+
+def explain_failures(report, model, guide, batch, comparisons, max_plate_nesting: int = 1, seed: int = 0,
+                     rtol: float = 1e-6) -> None:
+    """Add to ``report.verdicts`` the likely mistake of each same-sample comparison whose rows failed
+    (a built-in or registered model's check: its hand bounds come from ``log_terms``). Nothing runs
+    for a passing comparison; one that is scaled (β), re-drawn or targets no bound is left alone, and
+    a diagnosis that cannot run adds nothing (the rows already fail)."""
+    failing = {c.name for c in comparisons
+               if any(r.kind == "same sample" and not r.passed and r.name.startswith(c.name + ":") for r in report.rows)}
+    verdicts = []
+    for c in comparisons:
+        objective = c.objective()
+        if c.name not in failing or not c.same_sample or c.model is not None or c.draws is not None \
+                or objective not in ("elbo", "iwae"):
+            continue
+        gradient_row = next((r for r in report.rows if r.name.startswith(f"{c.name}: gradients of")), None)
+        try:
+            terms = site_terms(model, c.guide or guide, batch, c.num_particles, max_plate_nesting, seed)
+            hand = c.hand(batch, terms.draws)
+            analytic = type(c.loss).__name__ == "TraceMeanField_ELBO"
+            verdicts += diagnose(c.name.split(" vs ")[0], hand, terms, objective, analytic=analytic, rtol=rtol,
+                                 grads_agree=None if gradient_row is None else gradient_row.passed)
+        except Exception:  # noqa: BLE001 - no verdict rather than no report
+            continue
+    report.verdicts += merge_verdicts(verdicts)
+
+
+def merge_verdicts(verdicts: List[str]) -> List[str]:
+    """Verdicts that say the same of several losses ("keyword: LABEL: the same text"), as one line
+    naming every loss."""
+    merged: Dict[Tuple[str, str], List[str]] = {}
+    for v in verdicts:
+        keyword, label, text = (v.split(": ", 2) + ["", ""])[:3]
+        merged.setdefault((keyword, text), []).append(label)
+    return [f"{keyword}: {', '.join(labels)}: {text}" for (keyword, text), labels in merged.items()]

@@ -137,7 +137,7 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: int = 1,
             ratio_tex.append(p_tex)
     guides = [_density(gt.nodes[n], data_sources, "g", "φ", "") for n in latents]
     guide_text, guide_tex = [g[0] for g in guides], [g[1] for g in guides]
-    scale_text = "" if c == 1 else f"N/B × "
+    scale_text = "" if c == 1 else "N/B × "
     scale_tex = "" if c == 1 else r"\frac{N}{B}\,"
     lhs = f"−ELBO({data})"
     text = f"{lhs} = {scale_text}{'(' if c != 1 else ''}{' + '.join(text_terms)}{')' if c != 1 else ''}"

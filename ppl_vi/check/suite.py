@@ -16,6 +16,7 @@ from typing import List
 import torch
 
 from ppl_vi.check.core import Comparison, check
+from ppl_vi.check.diagnose import explain_failures
 from ppl_vi.check.rows import CheckReport
 from ppl_vi.check.truth import ground_truth_rows
 from ppl_vi.models.base import Batch, scale_sites
@@ -88,8 +89,11 @@ def check_model(model, batch: Batch, *, num_particles: int = 3, beta: float = 2.
     model = model.to(dtype)
     batch = {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in batch.items()}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return check(model.model, model.guide, batch, standard_comparisons(model, num_particles, beta),
-                 [p for _, p in named], param_names=[n for n, _ in named],
-                 max_plate_nesting=model.max_plate_nesting, seed=seed, rtol=rtol, repeats=repeats,
-                 gradient_seeds=gradient_seeds, gradient_batch=gradient_batch,
-                 extra_rows=[lambda: ground_truth_rows(model, batch, ks, ladder_repeats, seed, rtol)])
+    comparisons = standard_comparisons(model, num_particles, beta)
+    report = check(model.model, model.guide, batch, comparisons,
+                   [p for _, p in named], param_names=[n for n, _ in named],
+                   max_plate_nesting=model.max_plate_nesting, seed=seed, rtol=rtol, repeats=repeats,
+                   gradient_seeds=gradient_seeds, gradient_batch=gradient_batch,
+                   extra_rows=[lambda: ground_truth_rows(model, batch, ks, ladder_repeats, seed, rtol)])
+    explain_failures(report, model.model, model.guide, batch, comparisons, model.max_plate_nesting, seed, rtol)
+    return report

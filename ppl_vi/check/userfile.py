@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import math
 import sys
 import types
 import warnings
@@ -298,7 +299,7 @@ def term_rows(label: str, hand: Dict[str, Tensor], terms: SiteTerms, analytic: b
                         f"{diff[bad].min().item():.6g} .. {diff[bad].max().item():.6g}")
             row.details = {"pyro": ref.detach().double().tolist(), "hand": value.detach().double().tolist(),
                            "differing": bad}
-            verdicts += residual_verdicts(f"{label}, term {name!r}", value, ref, terms, pieces, rtol,
+            verdicts += residual_verdicts(label, value, ref, terms, pieces, rtol,
                                           _grads_agree(value, ref, list(params), rtol), what=f"the term {name!r}")
         rows.append(row)
     covered = set()
@@ -373,6 +374,19 @@ def check_pair(pair: UserPair, *, num_particles: int = 3, seed: int = 0, repeats
     return report
 
 
+def loss_verdict(label: str, pyro_values: Tensor, terms: SiteTerms, objective: str, rtol: float) -> str:
+    """Why Pyro's own loss differs from the bound it is meant to estimate (RenyiELBO: the scale inside)."""
+    log_w, c, k = terms.log_weights.detach().double(), terms.c, terms.num_particles
+    if objective == "iwae" and c != 1.0:
+        inside = -(torch.logsumexp(c * log_w, 0) - math.log(k))
+        if bool(((pyro_values - inside).abs() <= rtol * inside.abs().clamp_min(1.0)).all()):
+            return (f"scale: {label} itself puts the minibatch scale N/B = {c:g} inside the log-mean-exp, "
+                    "-log (1/K) Σ_k exp(c log w_k), which bounds nothing; the IWAE bound is -c log (1/K) Σ_k w_k "
+                    "(our IWAELoss, loss 'iwae')")
+    return (f"unexplained: {label}'s per-datapoint values are not the sum of its site terms "
+            f"({'-c log (1/K) Σ_k w_k' if objective == 'iwae' else 'the ELBO'}); any verdict below is against that")
+
+
 def add_diagnosis(report: CheckReport, pair: UserPair, p: Plan, terms: SiteTerms, params, rtol: float) -> None:
     """Term rows (inserted after each comparison's rows) and verdicts for each same-sample comparison."""
     for c, objective, analytic in p.exact:
@@ -387,6 +401,9 @@ def add_diagnosis(report: CheckReport, pair: UserPair, p: Plan, terms: SiteTerms
             per_point = next((r for r in report.rows if r.name == f"{c.name}: each datapoint"), None)
             if per_point is not None and per_point.details.get("pyro"):
                 extra_rows.append(decomposition_row(label, per_point.details["pyro"], terms, objective, analytic, rtol))
+                if not extra_rows[-1].passed:  # the loss is not what it targets: say how, then diagnose the bound
+                    verdicts.append(loss_verdict(label, torch.tensor(per_point.details["pyro"], dtype=torch.float64),
+                                                 terms, objective, rtol))
             k, size = terms.num_particles, reference.shape[0]
             value = total(hand)
             if objective == "elbo" and k > 1 and k != size and value.shape == (k, size):  # per particle: say so,
