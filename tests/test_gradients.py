@@ -26,7 +26,8 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from ppl_vi.check import Comparison, check, check_model, expected_gradient_check, reference_objective
-from ppl_vi.check.gradients import enumerated_gradient_stats, gradient_stats
+from ppl_vi.check.gradients import (GradientStats, effective_draws, enumerated_gradient_stats, expected_gradient_rows,
+                                    gradient_stats)
 from ppl_vi.config import TrainConfig
 from ppl_vi.data.synthetic import default_gmm_params, sample_gmm
 from ppl_vi.errors import ConfigError
@@ -447,3 +448,23 @@ def test_a_refused_combination_stops_before_anything_is_written(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.endswith("losses that work for gmm: trace, enum, vimco") and "\n" not in err
     assert not out.exists()
+
+
+def test_two_seeds_on_a_million_elements_do_not_fail_an_unbiased_estimator():
+    """With 2 seeds an element's SE rests on one degree of freedom: among 10^6 elements some pair of
+    draws agrees closely, so z is huge by chance. The limit must use df = 1 (min of the two sides'
+    draws), not a df pooled over all elements, which the reference's many replicates inflate."""
+    g = torch.Generator().manual_seed(1)
+    n, truth = 1_000_000, torch.zeros(1_000_000, dtype=DT)
+    draws = truth + torch.randn(2, n, generator=g, dtype=DT)  # an unbiased estimator, 2 seeds
+    estimate = GradientStats([draws.mean(0)], [draws.std(0) / math.sqrt(2)], 2, sample_draws=2)
+    ref_se = torch.full((n,), 0.5, dtype=DT)  # a noisy pathwise reference from many replicates
+    reference = GradientStats([truth + ref_se * torch.randn(n, generator=g, dtype=DT)], [ref_se], 400,
+                              sample_draws=400)
+    assert effective_draws(estimate, reference) == 2
+    summary = expected_gradient_rows("unbiased", estimate, reference, ["w"])[0]
+    assert summary.passed, summary.note
+    # and a biased one (shifted by 10 reference SEs everywhere) still fails with 50 seeds
+    draws = truth + 5.0 + torch.randn(50, n, generator=g, dtype=DT)
+    biased = GradientStats([draws.mean(0)], [draws.std(0) / math.sqrt(50)], 50, sample_draws=50)
+    assert not expected_gradient_rows("biased", biased, reference, ["w"])[0].passed

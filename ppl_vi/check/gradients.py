@@ -226,17 +226,16 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 
 def effective_draws(estimate: GradientStats, reference: GradientStats) -> float:
-    """Draws behind the combined standard error √(se_est² + se_ref²), by Welch–Satterthwaite on
-    the summed variances: ν = (V_e + V_r)² / (V_e²/ν_e + V_r²/ν_r), returned as ν + 1."""
+    """Draws behind the combined standard error √(se_est² + se_ref²), taken conservatively: the
+    fewer of the two sides' sample draws (exact sides do not count). Welch–Satterthwaite's ν lies
+    between min(ν_e, ν_r) and ν_e + ν_r for every element, so min is safe element by element; a
+    ν pooled over all elements is not (with 2 seeds, one element of a million whose two draws
+    happen to agree gets a tiny SE and a huge z, which only df = 1 tails allow for)."""
     v_e = sum((s**2).sum().item() for s in estimate.se)
     v_r = sum((s**2).sum().item() for s in reference.se)
-    if v_e + v_r == 0:
-        return math.inf
-    parts = [(v, n - 1) for v, n in ((v_e, estimate.sample_draws), (v_r, reference.sample_draws))
+    draws = [n for v, n in ((v_e, estimate.sample_draws), (v_r, reference.sample_draws))
              if v > 0 and math.isfinite(n)]
-    if not parts:
-        return math.inf
-    return (v_e + v_r) ** 2 / sum(v**2 / df for v, df in parts) + 1
+    return min(draws) if draws else math.inf
 
 
 def expected_gradient_rows(name: str, estimate: GradientStats, reference: GradientStats, names: Sequence[str],
