@@ -34,7 +34,8 @@ from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import is_latent
 from ppl_vi.objectives.importance import refuse_score_sites
 from ppl_vi.objectives.particle_loss import ParticleLoss
-from ppl_vi.objectives.traces import particle_terms, path_only_log_prob, run_particles
+from ppl_vi.objectives.traces import (particle_terms, path_only_log_prob, refuse_dependent_sites,
+                                     run_particles)
 
 
 class _GradientGate(torch.autograd.Function):
@@ -73,6 +74,7 @@ class DReGLoss(ParticleLoss):
         gates = []
 
         def gate_values(guide_trace):
+            refuse_dependent_sites(guide_trace, "dreg", "loss 'iwae' (the plain reparameterised gradient)")
             for site in guide_trace.nodes.values():
                 if is_latent(site) and getattr(site["fn"], "has_rsample", False):
                     gate = _Gate(site["fn"].event_dim)

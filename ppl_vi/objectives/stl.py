@@ -17,7 +17,8 @@ from __future__ import annotations
 from ppl_vi.errors import ConfigError
 from ppl_vi.objectives.importance import refuse_score_sites
 from ppl_vi.objectives.particle_loss import ParticleLoss
-from ppl_vi.objectives.traces import particle_terms, path_only_log_prob, run_particles
+from ppl_vi.objectives.traces import (particle_terms, path_only_log_prob, refuse_dependent_sites,
+                                     run_particles)
 
 
 class STLLoss(ParticleLoss):
@@ -28,6 +29,7 @@ class STLLoss(ParticleLoss):
     def _estimate(self, model, guide, batch):
         k, nest = self.num_particles, self.max_plate_nesting
         guide_trace, model_trace = run_particles(model, guide, k, batch, nest)
+        refuse_dependent_sites(guide_trace, "stl", "loss 'trace' (the plain reparameterised gradient)")
         terms = particle_terms(guide_trace, model_trace, k, nest, check_scales=False,
                                guide_log_prob=path_only_log_prob)
         refuse_score_sites(terms, "stl", "loss 'trace' (score-function) or 'enum'")

@@ -223,6 +223,32 @@ def path_only_log_prob(site) -> Tensor:
 
 
 
+def refuse_dependent_sites(guide_trace, loss_name: str, instead: str) -> None:
+    """ConfigError if a guide latent's distribution depends on another guide latent's value.
+
+    :func:`path_only_log_prob` keeps, per site, the gradient through that site's own value. With
+    q(z1, z2) = q(z1) q(z2|z1), the path term of log q also holds ∂log q(z2|z1)/∂z1 · ∂z1/∂φ (through
+    q(z2|·)'s parameters), which it drops, so STL's and DReG's gradients would be biased. Found by
+    autograd: does log q(z2) at a detached z2 reach an earlier latent's value?"""
+    if not torch.is_grad_enabled():
+        return
+    latents = [(name, site) for name, site in guide_trace.nodes.items() if is_latent(site)]
+    earlier = []
+    for name, site in latents:
+        sources = [(n, v) for n, v in earlier if v.requires_grad]
+        if sources:
+            at_fixed = unscaled_log_prob(dict(site, value=site["value"].detach()))
+            if at_fixed.requires_grad:
+                grads = torch.autograd.grad(at_fixed.sum(), [v for _, v in sources], allow_unused=True,
+                                            retain_graph=True)
+                hit = [n for (n, _), g in zip(sources, grads) if g is not None]
+                if hit:
+                    raise ConfigError(f"{loss_name} takes the path gradient site by site, but the guide's site "
+                                      f"{name!r} depends on the value of {hit}, so its gradient would be biased; "
+                                      f"use {instead}")
+        earlier.append((name, site["value"]))
+
+
 def local_log_prob(site, k: int, max_plate_nesting: int, value: Optional[Tensor] = None) -> Tensor:
     """A local site's unscaled log-density (or ``value``, a tensor of the site's batch shape) as (K, B):
     plates inside the data plate summed, a missing particle dimension broadcast. The per-site pieces
