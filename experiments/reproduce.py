@@ -84,7 +84,10 @@ RESULT_FILES = ("experiments/RESULTS.md", "benchmarks/RESULTS.md", "experiments/
                 "experiments/semi_supervised.json", "experiments/completion.json")
 COPY_IGNORE = shutil.ignore_patterns("checkpoints", "*.pt", "report.html", "tensorboard")
 LOG_TAIL = 200_000  # bytes kept of each log in the results copy
-PYRO_WHEELS = "pyro-ppl==1.9.2 pyro-api==0.1.2"
+# what the GPU image lacks of our dependencies (its torch, matplotlib, tqdm, filelock and psutil serve);
+# the first call of 2026-12-04 stopped in 21 s on the missing pydantic
+GPU_WHEELS = ("pyro-ppl==1.9.2 pyro-api==0.1.2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 "
+              "typing-inspection==0.4.5 typing_extensions==4.16.0")
 DEADLINE_EXTRA = 2.75  # minutes of the call's deadline beyond --minutes (8.75 for 6: the call may take 9 with its install)
 
 
@@ -869,14 +872,14 @@ def owed_command() -> List[str]:
     return [
         "Every GPU figure comes from one call of `experiments/reproduce.py` on one GPU (about 9 minutes on an "
         "H100/H200 with `--minutes 6`). The GPU machine has torch but not pyro-ppl and cannot reach the network, "
-        "so the call carries the pyro wheels and the data.",
+        "so the call carries the wheels of pyro-ppl and pydantic (with their own needs) and the data.",
         "",
         "1. Preparation, here, in the root of the checkout that the device tool sends (`/.whl/` and `/.data/` are "
         "in `.gitignore`, so they travel only when carried):",
         "",
         "       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
         "--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "
-        f"-d .whl {PYRO_WHEELS}",
+        f"-d .whl {GPU_WHEELS}",
         "       rm -rf .data && cp -r ../shared/data .data",
         "",
         "2. The device run (the device tool's `run`, `carry` = `[\".whl\", \".data\"]`, `timeout_s` = 600):",

@@ -542,6 +542,11 @@ def section(ssl: dict, completion: dict, base: Path) -> str:
             out += ["`--quick`: the first 2,000 training images, 1,000 validation images, one epoch (at most 0.2 "
                     "minutes), hidden 128, z = 16, a 50-step baseline. The accuracies only show that the pipeline "
                     "runs: far too little training to mean anything.", ""]
+        copies = f"results/{'gpu/runs' if kind == 'cuda' else f'cpu-ssl-l{labels}'}"
+        if mode == "full" and (Path(__file__).resolve().parent / copies).is_dir():
+            out += [f"Copies of these runs without checkpoints (config.json, metrics.json, history.jsonl, the row "
+                    f"record, the train/eval logs and the figures) are committed in [`experiments/{copies}/`]"
+                    f"({copies}/); the commands below name the run directories they were copied from.", ""]
         out += method_table(records) + [""] + verdicts(records) + ["", "Every row:", ""]
         out += ssl_table(records, base) + [""]
     if not rows:

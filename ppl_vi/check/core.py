@@ -121,21 +121,26 @@ class KeepDatapoint(Messenger):
     """Mask every sample site of the data plate (the plate of ``size`` at dim ``-max_plate_nesting``)
     down to datapoint ``index``: the loss of the masked pair is that datapoint's own term."""
 
-    def __init__(self, index: int, size: int, max_plate_nesting: int):
+    def __init__(self, index: int, size: int, max_plate_nesting: int, device=None):
         super().__init__()
-        self.index, self.size, self.nest = index, size, max_plate_nesting
+        self.index, self.size, self.nest, self.device = index, size, max_plate_nesting, device
 
     def _process_message(self, msg):
         if msg["type"] != "sample" or not any(f.dim == -self.nest and f.size == self.size
                                                for f in msg["cond_indep_stack"]):
             return
-        keep = torch.zeros((self.size,) + (1,) * (self.nest - 1), dtype=torch.bool)
+        device = msg["value"].device if torch.is_tensor(msg["value"]) else self.device
+        keep = torch.zeros((self.size,) + (1,) * (self.nest - 1), dtype=torch.bool, device=device)
         keep[self.index] = True
-        msg["mask"] = keep if msg["mask"] is None else msg["mask"] & keep.to(getattr(msg["mask"], "device", "cpu"))
+        msg["mask"] = keep if msg["mask"] is None else msg["mask"] & keep.to(getattr(msg["mask"], "device", device))
 
 
 def batch_size(batch: Batch) -> int:
     return next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+
+
+def batch_device(batch: Batch) -> torch.device:
+    return next(v for v in batch.values() if torch.is_tensor(v)).device
 
 
 def pyro_per_datapoint(loss, model, guide, batch: Batch, seed: int, max_plate_nesting: int) -> Tensor:
@@ -145,7 +150,7 @@ def pyro_per_datapoint(loss, model, guide, batch: Batch, seed: int, max_plate_ne
     values = []
     for i in range(size):
         pyro.set_rng_seed(seed)
-        keep = KeepDatapoint(i, size, max_plate_nesting)
+        keep = KeepDatapoint(i, size, max_plate_nesting, batch_device(batch))
         values.append(loss_value(loss, keep(model), keep(guide), batch))
     return torch.tensor(values, dtype=torch.float64)
 

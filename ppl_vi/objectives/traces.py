@@ -205,6 +205,7 @@ def particle_terms(guide_trace, model_trace, k: int, max_plate_nesting: int, *, 
     if not torch.is_tensor(joint):
         raise ConfigError("the model has no sample sites in its data plate")
     log_guide = log_guide if torch.is_tensor(log_guide) else torch.zeros_like(joint)
+    log_score = log_score if score_sites else torch.zeros((), dtype=joint.dtype, device=joint.device)
     return ParticleTerms(None if log_lik is None else log_lik.expand_as(joint), joint, log_guide, log_score,
                          global_ratio, c, beta, tuple(score_sites), tuple(global_sites), enumerated)
 
