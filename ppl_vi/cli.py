@@ -25,6 +25,7 @@ from ppl_vi.check import check_model
 from ppl_vi.check.formula import bound_formula
 from ppl_vi.check.semisupervised import batches_from_data, check_semisupervised
 from ppl_vi.check.userfile import UserPair, check_pair, load_target
+from ppl_vi.check.usercheck import pair_formula
 from ppl_vi.config import FIELDS, TrainConfig, build_config, parse_int_list, read_config_file
 from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
 from ppl_vi.data.sources import load_data
@@ -286,7 +287,7 @@ def cmd_check(args) -> int:
                                   "@register(...) (see examples/student_t_fa.py), or define model/guide/bound/batch")
         else:
             if args.formula:
-                return print_formula(bound_formula(loaded.model, loaded.guide, loaded.batch, loaded.max_plate_nesting))
+                return print_formula(pair_formula(loaded))
             report = check_pair(loaded, num_particles=args.k, seed=args.seed, repeats=args.repeats,
                                 gradient_seeds=args.gradient_seeds)
             first = next(iter(loaded.batch.values()))
@@ -332,7 +333,7 @@ def is_user_file(target: str) -> bool:
 def print_formula(formula: dict) -> int:
     """``ppl-vi check --formula``: the objective as plain text, then LaTeX."""
     if not formula:
-        raise ConfigError("no formula: the model's sites do not split into per-datapoint terms (a global latent?)")
+        raise ConfigError("no formula: the model and guide do not run once as written")
     print(formula["text"])
     print(formula["iwae_text"])
     if formula.get("note"):

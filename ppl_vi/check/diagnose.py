@@ -293,31 +293,47 @@ HINTS = (
 )
 
 
-def pyro_groups(terms: SiteTerms, analytic: bool = False) -> Dict[str, Tuple[str, Tensor]]:
-    """Pyro's terms a hand term may correspond to: key -> (description, per-datapoint value)."""
+def _site_desc(terms: SiteTerms, name: str, analytic: bool) -> str:
+    """What Pyro's term of one site (or enumerated group) is, in words."""
+    given = ", ".join(n for n in terms.prior if n not in terms.enumerated) or "z"
+    summed = terms.enumerated.get(name)
+    where = " (global)" if terms.is_global(name) else ""
+    if name in terms.observed:
+        if summed:
+            return f"site {name!r}{where}: -log Σ_{{{', '.join(summed)}}} p({', '.join(summed)}) p({name}|...)"
+        return f"site {name!r}{where}: -log p({name}|{given})"
+    if analytic and name in terms.analytic_kl:
+        return f"site {name!r}{where}: KL(q || p) in closed form"
+    return f"site {name!r}{where}: log q({name}|x) - log p({name})"
+
+
+def pyro_groups(terms: SiteTerms, analytic: bool = False, sites=None) -> Dict[str, Tuple[str, Tensor]]:
+    """Pyro's terms a hand term may correspond to: key -> (description, value per column); each site's,
+    and "observed" / "latent" for all observed / latent sites. ``sites`` restricts them to those sites."""
     comps = terms.components(analytic)
-    given = ", ".join(terms.prior) or "z"
-    out = {n: (f"site {n!r}: " + ("-log p(" + n + "|" + given + ")" if n in terms.observed else
-                                  ("KL(q || p) in closed form" if analytic and n in terms.analytic_kl
-                                   else "log q(" + n + "|x) - log p(" + n + ")")), v) for n, v in comps.items()}
-    if len(terms.observed) > 1:
-        out["observed"] = ("all observed sites: -log p(x|z)", sum(comps[n] for n in terms.observed))
-    if len(terms.prior) > 1:
-        out["latent"] = ("all latent sites: log q(z|x) - log p(z)", sum(comps[n] for n in terms.prior))
-    if len(terms.observed) == 1:
-        out["observed"] = out[next(iter(terms.observed))]
-    if len(terms.prior) == 1:
-        out["latent"] = out[next(iter(terms.prior))]
+    keep = [n for n in comps if sites is None or n in sites]
+    observed = [n for n in keep if n in terms.observed]
+    latent = [n for n in keep if n in terms.prior]
+    out = {n: (_site_desc(terms, n, analytic), comps[n]) for n in keep}
+    if len(observed) > 1:
+        out["observed"] = ("all observed sites: -log p(x|z)", sum(comps[n] for n in observed))
+    if len(latent) > 1:
+        kind = "global " if all(terms.is_global(n) for n in latent) else ""
+        out["latent"] = (f"all {kind}latent sites {latent}: log q - log p", sum(comps[n] for n in latent))
+    if len(observed) == 1:
+        out["observed"] = out[observed[0]]
+    if len(latent) == 1:
+        out["latent"] = out[latent[0]]
     return out
 
 
-def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool = False) -> Dict[str, str]:
+def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool = False, sites=None) -> Dict[str, str]:
     """Each hand term's Pyro counterpart (a key of :func:`pyro_groups`): by site name, then by name
     hints (rec/lik/nll -> the observed sites, kl/prior -> the latent sites), then the nearest in value."""
-    groups = pyro_groups(terms, analytic)
+    groups = pyro_groups(terms, analytic, sites)
     out = {}
     for name, value in hand_terms.items():
-        if name in terms.components():
+        if name in groups and name not in ("observed", "latent"):
             out[name] = name
             continue
         hinted = next((g for rx, g in HINTS if rx.search(name) and g in groups), None)
@@ -325,7 +341,7 @@ def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool 
             out[name] = hinted
             continue
         value = value.detach().double()
-        if value.dim() == 1:
+        if value.dim() == 1 and groups:
             out[name] = min(groups, key=lambda g: (value - groups[g][1].detach().double()).norm().item())
     return out
 
