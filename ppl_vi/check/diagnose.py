@@ -57,14 +57,23 @@ def _datapoints(idx: Sequence[int]) -> str:
 # what a constant or a factor may be
 
 
+def _per_datapoint_dims(terms: SiteTerms) -> Dict[str, int]:
+    """Numbers per datapoint of each local site (per batch of a global one), whatever a column is."""
+    b = terms.batch_size or 1
+    return {n: (d // b if terms.totals and not terms.is_global(n) and d % b == 0 else d) for n, d in terms.dims.items()}
+
+
 def constant_names(terms: SiteTerms) -> List[Tuple[float, str]]:
-    """(value, description) of the constants a hand derivation commonly drops or adds, per datapoint."""
+    """(value, description) of the constants a hand derivation commonly drops or adds, per column: per
+    datapoint, or (``terms.totals``) per batch, where a per-datapoint constant counts B times and a
+    global site's once."""
     out: List[Tuple[float, str]] = []
     gaussian = "a Gaussian normalising constant dropped (or added)"
-    sites = list(terms.observed) + [n for n in terms.dims if n not in terms.observed]  # observed sites first
-    for n in sites:
-        out.append((0.5 * LOG_2PI * terms.dims[n], f"½·log 2π·D, D = {terms.dims[n]} (the size of site {n!r}): {gaussian}"))
-    total = sum(terms.dims.values())
+    dims = _per_datapoint_dims(terms)
+    local = [n for n in list(terms.observed) + [n for n in dims if n not in terms.observed] if not terms.is_global(n)]
+    for n in local:
+        out.append((0.5 * LOG_2PI * dims[n], f"½·log 2π·D, D = {dims[n]} (the size of site {n!r}): {gaussian}"))
+    total = sum(dims[n] for n in local)
     out.append((0.5 * LOG_2PI * total, f"½·log 2π·D, D = {total} (all sites): {gaussian}"))
     out += [(0.5 * LOG_2PI * d, f"½·log 2π·D, D = {d}: {gaussian}") for d in range(1, total + 1)]
     k = terms.num_particles
@@ -79,23 +88,44 @@ def constant_names(terms: SiteTerms) -> List[Tuple[float, str]]:
             return f"N/B · {head}, N/B = {_fmt(c)} (the minibatch scale)" + (f": {tail}" if tail else "")
 
         out = out + [(c * v, scaled(text)) for v, text in out]
+    if terms.totals:  # per batch: a per-datapoint constant B times, a global site's once, data constants summed
+        b = terms.batch_size
+        out = [(b * v, f"B × ({text}), B = {b} datapoints") for v, text in out]
+        for n in terms.global_sites:
+            out.append((0.5 * LOG_2PI * dims[n], f"½·log 2π·D, D = {dims[n]} (the size of the global site {n!r}): "
+                        f"{gaussian}"))
+        for values, what in terms.data_constants:
+            out.append((c * values.detach().double().mean().item(), f"{what}, summed over the batch: a data-only "
+                        "normalising constant dropped (or added)"))
     return out
 
 
-def factor_names(terms: SiteTerms, batch_size: int) -> List[Tuple[float, str]]:
-    """(factor, description) of the scale factors a hand derivation commonly gets wrong."""
+def factor_names(terms: SiteTerms, batch_size: int, global_piece: bool = False) -> List[Tuple[float, str]]:
+    """(factor, description) of the scale factors a hand derivation commonly gets wrong; ``global_piece``:
+    for a term of a global latent (counted once for the batch, never scaled by N/B)."""
     c, k = terms.c, terms.num_particles
+    b = terms.batch_size or batch_size
     out = []
+    if global_piece and b > 1:
+        out += [(b, f"B = {b}: a global latent's term counted once per datapoint, where it counts once for the batch")]
+    if global_piece and c != 1.0:
+        out += [(c, f"N/B = {_fmt(c)}: the minibatch scale applied to a global latent's term (Pyro scales only the "
+                    "data plate's sites)")]
     if c != 1.0:
         out += [(c, f"N/B = {_fmt(c)}: the minibatch scale applied twice"),
                 (1 / c, f"B/N = 1/{_fmt(c)}: the minibatch scale N/B left out")]
     if k > 1:
         out += [(k, f"K = {k}: a sum over the particles where Pyro averages"),
                 (1 / k, f"1/K = 1/{k}: averaged over the particles twice")]
-    if batch_size > 1:
-        out += [(batch_size, f"B = {batch_size}: a sum over the batch where each datapoint has its own value"),
-                (1 / batch_size, f"1/B = 1/{batch_size}: a mean over the batch (the loss sums over datapoints)")]
-    betas = {round(terms.scales[n] / c, 12) for n in terms.prior if c} - {1.0}
+    if b > 1:
+        out += [(b, f"B = {b}: a sum over the batch where each datapoint has its own value"),
+                (1 / b, f"1/B = 1/{b}: a mean over the batch (the loss sums over datapoints)")]
+    for n, d in _per_datapoint_dims(terms).items():
+        if d > 1 and n in terms.observed:
+            out += [(1 / d, f"1/D = 1/{d}: a mean over the D = {d} values of site {n!r} (e.g. a binary cross-entropy "
+                            "averaged over pixels), where log p sums them"),
+                    (d, f"D = {d}: the values of site {n!r} counted once more")]
+    betas = {round(terms.scales[n] / c, 12) for n in terms.prior if c and not terms.is_global(n)} - {1.0}
     for beta in betas:
         out += [(beta, f"β = {_fmt(beta)}"), (1 / beta, f"1/β = 1/{_fmt(beta)}: β left out")]
     out += [(2.0, "2"), (0.5, "½")]
@@ -126,12 +156,26 @@ def _gradient_note(grads_agree: Optional[bool]) -> str:
             else "; but the gradients differ: a parameter-dependent term (e.g. -log σ), not a pure constant")
 
 
+def _columns(terms: SiteTerms, size: int) -> str:
+    """What ``size`` columns are, in words."""
+    if terms.totals:
+        return f"batch totals of {size} draw sets"
+    if terms.draw_sets > 1 and terms.batch_size:
+        return f"{terms.batch_size} datapoints × {terms.draw_sets} draw sets"
+    return f"{size} datapoints"
+
+
 def _constant_verdict(label: str, what: str, const: float, size: int, terms: SiteTerms,
                       grads_agree: Optional[bool], rtol: float = 1e-7) -> str:
     named = _name(const, constant_names(terms), _match(rtol))
-    return (f"constant: {label}: {what} differs from Pyro's by {_fmt(const)} per datapoint, the same at all "
-            f"{size} datapoints" + (f" = {named}" if named else " (no known constant matched)")
+    unit = "per batch" if terms.totals else "per datapoint"
+    return (f"constant: {label}: {what} differs from Pyro's by {_fmt(const)} {unit}, the same at all "
+            f"{_columns(terms, size)}" + (f" = {named}" if named else " (no known constant matched)")
             + _gradient_note(grads_agree))
+
+
+def _is_global_piece(name: str, terms: SiteTerms) -> bool:
+    return "global latents" in name or any(f"[{n}]" in name or f"site {n!r}" in name for n in terms.global_sites)
 
 
 def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int, rtol: float = 1e-7) -> str:
@@ -140,40 +184,63 @@ def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int,
         return (f"sign: {label}: the term {name} has its sign flipped (the hand bound = Pyro's - 2 × that term "
                 "at every datapoint)")
     if abs(a + 1) <= _match(rtol):
+        if "log-Jacobian" in name:
+            return (f"missing log-Jacobian: {label}: the {name} is left out (a transformed distribution's density "
+                    "in θ is the base density at u = T⁻¹(θ) divided by |dθ/du|)")
+        if "normalising constant" in name:
+            return f"constant: {label}: the data-dependent {name} is dropped (or added): it differs per datapoint"
         entropy = "entropy" in name
         return (f"missing {'entropy' if entropy else 'term'}: {label}: the term {name} is left out"
                 + (" (the guide's entropy -E_q log q(z|x))" if entropy else ""))
-    named = _name(1 + a, factor_names(terms, size), _match(rtol))
+    named = _name(1 + a, factor_names(terms, size, _is_global_piece(name, terms)), _match(rtol))
     return (f"scale: {label}: the term {name} is multiplied by {_fmt(1 + a)}"
             + (f", a factor {named}" if named else " (no known factor matched)"))
+
+
+def _data_pieces(terms: SiteTerms) -> Dict[str, Tensor]:
+    """Data-only constants as pieces of Pyro's -ELBO, per column (scaled as their site)."""
+    out = {}
+    for values, what in terms.data_constants:
+        out[f"{what} (a data-only normalising constant)"] = -terms.c * values.detach().double()
+    return out
 
 
 def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTerms,
                       pieces: Dict[str, Tensor], rtol: float, grads_agree: Optional[bool] = None,
                       what: str = "the hand bound") -> List[str]:
-    """Verdicts for a per-datapoint hand value against the reference (both (B,)): constant offset,
-    whole-bound factor or sign, one piece with its sign flipped, missing or scaled, and one such
-    piece together with a constant offset (two mistakes at once)."""
+    """Verdicts for a hand value against the reference, both one value per column (a datapoint, of one or
+    several draw sets, or a batch total per draw set): constant offset, whole-bound factor or sign, one
+    piece with its sign flipped, missing or scaled, a data-only constant, a residual that does not vary
+    with the draws, and one such piece together with a constant offset (two mistakes at once)."""
     hand, reference = hand.detach().double(), reference.detach().double()
     if _close(hand, reference, rtol):
         return []
     r = hand - reference
     tol = rtol * max(hand.abs().max().item(), reference.abs().max().item(), 1.0)
     size = hand.numel()
-    if (r.max() - r.min()).item() <= 10 * tol and size > 1:
+    constant = (r.max() - r.min()).item() <= 10 * tol and size > 1
+    ratio = None
+    if bool((reference.abs() > tol).all()):
+        q = hand / reference
+        if (q.max() - q.min()).item() <= 10 * rtol * q.abs().max().item():
+            ratio = q.mean().item()
+    factor = None if ratio is None else _whole_factor(label, what, ratio, terms, size, rtol)
+    named_factor = factor is not None and "no known factor" not in factor
+    named_constant = constant and _name(r.mean().item(), constant_names(terms), _match(rtol)) is not None
+    if named_factor and not named_constant:
+        return [factor]
+    pieces = {**pieces, **_data_pieces(terms)}
+    if constant and not named_constant:  # a piece that does not vary either (a closed-form KL), mistaken?
+        for name, piece in pieces.items():
+            piece = piece.detach().double()
+            if piece.abs().min().item() > tol and (piece.max() - piece.min()).item() <= 10 * tol:
+                verdict = _piece_verdict(label, name, r.mean().item() / piece.mean().item(), terms, size, rtol)
+                if "no known factor" not in verdict:
+                    return [verdict]
+    if constant:
         return [_constant_verdict(label, what, r.mean().item(), size, terms, grads_agree, rtol)]
-    nonzero = reference.abs() > tol
-    if nonzero.all():
-        ratio = hand / reference
-        if (ratio.max() - ratio.min()).item() <= 10 * rtol * ratio.abs().max().item():
-            a = ratio.mean().item()
-            if abs(a + 1) <= _match(rtol):
-                return [f"sign: {label}: {what} is minus Pyro's at every datapoint" + (
-                    ": it returns the bound, not the negative bound (the loss)" if what == "the hand bound"
-                    else ": its sign is flipped")]
-            named = _name(a, factor_names(terms, size), _match(rtol))
-            return [f"scale: {label}: {what} is {_fmt(a)} × Pyro's at every datapoint"
-                    + (f", a factor {named}" if named else " (no known factor matched)")]
+    if factor:
+        return [factor]
     for name, piece in pieces.items():  # one piece wrong
         piece = piece.detach().double()
         denom = (piece * piece).sum().item()
@@ -188,10 +255,30 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
             if _close(reference + a * piece.detach().double() + const, hand, rtol):
                 return [_piece_verdict(label, name, a, terms, size, rtol),
                         _constant_verdict(label, what, const, size, terms, None, rtol)]
+    m, b = terms.draw_sets, terms.batch_size
+    if not terms.totals and m > 1 and b and size == m * b:  # the same at every draw set: data, not draws
+        by_set = r.reshape(m, b)
+        if bool(((by_set - by_set[0]).abs() <= 10 * tol).all()):
+            return [f"constant: {label}: {what} differs from Pyro's by a residual that does not change with the draws "
+                    f"but differs per datapoint ({_fmt(by_set[0].min().item())} .. {_fmt(by_set[0].max().item())}): a "
+                    "data-dependent constant dropped or added (no known one matched)" + _gradient_note(grads_agree)]
     bad = ((r.abs() > tol).nonzero().flatten().tolist())
-    return [f"unexplained: {label}: {what} differs from Pyro's at datapoints {_datapoints(bad)} (residual "
-            f"{_fmt(r.min().item())} .. {_fmt(r.max().item())} per datapoint); no common mistake matched it exactly"
-            + ("" if grads_agree is None else ("; the gradients agree" if grads_agree else "; the gradients differ"))]
+    return [f"unexplained: {label}: {what} differs from Pyro's at {'draw sets' if terms.totals else 'datapoints'} "
+            f"{_datapoints(bad)} of {_columns(terms, size)} (residual {_fmt(r.min().item())} .. {_fmt(r.max().item())}); no common mistake "
+            "matched it exactly" + ("" if grads_agree is None else ("; the gradients agree" if grads_agree
+                                                                    else "; the gradients differ"))]
+
+
+def _whole_factor(label: str, what: str, a: float, terms: SiteTerms, size: int, rtol: float) -> str:
+    """The verdict for hand = a · Pyro's, a the same at every column."""
+    if abs(a + 1) <= _match(rtol):
+        return f"sign: {label}: {what} is minus Pyro's at every {'draw set' if terms.totals else 'datapoint'}" + (
+            ": it returns the bound, not the negative bound (the loss)" if what == "the hand bound"
+            else ": its sign is flipped")
+    global_term = what != "the hand bound" and terms.totals
+    named = _name(a, factor_names(terms, size, global_term), _match(rtol))
+    return (f"scale: {label}: {what} is {_fmt(a)} × Pyro's at every {'draw set' if terms.totals else 'datapoint'}"
+            + (f", a factor {named}" if named else " (no known factor matched)"))
 
 
 def shape_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTerms, objective: str,
@@ -261,9 +348,19 @@ def pieces_for(terms: SiteTerms, objective: str, analytic: bool = False) -> Dict
     (ELBO only: the IWAE bound is not a sum over sites)."""
     if objective != "elbo":
         return {}
-    out = {f"of site {n!r} ({'-log p(x|z)' if n in terms.observed else 'log q - log p'})": v
-           for n, v in terms.components(analytic).items()}
+    def what(n: str) -> str:
+        if n in terms.observed:
+            return "-log p(x|z)"
+        return "KL(q || p) in closed form" if analytic and n in terms.analytic_kl else "log q - log p"
+
+    comps = terms.components(analytic)
+    out = {f"of site {n!r} ({what(n)})": v for n, v in comps.items()}
     out.update(terms.pieces())
+    glob = [n for n in terms.prior if terms.is_global(n)]
+    local = [n for n in terms.prior if not terms.is_global(n)]
+    for kind, names in (("global", glob), ("local", local)):
+        if len(names) > 1 or (names and len(names) < len(terms.prior)):
+            out[f"of the {kind} latents {names} (log q - log p)"] = sum(comps[n] for n in names)
     return out
 
 
@@ -289,6 +386,8 @@ def diagnose(label: str, hand, terms: SiteTerms, objective: str, *, analytic: bo
 
 HINTS = (
     (re.compile(r"rec|lik|nll|recon|data|fit|obs", re.I), "observed"),
+    (re.compile(r"glob", re.I), "global"),
+    (re.compile(r"local", re.I), "local"),
     (re.compile(r"kl|prior|reg|latent|div", re.I), "latent"),
 )
 
@@ -324,12 +423,18 @@ def pyro_groups(terms: SiteTerms, analytic: bool = False, sites=None) -> Dict[st
         out["observed"] = out[observed[0]]
     if len(latent) == 1:
         out["latent"] = out[latent[0]]
+    for kind, names in (("global", [n for n in latent if terms.is_global(n)]),
+                        ("local", [n for n in latent if not terms.is_global(n)])):
+        if names:  # a hand term named after the kind (both kinds, or a view of one kind)
+            out[kind] = (f"the {kind} latent sites {names}: log q - log p", sum(comps[n] for n in names))
     return out
 
 
-def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool = False, sites=None) -> Dict[str, str]:
+def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool = False, sites=None,
+                nearest: bool = True) -> Dict[str, str]:
     """Each hand term's Pyro counterpart (a key of :func:`pyro_groups`): by site name, then by name
-    hints (rec/lik/nll -> the observed sites, kl/prior -> the latent sites), then the nearest in value."""
+    hints (rec/lik/nll -> the observed sites, kl/prior -> the latent sites), then (``nearest``) the
+    nearest in value; a term left unmatched is not in the result."""
     groups = pyro_groups(terms, analytic, sites)
     out = {}
     for name, value in hand_terms.items():
@@ -341,7 +446,7 @@ def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool 
             out[name] = hinted
             continue
         value = value.detach().double()
-        if value.dim() == 1 and groups:
+        if nearest and value.dim() == 1 and groups:
             out[name] = min(groups, key=lambda g: (value - groups[g][1].detach().double()).norm().item())
     return out
 

@@ -248,7 +248,11 @@ def log_jacobian(fn, value: Tensor) -> Optional[Tensor]:
     for t in reversed(fn.transforms):
         x = t.inv(y)
         event_dim += t.domain.event_dim - t.codomain.event_dim
-        total_jac = total_jac + _sum_rightmost(t.log_abs_det_jacobian(x, y), event_dim - t.domain.event_dim)
+        try:
+            jac = t.log_abs_det_jacobian(x, y)
+        except NotImplementedError:  # |u| (HalfCauchy, HalfNormal): the density is folded, no Jacobian to forget
+            return None
+        total_jac = total_jac + _sum_rightmost(jac, event_dim - t.domain.event_dim)
         y = x
     if not torch.is_tensor(total_jac) or not bool(total_jac.detach().abs().max() > 0):
         return None

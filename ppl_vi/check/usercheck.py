@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyro
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 from ppl_vi.check.core import (Comparison, ExtraCheck, HandError, check, enumerates, error_row,
                                expected_gradient_check, statistical_row)
-from ppl_vi.check.diagnose import diagnose, match_terms, pyro_groups, residual_verdicts
+from ppl_vi.check.diagnose import HINTS, diagnose, match_terms, pyro_groups, residual_verdicts
 from ppl_vi.check.formula import bound_formula
 from ppl_vi.check.preflight import Setup, prepare, user_error
 from ppl_vi.check.rows import CheckReport, Row, close_row, failure_row, not_run_row, one_line
@@ -215,8 +216,18 @@ def _objective(loss) -> str:
 
 
 def _comparison(label: str, loss, hand: Callable, k: int, setup: Setup, vectorized: bool, what: str) -> Comparison:
-    return Comparison(f"{label} vs {what}", loss, hand, k, target=_objective(loss), vectorized=vectorized,
-                      gradient_name=f"{label}: expected gradient")
+    """A comparison; no expected-gradient rows where the reference objective cannot run (they are said)."""
+    return Comparison(f"{label} vs {what}", loss, hand, k, target=_objective(loss) if setup.vectorized else None,
+                      vectorized=vectorized, gradient_name=f"{label}: expected gradient")
+
+
+def no_reference_rows(comparisons: Sequence[Comparison], setup: Setup, params, gradient_seeds: int) -> List[Row]:
+    """The expected-gradient rows that cannot run for a model without vectorised particles, said."""
+    if setup.vectorized or not params or gradient_seeds < 2:
+        return []
+    return [not_run_row("expected gradient", c.gradient_name, "the reference gradient runs the model on tuples, "
+                        "replicates and particles in vectorised plates, which this model does not allow "
+                        f"({setup.why_sequential})") for c in comparisons]
 
 
 def whole_values(hands: list, sets: List[DrawSet], setup: Setup, objective: str) -> Optional[Tensor]:
@@ -382,7 +393,8 @@ def term_rows(label: str, hands: List[dict], sets: List[DrawSet], setup: Setup, 
     names = list(hands[0])
     per_point = {n: torch.cat([h[n] for h in hands]) for n in names if all(h[n].shape == (size,) for h in hands)}
     local_sites = [s for s in list(local.observed) + list(local.prior)]
-    matched = match_terms(per_point, local, analytic, sites=local_sites) if local_sites else {}
+    matched = match_terms(per_point, local, analytic, sites=local_sites,
+                          nearest=not setup.global_sites) if local_sites else {}
     groups = pyro_groups(local, analytic, sites=local_sites)
     for name, key in matched.items():
         desc, ref = groups[key]
@@ -397,21 +409,21 @@ def term_rows(label: str, hands: List[dict], sets: List[DrawSet], setup: Setup, 
         left = [s for s in list(totals.observed) + list(totals.prior) if s not in covered]
         one = {n: torch.stack([h[n].sum() if h[n].shape == (size,) else h[n] for h in hands]) for n in rest
                if all(h[n].shape in ((), (size,)) for h in hands)}
-        tmatched = match_terms(one, totals, analytic, sites=left) if left else {}
-        tgroups = pyro_groups(totals, analytic, sites=left)
-        for name in rest:
-            if name not in tmatched:
+        for name in sorted(rest, key=lambda n: _priority(n, totals, left)):
+            key = match_terms({name: one[name]}, totals, analytic, sites=left).get(name) if left and name in one \
+                else None
+            if key is None:
                 shape = tuple(hands[0][name].shape)
                 rows.append(Row("term", f"{label}: term {name!r}", passed=False,
                                 note=f"error: term {name!r} has shape {shape}; expected ({size},), one value per "
                                      "datapoint" + (", or (), one for the batch (a global term)" if setup.global_sites
                                                     else "")))
                 continue
-            key = tmatched[name]
-            desc, ref = tgroups[key]
+            desc, ref = pyro_groups(totals, analytic, sites=left)[key]
             row = _term_row(label, name, desc, ref, one[name], rtol, where_total)
             rows.append(row)
             covered |= set(_sites_of(key, totals, left))
+            left = [s for s in left if s not in covered]
             if not row.passed:
                 verdicts += residual_verdicts(label, one[name], ref, totals, totals.pieces(), rtol,
                                               _grads_agree(one[name], ref, list(params), rtol),
@@ -429,9 +441,16 @@ def _sites_of(key: str, terms: SiteTerms, sites: Sequence[str]) -> List[str]:
     """The sites a group key of :func:`pyro_groups` stands for."""
     if key == "observed":
         return [s for s in terms.observed if s in sites]
-    if key == "latent":
-        return [s for s in terms.prior if s in sites]
+    if key in ("latent", "global", "local"):
+        return [s for s in terms.prior if s in sites and (key == "latent" or terms.is_global(s) == (key == "global"))]
     return [key]
+
+
+def _priority(name: str, terms: SiteTerms, sites: Sequence[str]) -> int:
+    """Match order: a term named after a site, then one whose name hints at a group, then the rest."""
+    if name in sites:
+        return 0
+    return 1 if any(rx.search(name) for rx, _ in HINTS) else 2
 
 
 def decomposition_row(label: str, pyro_values: Tensor, terms: SiteTerms, objective: str, analytic: bool,
@@ -578,6 +597,14 @@ def check_pair(pair: UserPair, *, num_particles: int = 3, seed: int = 0, repeats
     floating = [v for v in batch.values() if v.is_floating_point()]
     if rtol is None:
         rtol = 1e-6 if all(v.dtype == torch.float64 for v in floating) else 1e-4
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"pyro(\..*)?$")  # the checker runs Pyro's losses on purpose
+        return _check_pair(pair, k, seed, repeats, gradient_seeds, rtol, ground_truth_ks)
+
+
+def _check_pair(pair: UserPair, k: int, seed: int, repeats: int, gradient_seeds: int, rtol: float,
+                ground_truth_ks) -> CheckReport:
+    batch = pair.batch
     vectorize = next((bool(getattr(x, "vectorize_particles", True)) for x in pair.losses.values()), None)
     with pyro.validation_enabled(True), torch.random.fork_rng():
         setup = prepare(pair.model, pair.guide, batch, source=pair.source, files=pair.files, data_plate=pair.data_plate,
@@ -615,8 +642,10 @@ def check_pair(pair: UserPair, *, num_particles: int = 3, seed: int = 0, repeats
         report = check(pair.model, pair.guide, batch, runnable, params, param_names=names, max_plate_nesting=setup.nest,
                        seed=seed, rtol=rtol, repeats=repeats, gradient_seeds=gradient_seeds, gradient_batch=None,
                        extra_rows=extra, data_plate=setup.data_plate)
+        report.rows += no_reference_rows(runnable, setup, params, gradient_seeds)
         if averaged:  # held on average only: statistical and expected-gradient rows
             report.rows += averaged_rows(pair, setup, averaged, params, names, seed, rtol, repeats, gradient_seeds)
+            report.rows += no_reference_rows(averaged, setup, params, gradient_seeds)
         report.rows += [not_run_row("same sample", c.name, "our IWAELoss draws its particles in one vectorised run, "
                                     f"which this model does not allow ({setup.why_sequential})") for c in blocked]
         same = [r for r in report.rows if r.kind == "same sample"]
@@ -643,7 +672,7 @@ def averaged_rows(pair: UserPair, setup: Setup, averaged: List[Comparison], para
                                             plate))
             except Exception as exc:  # noqa: BLE001
                 rows.append(error_row("statistical", f"{c.name}: mean over {repeats} seeds", exc, True))
-        if gradient_seeds >= 2 and params:
+        if gradient_seeds >= 2 and params and setup.vectorized:
             try:
                 rows += expected_gradient_check(
                     c.gradient_name, lambda b, c=c: c.loss.differentiable_loss(pair.model, pair.guide, **b), pair.model,
