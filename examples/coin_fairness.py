@@ -1,6 +1,7 @@
 """Is the coin fair? Pyro's SVI tutorial (part I) model, one global Beta latent, checked against a hand bound.
 
-    ppl-vi check examples/coin_fairness.py                       # the right bound: PASS (TraceMeanField_ELBO chosen)
+    ppl-vi check examples/coin_fairness.py                       # the right bound: PASS (TraceMeanField_ELBO chosen),
+                                                                 # and the exact log p(x), a total, for the ground truth
     ppl-vi check examples/coin_fairness.py:flipped_kl            # FAIL, "sign": the KL's sign flipped
     ppl-vi check examples/coin_fairness.py:kl_per_datapoint      # FAIL, "scale": the global KL counted B times
     ppl-vi check examples/coin_fairness.py:mean_likelihood       # FAIL, "scale": the likelihood averaged over the batch
@@ -65,6 +66,16 @@ def bound(batch, draws):
     """The negative ELBO as named terms: the likelihood per toss, the global KL once."""
     nll, kl = terms(batch, draws)
     return {"lik": nll, "kl": kl}
+
+
+def exact_log_likelihood(batch):
+    """log p(x_1..B) = log B(10 + heads, 10 + tails) - log B(10, 10): one number for the batch (the global
+    latent makes the datapoints dependent; there is no per-datapoint split)."""
+    x = batch["data"]
+    heads, tails = x.sum(), (1 - x).sum()
+    log_beta = lambda u, v: torch.lgamma(u) + torch.lgamma(v) - torch.lgamma(u + v)  # noqa: E731
+    return log_beta(ALPHA0 + heads, BETA0 + tails) - log_beta(torch.tensor(ALPHA0, dtype=DT),
+                                                              torch.tensor(BETA0, dtype=DT))
 
 
 # ---- classic slips, each a variant: ppl-vi check examples/coin_fairness.py:NAME -----------------------

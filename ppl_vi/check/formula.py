@@ -30,7 +30,8 @@ GREEK = {"loc": ("μ", r"\mu"), "scale": ("σ", r"\sigma"), "probs": ("p", "p"),
 
 
 def _base(fn):
-    while hasattr(fn, "base_dist"):
+    """The distribution inside Independent / masked / expanded wrappers (a LogNormal stays a LogNormal)."""
+    while type(fn).__name__ in ("Independent", "MaskedDistribution", "ExpandedDistribution"):
         fn = fn.base_dist
     return fn
 
@@ -55,7 +56,10 @@ def _params(fn, sources: Dict[str, object], f: str, learned: str, fallback: str)
     depends on (autograd); ``fallback`` where it varies without such a dependency (a discrete draw's
     index); else θ/φ (``learned``) where it is learnable, its number where it is one fixed constant."""
     fn = _base(fn)
-    given = {k: v for k, v in vars(fn).items() if k in getattr(fn, "arg_constraints", {}) and torch.is_tensor(v)}
+    keys = getattr(fn, "arg_constraints", {})
+    given = {k: v for k, v in vars(fn).items() if k in keys and torch.is_tensor(v)}
+    if not given:  # parameters held as properties (LogNormal's loc and scale live on its base)
+        given = {k: getattr(fn, k) for k in keys if torch.is_tensor(getattr(fn, k, None))}
     if "logits" in given and "probs" in given:  # one was computed from the other: show the logits
         given.pop("probs")
     out = []
@@ -139,10 +143,11 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: int = 1, terms:
     def density(name: str, side: str) -> tuple:
         trace = mt if side == "p" else gt
         before = [n for n in order if n in latents + list(summed) and order.index(n) < order.index(name)]
-        latent_sources = {n: mt.nodes[n]["value"] for n in before}
+        sources = {**{n: mt.nodes[n]["value"] for n in before},
+                   **{n: v for n, v in data_sources.items() if n != name}}  # latents before it, other data
         discrete = [n for n in before if not getattr(mt.nodes[n]["fn"], "has_rsample", False)]
         if side == "p":
-            return _density(trace.nodes[name], latent_sources, "f", "θ", f"f({', '.join(before)})" if discrete else "")
+            return _density(trace.nodes[name], sources, "f", "θ", f"f({', '.join(before)})" if discrete else "")
         return _density(trace.nodes[name], data_sources, "g", "φ", "")
 
     sites = [n for n in order if mt.nodes[n]["type"] == "sample" and (mt.nodes[n]["is_observed"] or

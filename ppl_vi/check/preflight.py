@@ -64,7 +64,9 @@ def location(exc: BaseException, files: Iterable[str]) -> str:
 def user_error(source: str, files: Iterable[str], what: str, exc: BaseException, hint: str = "") -> ConfigError:
     """A one-line ConfigError: where in the user's code ``what`` raised, and why."""
     where = location(exc, files)
-    head = f"{where} ({source})" if where else source
+    same = where and Path(where.rsplit(":", 1)[0]).resolve() == Path(source.split(".py:")[0] + ".py"
+                                                                      if ".py:" in source else source).resolve()
+    head = (where if same else f"{where} ({source})") if where else source
     return ConfigError(f"{head}: {what} raised {one_line(exc)}" + (f"; {hint}" if hint else ""))
 
 
