@@ -25,6 +25,7 @@ from ppl_vi.check import check_model
 from ppl_vi.check.formula import bound_formula
 from ppl_vi.check.semisupervised import batches_from_data, check_semisupervised
 from ppl_vi.check.userfile import UserPair, check_pair, load_target
+from ppl_vi.check.rows import one_line
 from ppl_vi.check.usercheck import pair_formula
 from ppl_vi.config import FIELDS, TrainConfig, build_config, parse_int_list, read_config_file
 from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
@@ -286,10 +287,18 @@ def cmd_check(args) -> int:
                 raise ConfigError(f"{args.model}: {loaded.__name__} is not registered; decorate it with "
                                   "@register(...) (see examples/student_t_fa.py), or define model/guide/bound/batch")
         else:
-            if args.formula:
-                return print_formula(pair_formula(loaded))
-            report = check_pair(loaded, num_particles=args.k, seed=args.seed, repeats=args.repeats,
-                                gradient_seeds=args.gradient_seeds)
+            try:
+                if args.formula:
+                    return print_formula(pair_formula(loaded))
+                report = check_pair(loaded, num_particles=args.k, seed=args.seed, repeats=args.repeats,
+                                    gradient_seeds=args.gradient_seeds)
+            except PplViError:
+                raise
+            except Exception as exc:  # the checker's own failure: one line too (--debug shows the traceback)
+                if args.debug:
+                    raise
+                raise ConfigError(f"{args.model}: the checker itself failed on this file ({one_line(exc)}); "
+                                  "rerun with --debug for the traceback, and please report it") from None
             first = next(iter(loaded.batch.values()))
             print(f"ppl-vi check {args.model}: {str(first.dtype).replace('torch.', '')}, batch of {first.shape[0]}, "
                   f"K={args.k}, seed {args.seed}")

@@ -189,6 +189,9 @@ def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int,
                     "in θ is the base density at u = T⁻¹(θ) divided by |dθ/du|)")
         if "normalising constant" in name:
             return f"constant: {label}: the data-dependent {name} is dropped (or added): it differs per datapoint"
+        if "normalising -log σ" in name:
+            return (f"missing term: {label}: the {name} is left out (a dropped normalising term that moves the "
+                    "scale's parameters)")
         entropy = "entropy" in name
         return (f"missing {'entropy' if entropy else 'term'}: {label}: the term {name} is left out"
                 + (" (the guide's entropy -E_q log q(z|x))" if entropy else ""))

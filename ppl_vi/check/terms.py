@@ -60,6 +60,8 @@ class SiteTerms:
     jacobians: Dict[str, Tensor] = dataclasses.field(default_factory=dict)
     #: (values per column, what) of data-only normalising constants (log x! of a Poisson site...)
     data_constants: List[Tuple[Tensor, str]] = dataclasses.field(default_factory=list)
+    #: Σ log σ of a location-scale site's scale (the -log σ in its density), keyed "q:site", "p:site"
+    log_scales: Dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def c(self) -> float:
@@ -106,6 +108,11 @@ class SiteTerms:
             sign = 1.0 if side == "q" else -1.0  # log q = log q_u - log|J|; -log p = -log p_u + log|J|
             out[f"log-Jacobian log|d{n}/du| of {'the guide' if side == 'q' else 'the prior'}'s transform [{n}]"] = \
                 -sign * self.scales[n] * jac.mean(0)
+        for key, ls in self.log_scales.items():
+            side, _, n = key.partition(":")
+            density = f"log q({n}|x)" if side == "q" else f"log p({n}|...)" if n in self.observed else f"log p({n})"
+            sign = -1.0 if side == "q" else 1.0  # log q holds -log σ_q; -log p holds +log σ_p
+            out[f"normalising -log σ in {density} [{n}]"] = sign * self.scales[n] * ls.mean(0)
         return out
 
     def is_global(self, name: str) -> bool:
@@ -259,6 +266,22 @@ def log_jacobian(fn, value: Tensor) -> Optional[Tensor]:
     return _sum_rightmost(total_jac, reinterpreted)
 
 
+def log_scale(fn) -> Optional[Tensor]:
+    """Σ log σ (over the event) of a location-scale distribution's scale, batch-shaped: the -log σ its
+    density holds (Normal, LogNormal, Laplace, Cauchy, StudentT, their half versions); None otherwise or
+    where σ = 1 (no term to forget)."""
+    reinterpreted = 0
+    while isinstance(fn, torch.distributions.Independent) or type(fn).__name__ == "MaskedDistribution":
+        reinterpreted += getattr(fn, "reinterpreted_batch_ndims", 0)
+        fn = fn.base_dist
+    if type(fn).__name__ not in ("Normal", "LogNormal", "Laplace", "Cauchy", "StudentT", "HalfNormal", "HalfCauchy"):
+        return None
+    scale = getattr(fn, "scale", None)
+    if not torch.is_tensor(scale) or not bool((scale.detach() != 1).any()):
+        return None
+    return _sum_rightmost(torch.log(scale).expand(fn.batch_shape), reinterpreted)
+
+
 def data_constant(fn, value: Tensor) -> Optional[Tuple[Tensor, str]]:
     """(batch-shaped values, what) of the part of an observed site's log p(x|·) that depends on the data
     only, where a hand derivation often drops it: -log x! (Poisson), log C(n, x) (Binomial), -log x (LogNormal)."""
@@ -296,6 +319,7 @@ class DrawSet:
     enumerated: Dict[str, Tuple[str, ...]]
     jacobians: Dict[str, Tensor]
     data_constants: List[Tuple[Tensor, str]]  # (K, B) each
+    log_scales: Dict[str, Tensor]  # "q:site" / "p:site" -> Σ log σ, (K, B) or (K,)
     draws: Draws  # (K,) + the site's shape
     traces: list
     num_particles: int
@@ -326,7 +350,7 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
 
     model_lp = lambda g, m: unscaled_log_prob_masked(m)  # noqa: E731
     guide_lp = lambda g, m: unscaled_log_prob_masked(g)  # noqa: E731
-    observed, prior, log_q, kl, scales, dims, jac, consts = {}, {}, {}, {}, {}, {}, {}, []
+    observed, prior, log_q, kl, scales, dims, jac, consts, scale_terms = {}, {}, {}, {}, {}, {}, {}, [], {}
     globals_, entangled = [], {}
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
@@ -344,6 +368,12 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
             if name in guided:
                 log_q[name] = stacked(name, guide_lp)
             continue
+        for side in ("q", "p"):
+            if side == "q" and name not in guided:
+                continue
+            found = stacked(name, lambda g, m: log_scale((g if side == "q" else m)["fn"]))
+            if found is not None:
+                scale_terms[f"{side}:{name}"] = found
         if site["is_observed"]:
             observed[name] = value
             found = data_constant(site["fn"], site["value"])
@@ -390,8 +420,9 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
             shape = shapes.get(name)
             draws[name] = value.reshape((k,) + tuple(shape)) if shape is not None and \
                 value.numel() == k * math.prod(shape) else value
-    return DrawSet(observed, prior, log_q, kl, scales, dims, tuple(globals_), enumerated, jac, consts, draws, pairs,
-                   k, size)
+    scale_terms = {key: v for key, v in scale_terms.items() if key.split(":", 1)[1] not in entangled}
+    return DrawSet(observed, prior, log_q, kl, scales, dims, tuple(globals_), enumerated, jac, consts, scale_terms,
+                   draws, pairs, k, size)
 
 
 def unscaled_log_prob_masked(site) -> Tensor:
@@ -445,10 +476,12 @@ def view(sets: List[DrawSet], totals: bool) -> SiteTerms:
     consts = [(torch.cat([columns(d.data_constants[i][0][0], False) if totals else d.data_constants[i][0][0]
                           for d in sets], dim=-1), what) for i, (_, what) in enumerate(first.data_constants)]
     dims = {n: first.dims[n] * (size if totals and n not in first.global_sites else 1) for n in observed + latent}
+    log_scales = {key: torch.cat([columns(d.log_scales[key], key.split(":", 1)[1] in d.global_sites) for d in sets], -1)
+                  for key in first.log_scales if keep(key.split(":", 1)[1])}
     return SiteTerms(side_by_side("observed", observed), side_by_side("prior", latent), side_by_side("guide", latent),
                      side_by_side("analytic_kl", [n for n in latent if n in first.analytic_kl]),
                      {n: first.scales[n] for n in observed + latent}, dims, first.draws, first.num_particles,
                      totals=totals, batch_size=size, draw_sets=len(sets),
                      global_sites=tuple(n for n in first.global_sites if keep(n)),
                      enumerated={n: v for n, v in first.enumerated.items() if keep(n)}, jacobians=jac,
-                     data_constants=consts)
+                     data_constants=consts, log_scales=log_scales)
