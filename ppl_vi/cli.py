@@ -57,18 +57,23 @@ EXAMPLES = """examples:
 
 
 CHECK_EPILOG = """your own file (no registry entry needed) defines at module level:
-  model(**batch), guide(**batch)   the Pyro pair, data in pyro.plate("data", ...)
-  bound(batch, draws)              your per-datapoint NEGATIVE ELBO, (B,), K particles averaged, scaled as Pyro
-                                   scales it; or a dict of named terms ({"rec": ..., "kl": ...}), checked one by one
+  model(**batch), guide(**batch)   the Pyro pair, the datapoints in pyro.plate("data", B)
+  bound(batch, draws)              your NEGATIVE ELBO, K particles averaged, scaled as Pyro scales it: per datapoint
+                                   (B,); with global latents the batch total () (or (B,) values, summed); or a dict
+                                   of named terms, each (B,) or () (a global latent's term), checked one by one
   batch                            a dict of tensors (or a function returning one); float64 recommended
-  optional: iwae_bound(batch, draws), params, exact_log_likelihood(batch), loss / losses, max_plate_nesting
-draws maps each latent site to its K particles, (K, B, ...). FILE.py:NAME picks a LatentModel subclass, a
-dict of replacements (e.g. another bound) or a function (the bound). Exit 0: pass; 1: a check failed (the
-likely mistakes are named under the table); 2: the file cannot be used.
+  optional: iwae_bound(batch, draws), params, exact_log_likelihood(batch) ((B,), or () with global latents),
+  loss / losses (default: TraceEnum_ELBO where the model enumerates, TraceMeanField_ELBO for closed-form KLs,
+  else Trace_ELBO), max_plate_nesting, data_plate (the data plate's name, default "data")
+draws[s] holds K particles of site s, (K,) + its shape (a local z: (K, B, ...); a global w of shape (3,): (K, 3)).
+FILE.py:NAME picks a LatentModel subclass, a dict of replacements (e.g. another bound) or a function (the bound).
+Exit 0: every check that ran passed; 1: a check failed (the likely mistakes are named under the table); 2: the
+file cannot be used (one line: file, line and cause). Rows the checker cannot run say why and count neither way.
 
 examples:
-  ppl-vi check examples/conjugate_normal.py
-  ppl-vi check examples/conjugate_normal.py:flipped_kl
+  ppl-vi check examples/coin_fairness.py                 # a global latent, a closed-form KL
+  ppl-vi check examples/coin_fairness.py:flipped_kl
+  ppl-vi check examples/gmm_enumerated.py                # an enumerated assignment: TraceEnum_ELBO
   ppl-vi check examples/conjugate_normal.py --formula
   ppl-vi check examples/student_t_fa.py
 """

@@ -390,3 +390,15 @@ def test_check_bound_is_the_python_entry_point():
     assert right.passed and not right.verdicts, right.table()
     wrong = check_bound(model, guide, lambda b, d: bound(b, d, -1.0), {"x": x}, repeats=4, gradient_seeds=2)
     assert not wrong.passed and wrong.verdicts[0].startswith("sign:")
+
+
+def test_the_readme_user_file_example_passes(tmp_path, capsys):
+    """Catches: the README's complete user file drifting from what the checker accepts (a doc a Pyro user
+    copies must pass as written)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### The checker, on your own file"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    result, out, err = run(user_file(tmp_path, code, "readme_coin.py"), capsys)
+    assert result == 0, out + err
+    assert "global latent(s) ['f']" in out and "verdict: PASS" in out

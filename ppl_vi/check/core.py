@@ -18,7 +18,8 @@ For any model/guide pair (ours or a user's) and a hand-written bound, four kinds
 **The hand bound's form.** ``hand(batch, draws)`` returns the *negative* bound per datapoint, shape
 (B,), averaged over the K particles, when every latent is local (in the data plate). When the guide
 has a global latent (a site outside the data plate) no per-datapoint split exists: ``hand`` returns
-the batch total, shape (), and totals are compared. Any other shape is a failing row that says the
+the batch total, shape (), and totals are compared (a user's file may also give (B,) values or named
+terms: :mod:`ppl_vi.check.usercheck` sums them first). Any other shape is a failing row that says the
 expected shape (a (K, B) result is named: one value per particle instead of per datapoint).
 
 **The data plate** is the plate at dim ``-max_plate_nesting`` (built-in models), or the plate of a given

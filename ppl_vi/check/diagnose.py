@@ -17,9 +17,17 @@ verdict that starts with its keyword:
   written as a log-mean-exp; **scale** also for N/B (or β) *inside* the log-mean-exp:
   -log (1/K) Σ_k exp(c log w_k) instead of -c log (1/K) Σ_k w_k.
 * **per datapoint**: a (K, B) result (one value per particle) or a batch total.
+* **missing log-Jacobian**: a transformed distribution's density (LogNormal...) taken as its base
+  density, the log|dθ/du| left out; **missing term** also for a dropped normalising -log σ.
+* **constant** also for a data-only normalising constant (-Σ log x! of a Poisson, log C(n, x) of a
+  Binomial) and for a residual that does not change with the draws but differs per datapoint.
+* with global latents, for a global latent's term counted once per datapoint (factor B) or scaled by
+  N/B, and 1/D for a mean over a site's D values (a binary cross-entropy averaged over pixels).
 
-Every test is "equal at every datapoint to rounding" (``rtol``), so a verdict is evidence, not a
-guess; with none matching, the verdict says so and names the datapoints and the residual.
+A column of evidence is one datapoint, or, with several draw sets side by side (the user-file
+checker's, :func:`ppl_vi.check.terms.view`), one datapoint of one draw set; with global latents, one
+draw set's batch total. Every test is "equal at every column to rounding" (``rtol``), so a verdict is
+evidence, not a guess; with none matching, the verdict says so and names the columns and the residual.
 """
 
 from __future__ import annotations
@@ -111,6 +119,10 @@ def factor_names(terms: SiteTerms, batch_size: int, global_piece: bool = False) 
     if global_piece and c != 1.0:
         out += [(c, f"N/B = {_fmt(c)}: the minibatch scale applied to a global latent's term (Pyro scales only the "
                     "data plate's sites)")]
+    betas = {round(terms.scales[n] / c, 12) for n in terms.prior if c and not terms.is_global(n)} - {1.0}
+    for beta in betas:  # a latent site's weight (poutine.scale) first: its likelier story
+        out += [(beta, f"β = {_fmt(beta)}: the latent sites' weight β applied once more (or to the wrong term)"),
+                (1 / beta, f"1/β = 1/{_fmt(beta)}: the latent sites' weight β (poutine.scale) left out")]
     if c != 1.0:
         out += [(c, f"N/B = {_fmt(c)}: the minibatch scale applied twice"),
                 (1 / c, f"B/N = 1/{_fmt(c)}: the minibatch scale N/B left out")]
@@ -125,9 +137,6 @@ def factor_names(terms: SiteTerms, batch_size: int, global_piece: bool = False) 
             out += [(1 / d, f"1/D = 1/{d}: a mean over the D = {d} values of site {n!r} (e.g. a binary cross-entropy "
                             "averaged over pixels), where log p sums them"),
                     (d, f"D = {d}: the values of site {n!r} counted once more")]
-    betas = {round(terms.scales[n] / c, 12) for n in terms.prior if c and not terms.is_global(n)} - {1.0}
-    for beta in betas:
-        out += [(beta, f"β = {_fmt(beta)}"), (1 / beta, f"1/β = 1/{_fmt(beta)}: β left out")]
     out += [(2.0, "2"), (0.5, "½")]
     return out
 
@@ -139,10 +148,17 @@ def _match(rtol: float) -> float:
 
 
 def _name(value: float, catalogue: List[Tuple[float, str]], rtol: float) -> Optional[str]:
-    for v, text in catalogue:
-        if abs(abs(value) - v) <= max(rtol, 1e-9) * max(abs(v), 1.0):
-            return ("−" if value < 0 else "+") + text
-    return None
+    """The catalogue entry ``|value|`` matches, signed; several distinct ones (β = K = 3) all said, the
+    first the likeliest."""
+    found, keys = [], []
+    for v, text in catalogue:  # one story told twice (D = 5 of site x, and D = 5): the first, more specific
+        key = (text.split(":")[0].split(" (")[0], round(v, 9))
+        if abs(abs(value) - v) <= max(rtol, 1e-9) * max(abs(v), 1.0) and key not in keys:
+            found.append(text)
+            keys.append(key)
+    if not found:
+        return None
+    return ("−" if value < 0 else "+") + " or ".join(found[:3])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,11 +198,14 @@ def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int,
     """The verdict for r = a · piece: a = -2 a flipped sign, -1 a missing term, else a scale 1 + a."""
     if abs(a + 2) <= _match(rtol) * 2:
         return (f"sign: {label}: the term {name} has its sign flipped (the hand bound = Pyro's - 2 × that term "
-                "at every datapoint)")
+                f"at every {'draw set' if terms.totals else 'datapoint'})")
     if abs(a + 1) <= _match(rtol):
         if "log-Jacobian" in name:
             return (f"missing log-Jacobian: {label}: the {name} is left out (a transformed distribution's density "
                     "in θ is the base density at u = T⁻¹(θ) divided by |dθ/du|)")
+        if "the density at its location" in name:
+            return (f"constant: {label}: the {name} is dropped (or added): the density's whole normalising constant "
+                    "(½·log 2πσ², log 2b, log πσ, ...)")
         if "normalising constant" in name:
             return f"constant: {label}: the data-dependent {name} is dropped (or added): it differs per datapoint"
         if "normalising -log σ" in name:

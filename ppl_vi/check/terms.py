@@ -62,6 +62,8 @@ class SiteTerms:
     data_constants: List[Tuple[Tensor, str]] = dataclasses.field(default_factory=list)
     #: Σ log σ of a location-scale site's scale (the -log σ in its density), keyed "q:site", "p:site"
     log_scales: Dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    #: a location-scale site's whole normalising constant -log p(μ) (½ log 2πσ², log 2b, log πσ...), same keys
+    normalisers: Dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def c(self) -> float:
@@ -108,11 +110,13 @@ class SiteTerms:
             sign = 1.0 if side == "q" else -1.0  # log q = log q_u - log|J|; -log p = -log p_u + log|J|
             out[f"log-Jacobian log|d{n}/du| of {'the guide' if side == 'q' else 'the prior'}'s transform [{n}]"] = \
                 -sign * self.scales[n] * jac.mean(0)
-        for key, ls in self.log_scales.items():
-            side, _, n = key.partition(":")
-            density = f"log q({n}|x)" if side == "q" else f"log p({n}|...)" if n in self.observed else f"log p({n})"
-            sign = -1.0 if side == "q" else 1.0  # log q holds -log σ_q; -log p holds +log σ_p
-            out[f"normalising -log σ in {density} [{n}]"] = sign * self.scales[n] * ls.mean(0)
+        for prefix, found in (("normalising -log σ in", self.log_scales),
+                              ("normalising constant (the density at its location) of", self.normalisers)):
+            for key, value in found.items():
+                side, _, n = key.partition(":")
+                density = f"log q({n}|x)" if side == "q" else f"log p({n}|...)" if n in self.observed else f"log p({n})"
+                sign = -1.0 if side == "q" else 1.0  # log q holds -log σ_q; -log p holds +log σ_p
+                out[f"{prefix} {density} [{n}]"] = sign * self.scales[n] * value.mean(0)
         return out
 
     def is_global(self, name: str) -> bool:
@@ -282,6 +286,18 @@ def log_scale(fn) -> Optional[Tensor]:
     return _sum_rightmost(torch.log(scale).expand(fn.batch_shape), reinterpreted)
 
 
+def normaliser(fn) -> Optional[Tensor]:
+    """-log p(μ) of a location-scale site (Normal, Laplace, Cauchy, StudentT), batch-shaped: its whole
+    normalising constant (½ log 2πσ², log 2b, log πσ, ...), which a hand derivation may drop at once."""
+    reinterpreted = 0
+    while isinstance(fn, torch.distributions.Independent) or type(fn).__name__ == "MaskedDistribution":
+        reinterpreted += getattr(fn, "reinterpreted_batch_ndims", 0)
+        fn = fn.base_dist
+    if type(fn).__name__ not in ("Normal", "Laplace", "Cauchy", "StudentT"):
+        return None
+    return _sum_rightmost(-fn.log_prob(fn.loc.expand(fn.batch_shape)), reinterpreted)
+
+
 def data_constant(fn, value: Tensor) -> Optional[Tuple[Tensor, str]]:
     """(batch-shaped values, what) of the part of an observed site's log p(x|·) that depends on the data
     only, where a hand derivation often drops it: -log x! (Poisson), log C(n, x) (Binomial), -log x (LogNormal)."""
@@ -320,6 +336,7 @@ class DrawSet:
     jacobians: Dict[str, Tensor]
     data_constants: List[Tuple[Tensor, str]]  # (K, B) each
     log_scales: Dict[str, Tensor]  # "q:site" / "p:site" -> Σ log σ, (K, B) or (K,)
+    normalisers: Dict[str, Tensor]  # "q:site" / "p:site" -> -log p(μ), (K, B) or (K,)
     draws: Draws  # (K,) + the site's shape
     traces: list
     num_particles: int
@@ -350,7 +367,7 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
 
     model_lp = lambda g, m: unscaled_log_prob_masked(m)  # noqa: E731
     guide_lp = lambda g, m: unscaled_log_prob_masked(g)  # noqa: E731
-    observed, prior, log_q, kl, scales, dims, jac, consts, scale_terms = {}, {}, {}, {}, {}, {}, {}, [], {}
+    observed, prior, log_q, kl, scales, dims, jac, consts, scale_terms, norms = {}, {}, {}, {}, {}, {}, {}, [], {}, {}
     globals_, entangled = [], {}
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
@@ -363,6 +380,12 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
         dims[name] = max(1, numel // size) if local else numel
         if not local:
             globals_.append(name)
+        if site["is_observed"] and local:  # a data-only constant: additive even inside an enumerated marginal
+            found = data_constant(site["fn"], site["value"])
+            if found is not None:
+                const = stacked(name, lambda g, m: data_constant(m["fn"], m["value"])[0])
+                if const.dim() == 2:
+                    consts.append((const, f"{found[1]} of site {name!r}"))
         if name in enum_sites or value.dim() > base_rank:
             entangled[name] = value
             if name in guided:
@@ -374,12 +397,11 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
             found = stacked(name, lambda g, m: log_scale((g if side == "q" else m)["fn"]))
             if found is not None:
                 scale_terms[f"{side}:{name}"] = found
+            found = stacked(name, lambda g, m: normaliser((g if side == "q" else m)["fn"]))
+            if found is not None:
+                norms[f"{side}:{name}"] = found
         if site["is_observed"]:
             observed[name] = value
-            found = data_constant(site["fn"], site["value"])
-            if found is not None and local:
-                const = stacked(name, lambda g, m: data_constant(m["fn"], m["value"])[0])
-                consts.append((const, f"{found[1]} of site {name!r}"))
             continue
         prior[name] = value
         log_q[name] = stacked(name, guide_lp)
@@ -422,7 +444,7 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
                 value.numel() == k * math.prod(shape) else value
     scale_terms = {key: v for key, v in scale_terms.items() if key.split(":", 1)[1] not in entangled}
     return DrawSet(observed, prior, log_q, kl, scales, dims, tuple(globals_), enumerated, jac, consts, scale_terms,
-                   draws, pairs, k, size)
+                   norms, draws, pairs, k, size)
 
 
 def unscaled_log_prob_masked(site) -> Tensor:
@@ -471,17 +493,19 @@ def view(sets: List[DrawSet], totals: bool) -> SiteTerms:
 
     observed = [n for n in first.observed if keep(n)]
     latent = [n for n in first.prior if keep(n)]
-    jac = {key: torch.cat([columns(d.jacobians[key], key.split(":", 1)[1] in d.global_sites) for d in sets], -1)
-           for key in first.jacobians if keep(key.split(":", 1)[1])}
     consts = [(torch.cat([columns(d.data_constants[i][0][0], False) if totals else d.data_constants[i][0][0]
                           for d in sets], dim=-1), what) for i, (_, what) in enumerate(first.data_constants)]
     dims = {n: first.dims[n] * (size if totals and n not in first.global_sites else 1) for n in observed + latent}
-    log_scales = {key: torch.cat([columns(d.log_scales[key], key.split(":", 1)[1] in d.global_sites) for d in sets], -1)
-                  for key in first.log_scales if keep(key.split(":", 1)[1])}
+
+    def per_site(field: str) -> Dict[str, Tensor]:
+        found = getattr(first, field)
+        return {key: torch.cat([columns(getattr(d, field)[key], key.split(":", 1)[1] in d.global_sites) for d in sets],
+                               -1) for key in found if keep(key.split(":", 1)[1])}
+
     return SiteTerms(side_by_side("observed", observed), side_by_side("prior", latent), side_by_side("guide", latent),
                      side_by_side("analytic_kl", [n for n in latent if n in first.analytic_kl]),
                      {n: first.scales[n] for n in observed + latent}, dims, first.draws, first.num_particles,
                      totals=totals, batch_size=size, draw_sets=len(sets),
                      global_sites=tuple(n for n in first.global_sites if keep(n)),
-                     enumerated={n: v for n, v in first.enumerated.items() if keep(n)}, jacobians=jac,
-                     data_constants=consts, log_scales=log_scales)
+                     enumerated={n: v for n, v in first.enumerated.items() if keep(n)}, jacobians=per_site("jacobians"),
+                     data_constants=consts, log_scales=per_site("log_scales"), normalisers=per_site("normalisers"))
