@@ -119,7 +119,11 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: int = 1, terms:
     nest = max_plate_nesting
     try:
         with torch.enable_grad(), torch.random.fork_rng():
-            pairs = trace_pairs(model, guide, traced, 1, nest, vectorized=False)
+            gt, _ = trace_pairs(model, guide, traced, 1, nest, vectorized=False)[0]
+            # again at the same draws made leaves: the model's parameters then depend on the data only directly
+            leaves = {n: s["value"].detach().clone().requires_grad_(s["value"].is_floating_point()).unsqueeze(0)
+                      for n, s in gt.nodes.items() if is_latent(s)}
+            pairs = trace_pairs(model, guide, traced, 1, nest, vectorized=False, values=leaves)
             gt, mt = pairs[0]
             plate = data_plate or _data_plate_name(mt, nest)
             if plate is None:
