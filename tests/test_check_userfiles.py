@@ -402,3 +402,46 @@ def test_the_readme_user_file_example_passes(tmp_path, capsys):
     result, out, err = run(user_file(tmp_path, code, "readme_coin.py"), capsys)
     assert result == 0, out + err
     assert "global latent(s) ['f']" in out and "verdict: PASS" in out
+
+
+CATEGORICAL_GUIDE = '''
+import math, torch, pyro
+import pyro.distributions as dist
+
+DT = torch.float64
+MU = torch.tensor([-2.0, 2.0], dtype=DT)
+batch = {"x": torch.tensor([-2.2, 1.7, 0.3, 2.5, -1.1], dtype=DT)}
+w = torch.tensor(0.8, dtype=DT, requires_grad=True)
+
+def model(x):
+    with pyro.plate("data", len(x)):
+        c = pyro.sample("c", dist.Categorical(torch.tensor([0.4, 0.6], dtype=DT)))
+        pyro.sample("x", dist.Normal(MU[c], 1.0), obs=x)
+
+def guide(x):
+    with pyro.plate("data", len(x)):
+        p1 = torch.sigmoid(w * x)
+        pyro.sample("c", dist.Categorical(torch.stack([1 - p1, p1], -1)))
+
+def bound(batch, draws):
+    c, x = draws["c"], batch["x"]
+    p1 = torch.sigmoid(w * x)
+    log_q = torch.where(c == 1, p1.log(), (1 - p1).log())
+    log_p = torch.where(c == 1, torch.tensor(0.6, dtype=DT).log(), torch.tensor(0.4, dtype=DT).log())
+    return (0.5 * (x - MU[c]) ** 2 + 0.5 * math.log(2 * math.pi) + SIGN * (log_q - log_p)).mean(0)
+
+SIGN = 1.0
+'''
+
+
+def test_a_sampled_discrete_guide_site_is_no_false_alarm(tmp_path, capsys):
+    """Catches: a right bound failing its same-sample gradient row for a guide with a discrete site (Pyro's
+    gradient holds a score-function term no value has), and TraceMeanField_ELBO, which needs rsample, held
+    against it; the gradient is checked by the exact expected-gradient rows instead."""
+    code, out, _ = run(user_file(tmp_path, CATEGORICAL_GUIDE), capsys)
+    assert code == 0, out
+    assert "have no rsample: Pyro's gradient adds a score-function term" in out
+    assert "TraceMeanField" not in out.split("note: particles")[1]
+    assert "expectation over 8 tuples x 5 datapoints, exact vs reference" in out
+    code, out, _ = run(user_file(tmp_path, CATEGORICAL_GUIDE.replace("SIGN = 1.0", "SIGN = -1.0"), "slip.py"), capsys)
+    assert code == 1 and "diagnosis: sign:" in out and "of site 'c' (log q - log p) has its sign flipped" in out

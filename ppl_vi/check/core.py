@@ -85,6 +85,9 @@ class Comparison:
     draws: Optional[Callable[[Batch], Draws]] = None
     target: Optional[str] = "auto"
     vectorized: bool = True  # False: the loss draws its K particles one guide run at a time
+    #: why the same-sample gradients are not comparable though the expected gradient is ("": they are):
+    #: a value's gradient lacks the score-function term Pyro adds for a guide site without rsample
+    value_only: str = ""
     gradient_name: Optional[str] = None  # the expected-gradient rows' name (default ``name``)
 
     def objective(self) -> Optional[str]:
@@ -271,7 +274,7 @@ def same_sample_rows(c: Comparison, model, guide, batch, params, names, max_plat
     model, guide = c.model or model, c.guide or guide
     traces: list = []
     pyro.set_rng_seed(seed)
-    if c.compare_grads and params:
+    if c.compare_grads and params and not c.value_only:
         pyro_value, pyro_grads = pyro_loss_and_grads(c.loss, model, recording(guide, traces), batch, params)
     else:  # values only (e.g. IWAE-k of a discrete guide, which has no pathwise gradient)
         pyro_value, pyro_grads = loss_value(c.loss, model, recording(guide, traces), batch), []
@@ -293,7 +296,8 @@ def same_sample_rows(c: Comparison, model, guide, batch, params, names, max_plat
                     details={"hand_shape": list(hand.shape), "expected_shape": [] if is_global else [size],
                              "num_particles": c.num_particles})]
     hand_total = hand.sum()
-    hand_grads = torch.autograd.grad(hand_total, params, allow_unused=True) if c.compare_grads and params else []
+    grads = c.compare_grads and params and not c.value_only
+    hand_grads = torch.autograd.grad(hand_total, params, allow_unused=True) if grads else []
     hand_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, hand_grads)]
     hand_value = hand_total.item()
     tol = f"rel <= {rtol:g}"
@@ -304,7 +308,9 @@ def same_sample_rows(c: Comparison, model, guide, batch, params, names, max_plat
     if not is_global:
         rows.append(per_datapoint_row(c, model, guide, batch, hand.detach(), max_plate_nesting, seed, rtol, pyro_value,
                                       data_plate))
-    if c.compare_grads and params:
+    if c.compare_grads and params and c.value_only:
+        rows.append(not_run_row("same sample", f"{c.name}: gradients of {len(params)} tensors", c.value_only))
+    elif c.compare_grads and params:
         worst, worst_name, worst_abs = 0.0, "", 0.0
         for name, gp, gh in zip(names, pyro_grads, hand_grads):
             scale = max(gp.abs().max().item(), gh.abs().max().item(), 1e-300)

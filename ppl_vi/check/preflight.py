@@ -45,6 +45,7 @@ class Setup:
     enumerated: Tuple[str, ...]  # the model's sites marked for enumeration that the guide does not sample
     vectorized: bool
     why_sequential: str = ""
+    score_sites: Tuple[str, ...] = ()  # guide sites without rsample (a score-function gradient)
 
     def particles_note(self, k: int) -> str:
         if self.vectorized:
@@ -169,4 +170,6 @@ def prepare(model, guide, batch: Batch, *, source: str, files: Iterable[str], da
         vectorized, why = vectorisable(model, guide, batch, nest, data_plate, size, shapes, max(2, num_particles))
     else:
         vectorized, why = vectorize, "" if vectorize else "the file's loss draws them so (vectorize_particles=False)"
-    return Setup(data_plate, nest, size, shapes, global_sites, enumerated, vectorized, why)
+    score_sites = tuple(n for n, s in guide_trace.nodes.items() if is_latent(s)
+                        and not getattr(s["fn"], "has_rsample", False))
+    return Setup(data_plate, nest, size, shapes, global_sites, enumerated, vectorized, why, score_sites)

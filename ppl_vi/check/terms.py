@@ -300,7 +300,8 @@ def normaliser(fn) -> Optional[Tensor]:
 
 def data_constant(fn, value: Tensor) -> Optional[Tuple[Tensor, str]]:
     """(batch-shaped values, what) of the part of an observed site's log p(x|·) that depends on the data
-    only, where a hand derivation often drops it: -log x! (Poisson), log C(n, x) (Binomial), -log x (LogNormal)."""
+    only, where a hand derivation often drops it: -log x! (Poisson), log C(n, x) (Binomial), -log x (LogNormal),
+    log n!/Π x_j! (Multinomial)."""
     reinterpreted, base = 0, fn
     while isinstance(base, torch.distributions.Independent) or type(base).__name__ == "MaskedDistribution":
         reinterpreted += getattr(base, "reinterpreted_batch_ndims", 0)
@@ -314,6 +315,9 @@ def data_constant(fn, value: Tensor) -> Optional[Tuple[Tensor, str]]:
         what = "Σ log C(n, x) (the binomial coefficient)"
     elif name == "LogNormal":
         const, what = -torch.log(value), "-Σ log x (the LogNormal's Jacobian of the data)"
+    elif name == "Multinomial":  # event dim 1: the coefficient per draw of counts
+        n = value.sum(-1)
+        return torch.lgamma(n + 1) - torch.lgamma(value + 1).sum(-1), "log n!/Π x_j! (the multinomial coefficient)"
     else:
         return None
     return _sum_rightmost(const, reinterpreted + len(base.event_shape)), what

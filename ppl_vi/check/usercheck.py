@@ -216,9 +216,14 @@ def _objective(loss) -> str:
 
 
 def _comparison(label: str, loss, hand: Callable, k: int, setup: Setup, vectorized: bool, what: str) -> Comparison:
-    """A comparison; no expected-gradient rows where the reference objective cannot run (they are said)."""
+    """A comparison; no expected-gradient rows where the reference objective cannot run (they are said);
+    no same-sample gradients where a guide site has no rsample (Pyro's gradient then holds a score-function
+    term that no value's gradient has: said, and the expected-gradient rows hold the gradient instead)."""
+    value_only = "" if not setup.score_sites else (
+        f"the guide's site(s) {list(setup.score_sites)} have no rsample: Pyro's gradient adds a score-function term "
+        "that the bound's value does not carry; the expected-gradient rows check the gradient instead")
     return Comparison(f"{label} vs {what}", loss, hand, k, target=_objective(loss) if setup.vectorized else None,
-                      vectorized=vectorized, gradient_name=f"{label}: expected gradient")
+                      vectorized=vectorized, gradient_name=f"{label}: expected gradient", value_only=value_only)
 
 
 def no_reference_rows(comparisons: Sequence[Comparison], setup: Setup, params, gradient_seeds: int) -> List[Row]:
@@ -246,6 +251,8 @@ def choose_kl(hands: list, sets: List[DrawSet], setup: Setup, rtol: float) -> Tu
     sites = sorted(terms.analytic_kl)
     if not sites:
         return False, "no latent site has a closed-form KL"
+    if setup.score_sites:
+        return False, f"the guide's site(s) {list(setup.score_sites)} have no rsample (TraceMeanField_ELBO needs it)"
     value = whole_values(hands, sets, setup, "elbo")
     k = sets[0].num_particles
     if value is None and not setup.global_sites and all(total(h).shape == (k, setup.size) for h in hands):
@@ -330,7 +337,7 @@ def plan(pair: UserPair, setup: Setup, k: int, hands: list, sets: List[DrawSet],
         exact.append(Planned(_comparison(name, _pyro_loss(chosen, k, setup), elbo_hand, k, setup, setup.vectorized,
                                          "bound"), "elbo", analytic, name))
         notes.append(f"loss: {name}, chosen: the file names no loss; {why}")
-        if sets[0].analytic_kl:  # the other estimator targets the same ELBO: held on average
+        if sets[0].analytic_kl and not setup.score_sites:  # the other estimator of the same ELBO: on average
             averaged.append(_comparison(f"{other.__name__} (K={k})", _pyro_loss(other, k, setup), elbo_hand, k,
                                         setup, setup.vectorized, "bound"))
     if iwae_hand is not None:
@@ -511,7 +518,8 @@ def diagnose_comparison(report: CheckReport, pair: UserPair, setup: Setup, plann
     """The term rows (after the comparison's rows) and verdicts of one same-sample comparison."""
     c, objective, analytic, label = planned.comparison, planned.objective, planned.analytic, planned.label
     same = [r for r in report.rows if r.name.startswith(c.name + ":") and r.kind == "same sample"]
-    if not same or not all(r.ran for r in same) or c.num_particles != sets[0].num_particles:
+    values_ran = [r for r in same if not r.name.endswith("tensors")]  # the gradients may be value-only
+    if not values_ran or not all(r.ran for r in values_ran) or c.num_particles != sets[0].num_particles:
         return
     bound = guarded(pair, pair.iwae_bound if objective == "iwae" else pair.bound,
                     "iwae_bound(batch, draws)" if objective == "iwae" else "bound(batch, draws)")
