@@ -12,8 +12,19 @@ site under ``poutine.scale``). The importance-weighted loss is not a sum over si
 from the unscaled per-particle log-weight log w_ki = Σ_x log p(x_i|z_ki) + Σ_z [log p(z_ki) -
 log q(z_ki|x_i)] as  -c [ log (1/K) Σ_k w_ki ]  (c: the observed sites' scale).
 
-:func:`site_terms` reads these pieces off the traces; :mod:`ppl_vi.check.diagnose` holds a hand
-bound against them, and against the common ways of getting them wrong.
+:func:`site_terms` reads these pieces off the traces (a built-in model: every latent local, the data
+plate at dim -max_plate_nesting); :mod:`ppl_vi.check.diagnose` holds a hand bound against them, and
+against the common ways of getting them wrong.
+
+**A user's pair** (:func:`draw_sets`, :func:`view`) may have what :func:`site_terms` refuses: global
+latents (outside the data plate, told by its *name*, so component means in their own plate are global
+too), model-enumerated sites (summed out with every site their value reaches, as TraceEnum_ELBO does:
+the observed group's term is -log Σ_c p(c) p(x | c, ...)), and models that draw their K particles one
+plain run at a time. Each draw set (a seed) holds (K, B) local and (K,) global log-densities; :func:`view`
+lays several draw sets side by side, a column per datapoint per draw set, or (with global latents) a
+column per draw set holding the batch's total. Beside each site's terms it keeps what a derivation
+may drop on its own: log-Jacobians of transformed distributions, data-only constants (-log x!), a
+location-scale density's -log σ and whole normalising constant.
 """
 
 from __future__ import annotations

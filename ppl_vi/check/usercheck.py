@@ -43,7 +43,7 @@ from ppl_vi.check.core import (Comparison, ExtraCheck, HandError, check, enumera
 from ppl_vi.check.diagnose import HINTS, diagnose, match_terms, pyro_groups, residual_verdicts
 from ppl_vi.check.formula import bound_formula
 from ppl_vi.check.preflight import Setup, prepare, user_error
-from ppl_vi.check.rows import CheckReport, Row, close_row, failure_row, not_run_row, one_line
+from ppl_vi.check.rows import CheckReport, Row, close_row, failure_row, not_run_row
 from ppl_vi.check.terms import DrawSet, SiteTerms, draw_sets, total, view
 from ppl_vi.check.truth import iwae_ladder_rows
 from ppl_vi.errors import ConfigError
