@@ -155,7 +155,8 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: int = 1, terms:
         return _density(trace.nodes[name], data_sources, "g", "φ", "")
 
     sites = [n for n in order if mt.nodes[n]["type"] == "sample" and (mt.nodes[n]["is_observed"] or
-                                                                    is_latent(mt.nodes[n])) and n not in summed]
+                                                                    is_latent(mt.nodes[n])) and n not in summed
+             and not mt.nodes[n]["infer"].get("_deterministic")]
     for name in sorted(sites, key=lambda n: not mt.nodes[n]["is_observed"]):  # the likelihood first
         group = next((key for key in own.enumerated if name in key.split("+")), None)
         scale = own.scales.get(group or name, c)

@@ -85,12 +85,17 @@ def _deepest_plate(*traces) -> int:
 
 def find_data_plate(model_trace, source: str, data_plate: str, size: int) -> None:
     """ConfigError unless every observed site lies in the plate ``data_plate`` of ``size`` datapoints."""
-    observed = [(n, s) for n, s in model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]
+    observed = [(n, s) for n, s in model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]
+                and not s["infer"].get("_deterministic")]
     if not observed:
         raise ConfigError(f"{source}: the model has no observed site (pyro.sample(..., obs=...)); nothing to check")
     for name, site in observed:
         frames = [f for f in site["cond_indep_stack"] if f.vectorized]
         frame = next((f for f in frames if f.name == data_plate), None)
+        if frame is None and type(site["fn"]).__name__ == "Unit":
+            raise ConfigError(f"{source}: the factor {name!r} (pyro.factor) lies outside the data plate {data_plate!r}; "
+                              "the checker takes factors per datapoint only: put it inside the plate, or fold it into "
+                              "a latent's prior")
         if frame is None:
             inside = f"in plate(s) {[f.name for f in frames]}" if frames else "in no plate"
             raise ConfigError(f"{source}: the observed site {name!r} is {inside}, not in a plate named {data_plate!r}; "

@@ -166,7 +166,8 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
     if global_sites and discrete:
         raise ConfigError("the reference cannot enumerate discrete sites together with global latents")
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
+        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)) or \
+                site["infer"].get("_deterministic"):  # pyro.deterministic records a value, no density
             continue
         if is_latent(site) and name not in guided:
             if site["infer"].get("_enumerate_dim") is None:

@@ -78,8 +78,10 @@ class SiteTerms:
 
     @property
     def c(self) -> float:
-        """The minibatch scale: that of the observed sites (one value; :func:`site_terms` checks)."""
-        return next(iter(self.scales[s] for s in self.observed))
+        """The minibatch scale: that of the observed sites in the data plate (one value; :func:`site_terms`
+        checks)."""
+        local = [s for s in self.observed if s not in self.global_sites] or list(self.observed)
+        return self.scales[local[0]]
 
     @property
     def log_weights(self) -> Tensor:
@@ -385,7 +387,8 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
     observed, prior, log_q, kl, scales, dims, jac, consts, scale_terms, norms = {}, {}, {}, {}, {}, {}, {}, [], {}, {}
     globals_, entangled = [], {}
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
+        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)) or \
+                site["infer"].get("_deterministic"):  # pyro.deterministic: a recorded value, no density
             continue
         local = plate_dim(site, data_plate) is not None
         value = stacked(name, model_lp)
