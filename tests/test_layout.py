@@ -23,8 +23,8 @@ FLOORS = {
     "ppl_vi.training": 3, "ppl_vi.evaluate": 3, "ppl_vi.check": 3,
     "ppl_vi.cli": 4, "ppl_vi.__main__": 4, "ppl_vi.testing": 4, "ppl_vi.mathml": 1,
 }
-#: the package's own ``__init__`` is a face like the command line: it re-exports ``check_bound``
-#: (``from ppl_vi import check_bound``); the other modules without an entry are floor 1
+#: the package's own ``__init__`` is a face like the command line: it exports ``check_bound``
+#: (``from ppl_vi import check_bound``, loaded on first use); the other modules without an entry are floor 1
 ROOT_FLOOR = 4
 
 #: optional dependencies that may be imported late (inside a function), where they are needed
@@ -33,12 +33,12 @@ LATE_OK = {"torch.utils.tensorboard", "yaml", "tomllib", "torchvision"}
 #: known exceptions in files other issues own, to be removed there
 KNOWN_UPWARD = {
     ("ppl_vi.config", "ppl_vi.models.base"),  # build_config reads the registry's defaults (config: issue 13)
-    ("ppl_vi.run", "ppl_vi"),  # reads ppl_vi.__version__ (set before the root re-exports check_bound; the root
-    #                            package is always loaded before any of its modules)
+    ("ppl_vi.run", "ppl_vi"),  # reads ppl_vi.__version__ (the root package, always loaded before its modules)
 }
 KNOWN_LATE = {
     "ppl_vi.models.base",  # get_spec imports ppl_vi.models (registers the built-in models) on first use
     "ppl_vi.config",  # build_config imports the registry late (issue 13)
+    "ppl_vi",  # exports check_bound on first use (PEP 562): `import ppl_vi.errors` does not load the checker
 }
 
 

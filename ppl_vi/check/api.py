@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import pyro
 import pyro.util
+import torch
 from torch import nn
 
 from ppl_vi.check.rows import CheckReport
@@ -72,14 +73,18 @@ def _namespace(functions) -> types.ModuleType:
 
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch, random and numpy (and Pyro's validation on) inside; restore the caller's state after."""
+    """Seed torch (CPU and CUDA), random and numpy, and turn Pyro's validation on, inside; restore the
+    caller's states after."""
     state = pyro.util.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
         with pyro.validation_enabled(True):
             pyro.set_rng_seed(seed)
             yield
     finally:
         pyro.util.set_rng_state(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def check_bound(model: Callable, guide: Callable, bound: Callable, batch, *, loss=None, losses=None,
