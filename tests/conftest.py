@@ -8,11 +8,15 @@ import pyro
 import pytest
 import torch
 
+from skips import StrictSkips
+
+pytest_plugins = ["pytester"]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def pytest_configure(config):
     os.environ.setdefault("PPL_VI_DATA", str(SHARED_DATA))
+    config.pluginmanager.register(StrictSkips(), "ppl_vi_strict_skips")  # see tests/skips.py
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from ppl_vi.cli import main
-from ppl_vi.distributed import DistInfo, Step
+from ppl_vi.distributed import DistInfo, Step, all_reduce_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,3 +102,58 @@ def test_not_distributed_without_torchrun(monkeypatch):
     loss = torch.tensor(1.5)
     assert distributed.all_reduce_gradients([p], loss, info) is loss  # a no-op
     assert torch.equal(p.grad, torch.full((2,), 3.0))
+
+
+def _reduced_gradients_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: its shard of a fixed GMM batch, loss / global count, backward, all_reduce_gradients."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, x = _exact_gmm()
+        shard = DistInfo(rank=rank, world_size=world, enabled=True).shard(torch.arange(x.shape[0]))
+        loss = _enum_loss(model, x[shard]) / x.shape[0]
+        loss.backward()
+        total = all_reduce_gradients(model.parameters(), loss, DistInfo(rank=rank, world_size=world, enabled=True))
+        torch.save({"loss": total, "grads": [p.grad for p in model.parameters()]}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _exact_gmm():
+    from ppl_vi.data.synthetic import default_gmm_params, sample_gmm
+    from ppl_vi.models.gmm import GMM
+
+    torch.manual_seed(0)
+    model = GMM(3, 2, hidden=8, guide="marginal").to(torch.float64)
+    x, _ = sample_gmm(default_gmm_params(torch.float64), 7, seed=1)
+    return model, x
+
+
+def _enum_loss(model, x):
+    from pyro.infer import TraceEnum_ELBO
+
+    return TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model.model, model.guide, x=x)
+
+
+def test_reduced_gradients_equal_the_single_process_gradient(tmp_path):
+    """Two gloo ranks, each with its shard (4 + 3 datapoints) of an exact (enumerated) GMM loss divided by
+    the global count: after ``all_reduce_gradients`` every rank's gradients equal the single process's on
+    the whole batch (float64, 1e-12). Catches an all-reduce that averages instead of summing, or scales
+    the gradients but not the loss, which the loss-only comparison under Adam (scale-invariant) misses."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "grads")
+    torch.multiprocessing.spawn(_reduced_gradients_worker, args=(2, port, out), nprocs=2, join=True)
+    model, x = _exact_gmm()
+    loss = _enum_loss(model, x) / x.shape[0]
+    single = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-12)
+        used = [(n, a, b) for (n, _), a, b in zip(model.named_parameters(), got["grads"], single) if b is not None]
+        assert len(used) >= 3  # the mixture's weights, means and scales
+        assert all(a is None for a, b in zip(got["grads"], single) if b is None)  # unused stays None, as in one process
+        for name, a, b in used:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)

@@ -37,8 +37,8 @@ from pyro.infer import TraceEnum_ELBO
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
-from ppl_vi.check.gradients import (GradientStats, TooManyTuples, enumerated_gradient_stats, expected_gradient_rows,
-                                    gradient_stats)
+from ppl_vi.check.gradients import (GradientStats, TooManyTuples, enumerated_gradient_stats, exact_stats,
+                                    expected_gradient_rows, gradient_stats)
 from ppl_vi.check.reference import discrete_sites, has_continuous_sites, reference_loss
 from ppl_vi.check.rows import CheckReport, Row, failure_row, rel_diff
 from ppl_vi.models.base import Batch, Draws, draws_from_trace, is_latent, sample_draws
@@ -290,18 +290,20 @@ def statistical_row(c: Comparison, model, guide, batch, params, max_plate_nestin
                f"{'batch total (global latent)' if is_global else 'per datapoint'}; SE {se:.3g}")
 
 
+REFERENCE_GROUPS = 60  # the reference's SE from 60 groups of replicates: 59 degrees of freedom (30 + 30 split)
+
+
 def reference_stats(model, guide, batch, params, *, target: str, k: int, max_plate_nesting: int, seed: int,
                     draws: int) -> GradientStats:
     """The reference gradient: exact (one evaluation) without continuous guide sites, else the mean of
-    20 groups of pathwise replicates (``draws`` replicates in all) with its standard error."""
+    ``REFERENCE_GROUPS`` groups of pathwise replicates (``draws`` replicates in all) with its standard
+    error; its direction from the first half of the groups, the second half projected on it."""
     kw = dict(target=target, k=k, max_plate_nesting=max_plate_nesting)
     if not has_continuous_sites(guide, batch, max_plate_nesting):
-        return gradient_stats(lambda: reference_loss(model, guide, batch, replicates=1, **kw), params, [seed])
-    # continuous sites: groups of replicates, the spread of the group means gives the reference's SE
-    groups = 20
-    replicates = max(1, math.ceil(draws / groups))
+        return exact_stats(lambda: reference_loss(model, guide, batch, replicates=1, **kw), params, seed)
+    replicates = max(1, math.ceil(draws / REFERENCE_GROUPS))
     return gradient_stats(lambda: reference_loss(model, guide, batch, replicates=replicates, **kw), params,
-                          [seed + 7919 * (g + 1) for g in range(groups)])
+                          [seed + 7919 * (g + 1) for g in range(REFERENCE_GROUPS)], split=True)
 
 
 def expected_gradient_check(name: str, loss_fn: Callable[[Batch], Tensor], model, guide, batch, params, names, *,
@@ -318,10 +320,13 @@ def expected_gradient_check(name: str, loss_fn: Callable[[Batch], Tensor], model
     continuous sites, 1 seed without any); otherwise it is averaged over ``seeds`` seeds."""
     discrete = enumerate_discrete and bool(discrete_sites(guide, batch, max_plate_nesting))
     continuous = has_continuous_sites(guide, batch, max_plate_nesting)
+    reference = reference_stats(model, guide, batch, params, target=target, k=k, max_plate_nesting=max_plate_nesting,
+                                seed=seed, draws=reference_draws or 10 * seeds)
     if discrete:
         draws = [seed + 100_003 + s for s in range(seeds if continuous else 1)]
         try:
-            estimate = enumerated_gradient_stats(loss_fn, params, batch, guide, max_plate_nesting, k, draws)
+            estimate = enumerated_gradient_stats(loss_fn, params, batch, guide, max_plate_nesting, k, draws,
+                                                 directions=reference.directions)
             note = "; ".join(x for x in (note, "discrete sites enumerated" + (", continuous averaged" if continuous
                                                                               else ": exact")) if x)
         except TooManyTuples as exc:  # sample the discrete sites too, and say so
@@ -331,9 +336,8 @@ def expected_gradient_check(name: str, loss_fn: Callable[[Batch], Tensor], model
         random = continuous or any(not s["infer"].get("enumerate") for s in _guide_sites(guide, batch).values()
                                    if not getattr(s["fn"], "has_rsample", False))
         estimate = gradient_stats(lambda: loss_fn(batch), params,
-                                  [seed + 100_003 + s for s in range(seeds if random else 1)])
-    reference = reference_stats(model, guide, batch, params, target=target, k=k, max_plate_nesting=max_plate_nesting,
-                                seed=seed, draws=reference_draws or 10 * seeds)
+                                  [seed + 100_003 + s for s in range(seeds if random else 1)],
+                                  directions=reference.directions)
     return expected_gradient_rows(name, estimate, reference, names, note=note)
 
 
