@@ -13,6 +13,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from IPython.lib.pretty import pretty
 
 import ppl_vi
 from ppl_vi import check_bound
@@ -199,6 +200,7 @@ def test_report_displays(example):
     passing = check_bound(*_args(example), **FAST)
     assert str(failing) == failing.table() and str(failing).splitlines()[-1].startswith("diagnosis: sign:")
     assert repr(failing).startswith("<CheckReport FAIL:") and "\n" not in repr(failing)
+    assert pretty(failing) == failing.table()  # IPython in a terminal shows the table
     for report in (failing, passing):
         page = report._repr_html_()
         bad_rows = re.findall(r"<tr class='bad'>", page)
