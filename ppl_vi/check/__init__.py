@@ -9,7 +9,9 @@
 * :mod:`~ppl_vi.check.userfile`: ``ppl-vi check FILE.py``, a user's own model/guide/bound
   (:func:`check_pair`), with :mod:`~ppl_vi.check.terms` (Pyro's estimate per site and datapoint),
   :mod:`~ppl_vi.check.diagnose` (the likely mistake, named) and :mod:`~ppl_vi.check.formula` (the
-  objective written out with the user's site names).
+  objective written out with the user's site names);
+* :mod:`~ppl_vi.check.api`: :func:`check_bound`, the user-file check as one call (a notebook, a
+  test suite: :func:`ppl_vi.testing.assert_bound`).
 """
 
 from ppl_vi.check.core import (Comparison, check, expected_gradient_check, loss_value, pyro_loss_and_grads,  # noqa: F401
@@ -23,3 +25,4 @@ from ppl_vi.check.diagnose import diagnose  # noqa: F401
 from ppl_vi.check.formula import bound_formula  # noqa: F401
 from ppl_vi.check.terms import SiteTerms, site_terms  # noqa: F401
 from ppl_vi.check.userfile import UserPair, check_pair, load_target, make_pair  # noqa: F401
+from ppl_vi.check.api import check_bound  # noqa: F401
