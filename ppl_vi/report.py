@@ -27,12 +27,14 @@ import html
 import io
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from matplotlib import mathtext
 
 from ppl_vi import run as rundir
+from ppl_vi.mathml import UnsupportedLatex, to_mathml
 from ppl_vi.config import FIELDS
 from ppl_vi.errors import ConfigError, PplViError
 from ppl_vi.fields import applies
@@ -261,7 +263,7 @@ def _figures_section(run_dir: Path) -> str:
     return "<h2>Figures</h2><div class='figures'>" + "".join(items) + "</div>" + note
 
 
-def _check_section(check: Optional[dict]) -> str:
+def _check_section(check: Optional[dict], typeset: Optional[Callable[[str], Optional[str]]] = None) -> str:
     if check is None:
         return ("<h2>Consistency check</h2><p class='sub'>Not run for this directory: "
                 "<code>ppl-vi check MODEL --json RUN_DIR/check.json</code> then <code>ppl-vi report RUN_DIR</code>, "
@@ -285,7 +287,7 @@ def _check_section(check: Optional[dict]) -> str:
             "(same sample: value and every gradient; statistical: means over seeds) and against the exact answer "
             "where there is one. Values per datapoint (the mean over the batch) unless a row says otherwise.</p>"
             + (f"<div class='scaled'><b>Diagnosis</b><ul>{diagnoses}</ul></div>" if diagnoses else "")
-            + _formula_section(check.get("formula"))
+            + _formula_section(check.get("formula"), typeset or formula_image)
             + _table(("kind", "check", "reference", "value", "abs diff", "rel diff (equalities)", "ok",
                       "tolerance / note"), rows))
 
@@ -302,7 +304,16 @@ def formula_image(latex: str) -> Optional[str]:
     return f"<img class='formula' alt='{_esc(latex)}' src=\"data:image/svg+xml;base64,{data}\">"
 
 
-def _formula_section(formula: Any) -> str:
+def formula_mathml(latex: str) -> Optional[str]:
+    """A LaTeX formula as MathML, typeset by the browser (text, not an image); the SVG image where
+    the formula uses LaTeX that :mod:`ppl_vi.mathml` does not cover."""
+    try:
+        return to_mathml(latex)
+    except UnsupportedLatex:
+        return formula_image(latex)
+
+
+def _formula_section(formula: Any, typeset: Callable[[str], Optional[str]] = formula_image) -> str:
     """The objective Pyro optimises, typeset (and as plain text and LaTeX), beside the check table."""
     if not isinstance(formula, dict) or not isinstance(formula.get("text"), str):
         return ""
@@ -311,8 +322,8 @@ def _formula_section(formula: Any) -> str:
         text, tex = formula.get(text_key), formula.get(tex_key)
         if not isinstance(text, str):
             continue
-        image = formula_image(tex) if isinstance(tex, str) else None
-        parts.append(f"<p>{image}</p>" if image else "")
+        image = typeset(tex) if isinstance(tex, str) else None
+        parts.append(f"<div class='typeset'>{image}</div>" if image else "")
         parts.append(f"<pre>{_esc(text)}</pre>")
         if isinstance(tex, str):
             parts.append(f"<details><summary>LaTeX</summary><pre>{_esc(tex)}</pre></details>")
@@ -330,6 +341,33 @@ def render_check_page(check: dict, title: str) -> str:
         f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1><p class='sub'>written {_esc(now)}</p><p>{_badge(check)}</p>",
         _check_section(check), "</body></html>\n"])
+
+
+def _scoped(css: str, scope: str) -> str:
+    """The page's style sheet with every selector confined to ``scope`` (a notebook cell must not
+    restyle the notebook around it): ``body`` and ``:root`` become the scope itself."""
+    rules = []
+    for selectors, body in re.findall(r"([^{}]+)\{([^{}]*)\}", css):
+        scoped = [scope if s.strip() in ("body", ":root") else f"{scope} {s.strip()}" for s in selectors.split(",")]
+        rules.append(f"{', '.join(scoped)} {{{body}}}")
+    return "\n".join(rules)
+
+
+FRAGMENT_CSS = """
+.ppl-vi-check { max-width: none; margin: 0; padding: 12px 16px; border: 1px solid #d1d9e0; border-radius: 6px; }
+.ppl-vi-check h2 { margin: 4px 0 8px; }
+.ppl-vi-check div.formula { overflow-x: auto; }
+.ppl-vi-check math { font-size: 1.15em; font-family: "STIX Two Math", "Cambria Math", "Latin Modern Math",
+                     "DejaVu Math TeX Gyre", math; }
+"""
+
+
+def render_check_fragment(check: dict) -> str:
+    """The check as one ``<div>`` for a notebook cell (``CheckReport._repr_html_``): the verdict, the
+    diagnoses, the objective typeset as MathML and the table with failing rows highlighted; its style
+    confined to the div, no script, nothing loaded."""
+    return (f"<div class='ppl-vi-check'><style>{_scoped(CSS, '.ppl-vi-check')}{FRAGMENT_CSS}</style>"
+            f"<p>{_badge(check)}</p>{_check_section(check, formula_mathml)}</div>")
 
 
 def _scaled_down_note(metrics: dict) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ppl_vi.check.usercheck import check_bound
+from ppl_vi.check import check_bound
 from ppl_vi.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -1,12 +1,17 @@
 """The HTML run report: contents, self-containedness, and a render in a real (headless) browser."""
 
 import base64
+import html as htmllib
+import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from ppl_vi import check_bound
+from ppl_vi.check.userfile import load_target
 from ppl_vi.cli import main
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -115,3 +120,70 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     ok, total = int(match.group(1)), int(match.group(2))
     assert total == n_images and total > 0
     assert ok == total, f"only {ok} of {total} images decoded in the browser"
+
+
+# The notebook display of a check (CheckReport._repr_html_), two of them in one page as in a notebook:
+# once loaded, record per report how the browser laid it out: the failing rows and their computed
+# background beside a passing row's, whether each MathML fraction has its numerator above its
+# denominator (a browser that does not typeset MathML puts them side by side), each formula's size.
+DISPLAY_PROBE = """<script>
+window.addEventListener('load', function () {
+  var out = [];
+  document.querySelectorAll('.ppl-vi-check').forEach(function (box) {
+    var background = function (el) { return el ? getComputedStyle(el).backgroundColor : ''; };
+    var stacked = Array.prototype.map.call(box.querySelectorAll('mfrac'), function (f) {
+      return f.children[0].getBoundingClientRect().bottom <= f.children[1].getBoundingClientRect().top + 1;
+    });
+    var sizes = Array.prototype.map.call(box.querySelectorAll('math'), function (m) {
+      var r = m.getBoundingClientRect(); return [r.width, r.height];
+    });
+    out.push({bad: box.querySelectorAll('tbody tr.bad').length, rows: box.querySelectorAll('tbody tr').length,
+              badBackground: background(box.querySelector('tbody tr.bad td')),
+              okBackground: background(box.querySelector('tbody tr:not(.bad) td')),
+              stacked: stacked, sizes: sizes, title: box.querySelector('h2').textContent,
+              diagnosis: box.querySelector('.scaled') ? box.querySelector('.scaled').textContent : ''});
+  });
+  document.body.dataset.probe = JSON.stringify(out);
+});
+</script></body>"""
+
+
+def test_check_display_renders_in_headless_chromium(tmp_path):
+    """A passing and a failing ``check_bound`` report, as Jupyter shows them (``_repr_html_``), rendered
+    by Chromium: the failing rows (and only they) drawn on a red background, the verdict and the
+    diagnosis shown, the objective typeset as MathML (fractions stacked, not LaTeX text). Catches a
+    highlight that does not reach the page, style lost to the scoping, and formulas left unrendered."""
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run installs it): browser render not tested")
+    import matplotlib.image as mpimg
+
+    example = load_target(str(Path(__file__).resolve().parents[1] / "examples" / "conjugate_normal.py")).module
+    args = (example.model, example.guide)
+    passing = check_bound(*args, example.bound, example.batch, repeats=4, gradient_seeds=3)
+    failing = check_bound(*args, example.flipped_kl["bound"], example.batch, repeats=4, gradient_seeds=3)
+    assert passing.ok and not failing.ok
+    page = tmp_path / "display.html"
+    body = passing._repr_html_() + "<hr>" + failing._repr_html_()
+    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>" + body + DISPLAY_PROBE + "</html>")
+
+    shot = tmp_path / "display.png"
+    result = _chromium(binary, tmp_path, f"--screenshot={shot}", "--window-size=1400,2400", page.as_uri())
+    assert shot.is_file(), f"no screenshot; chromium said: {result.stderr[-2000:]}"
+    gray = mpimg.imread(str(shot))[..., :3].mean(-1)
+    assert gray.var() > 0.005 and (gray < 0.9).mean() > 0.02, "screenshot looks blank"
+
+    result = _chromium(binary, tmp_path, "--dump-dom", "--virtual-time-budget=10000", page.as_uri())
+    match = re.search(r'data-probe="([^"]*)"', result.stdout)
+    assert match, f"the probe did not run; chromium said: {result.stderr[-2000:]}"
+    shown_pass, shown_fail = json.loads(htmllib.unescape(match.group(1)))
+    assert shown_pass["bad"] == 0 and shown_pass["rows"] == len(passing.rows) and shown_pass["title"].endswith("passed")
+    assert shown_fail["bad"] == len(failing.failures) > 0 and shown_fail["rows"] == len(failing.rows)
+    red = tuple(int(v) for v in re.findall(r"\d+", shown_fail["badBackground"])[:3])
+    assert red[0] > 200 and red[0] - red[1] > 8 and red[0] - red[2] > 8, shown_fail["badBackground"]
+    assert shown_fail["okBackground"] != shown_fail["badBackground"]
+    assert shown_fail["title"] == f"Consistency check: failed ({len(failing.failures)} of {len(failing.rows)} checks)"
+    assert "its sign is flipped" in shown_fail["diagnosis"]
+    for shown in (shown_pass, shown_fail):
+        assert len(shown["sizes"]) == 2 and all(w > 200 and h > 15 for w, h in shown["sizes"]), shown["sizes"]
+        assert len(shown["stacked"]) >= 3 and all(shown["stacked"]), shown["stacked"]

@@ -11,7 +11,9 @@
   :mod:`~ppl_vi.check.preflight`: does it run, its data plate, vectorised particles or not), with
   :mod:`~ppl_vi.check.terms` (Pyro's estimate per site and datapoint),
   :mod:`~ppl_vi.check.diagnose` (the likely mistake, named) and :mod:`~ppl_vi.check.formula` (the
-  objective written out with the user's site names).
+  objective written out with the user's site names);
+* :mod:`~ppl_vi.check.api`: :func:`check_bound`, the user-file check as one call (a notebook, a
+  test suite: :func:`ppl_vi.testing.assert_bound`).
 """
 
 from ppl_vi.check.core import (Comparison, check, expected_gradient_check, loss_value, pyro_loss_and_grads,  # noqa: F401
@@ -24,5 +26,6 @@ from ppl_vi.check.truth import ground_truth_rows, iwae_ladder_rows  # noqa: F401
 from ppl_vi.check.diagnose import diagnose  # noqa: F401
 from ppl_vi.check.formula import bound_formula  # noqa: F401
 from ppl_vi.check.terms import SiteTerms, site_terms  # noqa: F401
-from ppl_vi.check.usercheck import UserPair, check_bound, check_pair, make_pair  # noqa: F401
+from ppl_vi.check.usercheck import UserPair, check_pair, make_pair  # noqa: F401
 from ppl_vi.check.userfile import load_target  # noqa: F401
+from ppl_vi.check.api import check_bound  # noqa: F401

@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+from pyro import poutine
 
+from ppl_vi.check.preflight import deepest_plate
 from ppl_vi.check.terms import SiteTerms, read_draw_set, trace_pairs
 from ppl_vi.models.base import Batch, is_latent
 
@@ -107,7 +109,7 @@ def _data_plate_name(model_trace, max_plate_nesting: int) -> Optional[str]:
     return None
 
 
-def bound_formula(model, guide, batch: Batch, max_plate_nesting: int = 1, terms: Optional[SiteTerms] = None,
+def bound_formula(model, guide, batch: Batch, max_plate_nesting: Optional[int] = 1, terms: Optional[SiteTerms] = None,
                   data_plate: Optional[str] = None, vectorized: bool = True, shapes=None) -> Dict[str, str]:
     """{"text", "latex", "iwae_text", "iwae_latex"}: the negative ELBO (and IWAE_K bound) Pyro optimises
     for this pair, local terms per datapoint, global latents' terms once for the batch, model-enumerated
@@ -116,9 +118,12 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: int = 1, terms:
     # one plain particle, the data marked as requiring grad: autograd then says what each parameter depends on
     traced = {k: (v.detach().clone().requires_grad_(True) if torch.is_tensor(v) and v.is_floating_point() else v)
               for k, v in batch.items()}
-    nest = max_plate_nesting
     try:
         with torch.enable_grad(), torch.random.fork_rng():
+            nest = max_plate_nesting
+            if nest is None:  # read off one plain run, as the checker does
+                plain = poutine.trace(guide).get_trace(**batch)
+                nest = deepest_plate(plain, poutine.trace(poutine.replay(model, trace=plain)).get_trace(**batch))
             gt, _ = trace_pairs(model, guide, traced, 1, nest, vectorized=False)[0]
             # again at the same draws made leaves: the model's parameters then depend on the data only directly
             leaves = {n: s["value"].detach().clone().requires_grad_(s["value"].is_floating_point()).unsqueeze(0)

@@ -78,7 +78,8 @@ def _plain_traces(model: Callable, guide: Callable, batch: Batch, nest: int):
     return guide_trace, poutine.trace(poutine.replay(enumerated, trace=guide_trace)).get_trace(**batch)
 
 
-def _deepest_plate(*traces) -> int:
+def deepest_plate(*traces) -> int:
+    """The max_plate_nesting the traces need: the deepest vectorised plate dim any sample site sits in (>= 1)."""
     return max([-f.dim for t in traces for s in t.nodes.values() if s["type"] == "sample"
                 for f in s["cond_indep_stack"] if f.vectorized] + [1])
 
@@ -150,7 +151,7 @@ def prepare(model, guide, batch: Batch, *, source: str, files: Iterable[str], da
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
         except Exception as exc:  # noqa: BLE001
             raise user_error(source, files, "the model (replayed against the guide)", exc) from None
-        needed = _deepest_plate(guide_trace, model_trace)
+        needed = deepest_plate(guide_trace, model_trace)
         if max_plate_nesting is not None and max_plate_nesting < needed:
             raise ConfigError(f"{source}: max_plate_nesting = {max_plate_nesting}, but the pair uses {needed} nested "
                               f"plate dims; set max_plate_nesting = {needed}")

@@ -9,6 +9,8 @@ from typing import List
 import torch
 from torch import Tensor
 
+from ppl_vi.report import render_check_fragment
+
 
 @dataclasses.dataclass
 class Row:
@@ -96,6 +98,30 @@ class CheckReport:
         if skipped:
             text += f" [not run: {'; '.join(skipped)}]"
         return text + (f"; {ran} of {len(self.rows)} rows ran" if ran < len(self.rows) else "")
+
+    # a notebook, a terminal and a test: the same report, shown where it is asked for
+    @property
+    def ok(self) -> bool:
+        """Every row passed (``passed``)."""
+        return self.passed
+
+    @property
+    def diagnoses(self) -> List[str]:
+        """One line per likely mistake (``verdicts``), each starting with its keyword (constant, sign, scale...)."""
+        return self.verdicts
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return f"<CheckReport {'PASS' if self.passed else 'FAIL'}: {len(self.rows)} rows, {len(self.failures)} failed; " \
+               f"{len(self.verdicts)} diagnoses>"
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:  # IPython in a terminal: the table
+        printer.text(repr(self) if cycle else self.table())
+
+    def _repr_html_(self) -> str:  # Jupyter: verdict, diagnoses, typeset objective, failing rows highlighted
+        return render_check_fragment(self.to_dict())
 
     def to_dict(self) -> dict:
         out = {"passed": self.passed, "skipped": list(self.skipped), "rows": [dataclasses.asdict(r) for r in self.rows],

@@ -729,27 +729,3 @@ def pair_formula(pair: UserPair) -> Dict[str, str]:
     if not formula:
         raise ConfigError(f"{pair.source}: no formula: the pair does not run once as written")
     return formula
-
-
-def check_bound(model: Callable, guide: Callable, bound: Callable, batch, *, loss=None, iwae_bound=None,
-                exact_log_likelihood=None, params=None, seed: int = 0, num_particles: int = 3, repeats: int = 50,
-                gradient_seeds: int = 50, max_plate_nesting: Optional[int] = None, data_plate: str = "data",
-                rtol: Optional[float] = None, source: str = "check_bound") -> CheckReport:
-    """Check a hand-derived ``bound`` for ``model``/``guide`` on ``batch`` (a dict of tensors, or a function
-    returning one), with the same meaning as a user file's fields (the module docstring); returns the
-    :class:`~ppl_vi.check.rows.CheckReport`. Bad input is a ConfigError of one line."""
-    entries = dict(model=model, guide=guide, bound=bound, batch=batch, loss=loss, iwae_bound=iwae_bound,
-                   exact_log_likelihood=exact_log_likelihood, params=params, max_plate_nesting=max_plate_nesting,
-                   data_plate=data_plate)
-    files = [f for f in (_source_file(g) for g in (model, guide, bound, iwae_bound, exact_log_likelihood)) if f]
-    pair = make_pair(source, entries, files=files)
-    return check_pair(pair, num_particles=num_particles, seed=seed, repeats=repeats, gradient_seeds=gradient_seeds,
-                      rtol=rtol)
-
-
-def _source_file(fn) -> Optional[str]:
-    """The file a user's function is defined in (None for builtins and the like)."""
-    try:
-        return inspect.getsourcefile(fn) if callable(fn) else None
-    except TypeError:
-        return None

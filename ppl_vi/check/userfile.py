@@ -42,7 +42,7 @@ from typing import List, Optional, Tuple
 
 from ppl_vi.check.preflight import user_error
 from ppl_vi.check.rows import CheckReport
-from ppl_vi.check.usercheck import _grads_agree, UserPair, check_bound, check_pair, make_pair  # noqa: F401 - re-exported
+from ppl_vi.check.usercheck import _grads_agree, UserPair, check_pair, make_pair  # noqa: F401 - re-exported
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import LatentModel
 
@@ -131,4 +131,4 @@ def check_target(target: str, **kwargs) -> CheckReport:
     return check_pair(loaded, **kwargs)
 
 
-__all__ = ["UserPair", "check_bound", "check_pair", "check_target", "load_target", "make_pair", "split_target"]
+__all__ = ["UserPair", "check_pair", "check_target", "load_target", "make_pair", "split_target"]
