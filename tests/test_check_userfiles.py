@@ -445,3 +445,18 @@ def test_a_sampled_discrete_guide_site_is_no_false_alarm(tmp_path, capsys):
     assert "expectation over 8 tuples x 5 datapoints, exact vs reference" in out
     code, out, _ = run(user_file(tmp_path, CATEGORICAL_GUIDE.replace("SIGN = 1.0", "SIGN = -1.0"), "slip.py"), capsys)
     assert code == 1 and "diagnosis: sign:" in out and "of site 'c' (log q - log p) has its sign flipped" in out
+
+
+def test_the_checkers_own_exception_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """Catches: a bug of the checker on some user file printing a traceback (exit 1, like a failed check)
+    instead of one line that says it is the checker's failure (exit 2)."""
+    import ppl_vi.cli as cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(cli, "check_pair", broken)
+    code, out, err = run(user_file(tmp_path, GOOD), capsys)
+    assert code == 2 and out == ""
+    line = err.strip()
+    assert "\n" not in line and "the checker itself failed on this file (RuntimeError: an internal bug)" in line
