@@ -25,6 +25,8 @@ from ppl_vi.check import check_model
 from ppl_vi.check.formula import bound_formula
 from ppl_vi.check.semisupervised import batches_from_data, check_semisupervised
 from ppl_vi.check.userfile import UserPair, check_pair, load_target
+from ppl_vi.check.rows import one_line
+from ppl_vi.check.usercheck import pair_formula
 from ppl_vi.config import FIELDS, TrainConfig, build_config, parse_int_list, read_config_file
 from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
 from ppl_vi.data.sources import load_data
@@ -55,18 +57,23 @@ EXAMPLES = """examples:
 
 
 CHECK_EPILOG = """your own file (no registry entry needed) defines at module level:
-  model(**batch), guide(**batch)   the Pyro pair, data in pyro.plate("data", ...)
-  bound(batch, draws)              your per-datapoint NEGATIVE ELBO, (B,), K particles averaged, scaled as Pyro
-                                   scales it; or a dict of named terms ({"rec": ..., "kl": ...}), checked one by one
+  model(**batch), guide(**batch)   the Pyro pair, the datapoints in pyro.plate("data", B)
+  bound(batch, draws)              your NEGATIVE ELBO, K particles averaged, scaled as Pyro scales it: per datapoint
+                                   (B,); with global latents the batch total () (or (B,) values, summed); or a dict
+                                   of named terms, each (B,) or () (a global latent's term), checked one by one
   batch                            a dict of tensors (or a function returning one); float64 recommended
-  optional: iwae_bound(batch, draws), params, exact_log_likelihood(batch), loss / losses, max_plate_nesting
-draws maps each latent site to its K particles, (K, B, ...). FILE.py:NAME picks a LatentModel subclass, a
-dict of replacements (e.g. another bound) or a function (the bound). Exit 0: pass; 1: a check failed (the
-likely mistakes are named under the table); 2: the file cannot be used.
+  optional: iwae_bound(batch, draws), params, exact_log_likelihood(batch) ((B,), or () with global latents),
+  loss / losses (default: TraceEnum_ELBO where the model enumerates, TraceMeanField_ELBO for closed-form KLs,
+  else Trace_ELBO), max_plate_nesting, data_plate (the data plate's name, default "data")
+draws[s] holds K particles of site s, (K,) + its shape (a local z: (K, B, ...); a global w of shape (3,): (K, 3)).
+FILE.py:NAME picks a LatentModel subclass, a dict of replacements (e.g. another bound) or a function (the bound).
+Exit 0: every check that ran passed; 1: a check failed (the likely mistakes are named under the table); 2: the
+file cannot be used (one line: file, line and cause). Rows the checker cannot run say why and count neither way.
 
 examples:
-  ppl-vi check examples/conjugate_normal.py
-  ppl-vi check examples/conjugate_normal.py:flipped_kl
+  ppl-vi check examples/coin_fairness.py                 # a global latent, a closed-form KL
+  ppl-vi check examples/coin_fairness.py:flipped_kl
+  ppl-vi check examples/gmm_enumerated.py                # an enumerated assignment: TraceEnum_ELBO
   ppl-vi check examples/conjugate_normal.py --formula
   ppl-vi check examples/student_t_fa.py
 """
@@ -285,10 +292,18 @@ def cmd_check(args) -> int:
                 raise ConfigError(f"{args.model}: {loaded.__name__} is not registered; decorate it with "
                                   "@register(...) (see examples/student_t_fa.py), or define model/guide/bound/batch")
         else:
-            if args.formula:
-                return print_formula(bound_formula(loaded.model, loaded.guide, loaded.batch, loaded.max_plate_nesting))
-            report = check_pair(loaded, num_particles=args.k, seed=args.seed, repeats=args.repeats,
-                                gradient_seeds=args.gradient_seeds)
+            try:
+                if args.formula:
+                    return print_formula(pair_formula(loaded))
+                report = check_pair(loaded, num_particles=args.k, seed=args.seed, repeats=args.repeats,
+                                    gradient_seeds=args.gradient_seeds)
+            except PplViError:
+                raise
+            except Exception as exc:  # the checker's own failure: one line too (--debug shows the traceback)
+                if args.debug:
+                    raise
+                raise ConfigError(f"{args.model}: the checker itself failed on this file ({one_line(exc)}); "
+                                  "rerun with --debug for the traceback, and please report it") from None
             first = next(iter(loaded.batch.values()))
             print(f"ppl-vi check {args.model}: {str(first.dtype).replace('torch.', '')}, batch of {first.shape[0]}, "
                   f"K={args.k}, seed {args.seed}")
@@ -332,7 +347,7 @@ def is_user_file(target: str) -> bool:
 def print_formula(formula: dict) -> int:
     """``ppl-vi check --formula``: the objective as plain text, then LaTeX."""
     if not formula:
-        raise ConfigError("no formula: the model's sites do not split into per-datapoint terms (a global latent?)")
+        raise ConfigError("no formula: the model and guide do not run once as written")
     print(formula["text"])
     print(formula["iwae_text"])
     if formula.get("note"):

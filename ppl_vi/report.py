@@ -270,15 +270,18 @@ def _check_section(check: Optional[dict], typeset: Optional[Callable[[str], Opti
                 "or <code>ppl-vi report RUN_DIR --check</code>.</p>")
     rows = []
     for r in check.get("rows", []):
-        ok = bool(r.get("passed"))
-        note = "; ".join(s for s in (r.get("tolerance", ""), r.get("note", "")) if s)
-        rows.append(f"<tr class='{'' if ok else 'bad'}'><td class='nowrap'>{_esc(r.get('kind', ''))}</td>"
+        ok, skipped = bool(r.get("passed")), r.get("not_run")  # a row the checker could not run: neither
+        note = f"not run: {skipped}" if skipped else "; ".join(s for s in (r.get("tolerance", ""), r.get("note", "")) if s)
+        rows.append(f"<tr class='{'' if ok or skipped else 'bad'}'><td class='nowrap'>{_esc(r.get('kind', ''))}</td>"
                     f"<td>{_esc(r.get('name', ''))}</td>{_num(r.get('reference'), '.8g')}{_num(r.get('value'), '.8g')}"
                     f"{_num(r.get('abs_diff'), '.2e')}"
                     f"{_num(r.get('rel_diff') if str(r.get('tolerance', '')).startswith('rel') else None, '.2e')}"
-                    f"<td class='{'ok' if ok else 'bad'}'>{'ok' if ok else 'FAIL'}</td><td>{_esc(note)}</td></tr>")
-    failed = sum(1 for r in check.get("rows", []) if not r.get("passed"))
-    verdict = "passed" if check.get("passed") else f"failed ({failed} of {len(rows)} checks)"
+                    f"<td class='{'ok' if ok or skipped else 'bad'}'>{'n/a' if skipped else 'ok' if ok else 'FAIL'}"
+                    f"</td><td>{_esc(note)}</td></tr>")
+    ran = [r for r in check.get("rows", []) if not r.get("not_run")]
+    failed = sum(1 for r in ran if not r.get("passed"))
+    verdict = ("passed" if check.get("passed") else f"failed ({failed} of {len(ran)} checks)") + (
+        f"; {len(ran)} of {len(rows)} rows ran" if len(ran) < len(rows) else "")
     diagnoses = "".join(f"<li>{_esc(v)}</li>" for v in check.get("verdicts", []) if isinstance(v, str))
     return (f"<h2>Consistency check: {_esc(verdict)}</h2><p class='sub'>Hand-derived bounds against Pyro's losses "
             "(same sample: value and every gradient; statistical: means over seeds) and against the exact answer "

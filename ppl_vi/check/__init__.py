@@ -6,8 +6,10 @@
   the objective computed exactly over discrete sites;
 * :mod:`~ppl_vi.check.truth`: exact log p(x), the posterior gap, the IWAE ladder;
 * :mod:`~ppl_vi.check.suite`: :func:`check_model`, every loss a built-in model trains with;
-* :mod:`~ppl_vi.check.userfile`: ``ppl-vi check FILE.py``, a user's own model/guide/bound
-  (:func:`check_pair`), with :mod:`~ppl_vi.check.terms` (Pyro's estimate per site and datapoint),
+* :mod:`~ppl_vi.check.userfile`: ``ppl-vi check FILE.py``, a user's own model/guide/bound, loaded;
+  :mod:`~ppl_vi.check.usercheck`: :func:`check_bound` / :func:`check_pair` check it (after
+  :mod:`~ppl_vi.check.preflight`: does it run, its data plate, vectorised particles or not), with
+  :mod:`~ppl_vi.check.terms` (Pyro's estimate per site and datapoint),
   :mod:`~ppl_vi.check.diagnose` (the likely mistake, named) and :mod:`~ppl_vi.check.formula` (the
   objective written out with the user's site names);
 * :mod:`~ppl_vi.check.api`: :func:`check_bound`, the user-file check as one call (a notebook, a
@@ -24,5 +26,6 @@ from ppl_vi.check.truth import ground_truth_rows, iwae_ladder_rows  # noqa: F401
 from ppl_vi.check.diagnose import diagnose  # noqa: F401
 from ppl_vi.check.formula import bound_formula  # noqa: F401
 from ppl_vi.check.terms import SiteTerms, site_terms  # noqa: F401
-from ppl_vi.check.userfile import UserPair, check_pair, load_target, make_pair  # noqa: F401
+from ppl_vi.check.usercheck import UserPair, check_pair, make_pair  # noqa: F401
+from ppl_vi.check.userfile import load_target  # noqa: F401
 from ppl_vi.check.api import check_bound  # noqa: F401

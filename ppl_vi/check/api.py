@@ -89,8 +89,9 @@ def _seeded(seed: int) -> Iterator[None]:
 
 def check_bound(model: Callable, guide: Callable, bound: Callable, batch, *, loss=None, losses=None,
                 iwae_bound: Optional[Callable] = None, exact_log_likelihood: Optional[Callable] = None,
-                params=None, max_plate_nesting: int = 1, num_particles: int = 3, seed: int = 0,
-                repeats: int = 50, gradient_seeds: int = 50, rtol: Optional[float] = None) -> CheckReport:
+                params=None, max_plate_nesting: Optional[int] = None, num_particles: int = 3, seed: int = 0,
+                repeats: int = 50, gradient_seeds: int = 50, rtol: Optional[float] = None,
+                data_plate: str = "data") -> CheckReport:
     """Check a hand-derived bound against Pyro's losses (and the exact log-likelihood, if given).
 
     ``model(**batch)``, ``guide(**batch)``: the Pyro pair, data in ``pyro.plate("data", ...)``;
@@ -100,7 +101,9 @@ def check_bound(model: Callable, guide: Callable, bound: Callable, batch, *, los
     instead of the defaults), ``iwae_bound(batch, draws)`` (the negative IWAE_K bound),
     ``exact_log_likelihood(batch)`` (log p(x) per datapoint: the ground-truth rows), ``params`` (the
     tensors whose gradients are compared: a list, a dict name -> tensor, or an ``nn.Module``),
-    ``max_plate_nesting``. The check's own settings are those of ``ppl-vi check``: ``num_particles``
+    ``max_plate_nesting`` (default: read off the traces), ``data_plate`` (the data plate's name). With
+    global latents the bound may be the batch total, (), or named terms each (B,) or (); see
+    :mod:`ppl_vi.check.usercheck` for the convention in full. The check's own settings are those of ``ppl-vi check``: ``num_particles``
     (K), ``seed``, ``repeats`` (seeds of the statistical rows), ``gradient_seeds``, ``rtol``.
     """
     entries = {"model": model, "guide": guide, "bound": bound, "batch": batch}
@@ -118,7 +121,9 @@ def check_bound(model: Callable, guide: Callable, bound: Callable, batch, *, los
             raise ConfigError(f"{SOURCE}: losses must be a list (or a dict name -> loss) of Pyro loss objects, "
                               f"got {type(losses).__name__}")
         entries["losses"] = losses
-    entries["max_plate_nesting"] = _integer("max_plate_nesting", max_plate_nesting, 1)
+    if max_plate_nesting is not None:
+        entries["max_plate_nesting"] = _integer("max_plate_nesting", max_plate_nesting, 1)
+    entries["data_plate"] = data_plate
     k = _integer("num_particles", num_particles, 1)
     seed = _integer("seed", seed, 0)
     repeats = _integer("repeats", repeats, 2, " (the statistical rows compare means over seeds)")
@@ -127,8 +132,22 @@ def check_bound(model: Callable, guide: Callable, bound: Callable, batch, *, los
         raise ConfigError(f"{SOURCE}: rtol must be a number in (0, 1), got {rtol!r}")
     with _seeded(seed):
         module = _namespace(v for v in (model, guide, bound, iwae_bound, exact_log_likelihood) if v is not None)
-        pair = make_pair(SOURCE, entries, module)
+        functions = [v for v in (model, guide, bound, iwae_bound, exact_log_likelihood) if v is not None]
+        pair = make_pair(SOURCE, entries, module, files=_source_files(functions))
         return check_pair(pair, num_particles=k, seed=seed, repeats=repeats, gradient_seeds=gradient_seeds, rtol=rtol)
+
+
+def _source_files(functions) -> list:
+    """The files the functions are defined in, so that an error names the user's line."""
+    found = []
+    for fn in functions:
+        try:
+            path = inspect.getsourcefile(getattr(fn, "__func__", fn))
+        except TypeError:  # a builtin or a callable object
+            path = None
+        if path:
+            found.append(path)
+    return found
 
 
 __all__ = ["check_bound"]

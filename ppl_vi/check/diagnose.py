@@ -17,9 +17,17 @@ verdict that starts with its keyword:
   written as a log-mean-exp; **scale** also for N/B (or β) *inside* the log-mean-exp:
   -log (1/K) Σ_k exp(c log w_k) instead of -c log (1/K) Σ_k w_k.
 * **per datapoint**: a (K, B) result (one value per particle) or a batch total.
+* **missing log-Jacobian**: a transformed distribution's density (LogNormal...) taken as its base
+  density, the log|dθ/du| left out; **missing term** also for a dropped normalising -log σ.
+* **constant** also for a data-only normalising constant (-Σ log x! of a Poisson, log C(n, x) of a
+  Binomial) and for a residual that does not change with the draws but differs per datapoint.
+* with global latents, for a global latent's term counted once per datapoint (factor B) or scaled by
+  N/B, and 1/D for a mean over a site's D values (a binary cross-entropy averaged over pixels).
 
-Every test is "equal at every datapoint to rounding" (``rtol``), so a verdict is evidence, not a
-guess; with none matching, the verdict says so and names the datapoints and the residual.
+A column of evidence is one datapoint, or, with several draw sets side by side (the user-file
+checker's, :func:`ppl_vi.check.terms.view`), one datapoint of one draw set; with global latents, one
+draw set's batch total. Every test is "equal at every column to rounding" (``rtol``), so a verdict is
+evidence, not a guess; with none matching, the verdict says so and names the columns and the residual.
 """
 
 from __future__ import annotations
@@ -57,14 +65,23 @@ def _datapoints(idx: Sequence[int]) -> str:
 # what a constant or a factor may be
 
 
+def _per_datapoint_dims(terms: SiteTerms) -> Dict[str, int]:
+    """Numbers per datapoint of each local site (per batch of a global one), whatever a column is."""
+    b = terms.batch_size or 1
+    return {n: (d // b if terms.totals and not terms.is_global(n) and d % b == 0 else d) for n, d in terms.dims.items()}
+
+
 def constant_names(terms: SiteTerms) -> List[Tuple[float, str]]:
-    """(value, description) of the constants a hand derivation commonly drops or adds, per datapoint."""
+    """(value, description) of the constants a hand derivation commonly drops or adds, per column: per
+    datapoint, or (``terms.totals``) per batch, where a per-datapoint constant counts B times and a
+    global site's once."""
     out: List[Tuple[float, str]] = []
     gaussian = "a Gaussian normalising constant dropped (or added)"
-    sites = list(terms.observed) + [n for n in terms.dims if n not in terms.observed]  # observed sites first
-    for n in sites:
-        out.append((0.5 * LOG_2PI * terms.dims[n], f"½·log 2π·D, D = {terms.dims[n]} (the size of site {n!r}): {gaussian}"))
-    total = sum(terms.dims.values())
+    dims = _per_datapoint_dims(terms)
+    local = [n for n in list(terms.observed) + [n for n in dims if n not in terms.observed] if not terms.is_global(n)]
+    for n in local:
+        out.append((0.5 * LOG_2PI * dims[n], f"½·log 2π·D, D = {dims[n]} (the size of site {n!r}): {gaussian}"))
+    total = sum(dims[n] for n in local)
     out.append((0.5 * LOG_2PI * total, f"½·log 2π·D, D = {total} (all sites): {gaussian}"))
     out += [(0.5 * LOG_2PI * d, f"½·log 2π·D, D = {d}: {gaussian}") for d in range(1, total + 1)]
     k = terms.num_particles
@@ -79,25 +96,47 @@ def constant_names(terms: SiteTerms) -> List[Tuple[float, str]]:
             return f"N/B · {head}, N/B = {_fmt(c)} (the minibatch scale)" + (f": {tail}" if tail else "")
 
         out = out + [(c * v, scaled(text)) for v, text in out]
+    if terms.totals:  # per batch: a per-datapoint constant B times, a global site's once, data constants summed
+        b = terms.batch_size
+        out = [(b * v, f"B × ({text}), B = {b} datapoints") for v, text in out]
+        for n in terms.global_sites:
+            out.append((0.5 * LOG_2PI * dims[n], f"½·log 2π·D, D = {dims[n]} (the size of the global site {n!r}): "
+                        f"{gaussian}"))
+        for values, what in terms.data_constants:
+            out.append((c * values.detach().double().mean().item(), f"{what}, summed over the batch: a data-only "
+                        "normalising constant dropped (or added)"))
     return out
 
 
-def factor_names(terms: SiteTerms, batch_size: int) -> List[Tuple[float, str]]:
-    """(factor, description) of the scale factors a hand derivation commonly gets wrong."""
+def factor_names(terms: SiteTerms, batch_size: int, global_piece: bool = False) -> List[Tuple[float, str]]:
+    """(factor, description) of the scale factors a hand derivation commonly gets wrong; ``global_piece``:
+    for a term of a global latent (counted once for the batch, never scaled by N/B)."""
     c, k = terms.c, terms.num_particles
+    b = terms.batch_size or batch_size
     out = []
+    if global_piece and b > 1:
+        out += [(b, f"B = {b}: a global latent's term counted once per datapoint, where it counts once for the batch")]
+    if global_piece and c != 1.0:
+        out += [(c, f"N/B = {_fmt(c)}: the minibatch scale applied to a global latent's term (Pyro scales only the "
+                    "data plate's sites)")]
+    betas = {round(terms.scales[n] / c, 12) for n in terms.prior if c and not terms.is_global(n)} - {1.0}
+    for beta in betas:  # a latent site's weight (poutine.scale) first: its likelier story
+        out += [(beta, f"β = {_fmt(beta)}: the latent sites' weight β applied once more (or to the wrong term)"),
+                (1 / beta, f"1/β = 1/{_fmt(beta)}: the latent sites' weight β (poutine.scale) left out")]
     if c != 1.0:
         out += [(c, f"N/B = {_fmt(c)}: the minibatch scale applied twice"),
                 (1 / c, f"B/N = 1/{_fmt(c)}: the minibatch scale N/B left out")]
     if k > 1:
         out += [(k, f"K = {k}: a sum over the particles where Pyro averages"),
                 (1 / k, f"1/K = 1/{k}: averaged over the particles twice")]
-    if batch_size > 1:
-        out += [(batch_size, f"B = {batch_size}: a sum over the batch where each datapoint has its own value"),
-                (1 / batch_size, f"1/B = 1/{batch_size}: a mean over the batch (the loss sums over datapoints)")]
-    betas = {round(terms.scales[n] / c, 12) for n in terms.prior if c} - {1.0}
-    for beta in betas:
-        out += [(beta, f"β = {_fmt(beta)}"), (1 / beta, f"1/β = 1/{_fmt(beta)}: β left out")]
+    if b > 1:
+        out += [(b, f"B = {b}: a sum over the batch where each datapoint has its own value"),
+                (1 / b, f"1/B = 1/{b}: a mean over the batch (the loss sums over datapoints)")]
+    for n, d in _per_datapoint_dims(terms).items():
+        if d > 1 and n in terms.observed:
+            out += [(1 / d, f"1/D = 1/{d}: a mean over the D = {d} values of site {n!r} (e.g. a binary cross-entropy "
+                            "averaged over pixels), where log p sums them"),
+                    (d, f"D = {d}: the values of site {n!r} counted once more")]
     out += [(2.0, "2"), (0.5, "½")]
     return out
 
@@ -109,10 +148,17 @@ def _match(rtol: float) -> float:
 
 
 def _name(value: float, catalogue: List[Tuple[float, str]], rtol: float) -> Optional[str]:
-    for v, text in catalogue:
-        if abs(abs(value) - v) <= max(rtol, 1e-9) * max(abs(v), 1.0):
-            return ("−" if value < 0 else "+") + text
-    return None
+    """The catalogue entry ``|value|`` matches, signed; several distinct ones (β = K = 3) all said, the
+    first the likeliest."""
+    found, keys = [], []
+    for v, text in catalogue:  # one story told twice (D = 5 of site x, and D = 5): the first, more specific
+        key = (text.split(":")[0].split(" (")[0], round(v, 9))
+        if abs(abs(value) - v) <= max(rtol, 1e-9) * max(abs(v), 1.0) and key not in keys:
+            found.append(text)
+            keys.append(key)
+    if not found:
+        return None
+    return ("−" if value < 0 else "+") + " or ".join(found[:3])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,54 +172,97 @@ def _gradient_note(grads_agree: Optional[bool]) -> str:
             else "; but the gradients differ: a parameter-dependent term (e.g. -log σ), not a pure constant")
 
 
+def _columns(terms: SiteTerms, size: int) -> str:
+    """What ``size`` columns are, in words."""
+    if terms.totals:
+        return f"batch totals of {size} draw sets"
+    if terms.draw_sets > 1 and terms.batch_size:
+        return f"{terms.batch_size} datapoints × {terms.draw_sets} draw sets"
+    return f"{size} datapoints"
+
+
 def _constant_verdict(label: str, what: str, const: float, size: int, terms: SiteTerms,
                       grads_agree: Optional[bool], rtol: float = 1e-7) -> str:
     named = _name(const, constant_names(terms), _match(rtol))
-    return (f"constant: {label}: {what} differs from Pyro's by {_fmt(const)} per datapoint, the same at all "
-            f"{size} datapoints" + (f" = {named}" if named else " (no known constant matched)")
+    unit = "per batch" if terms.totals else "per datapoint"
+    return (f"constant: {label}: {what} differs from Pyro's by {_fmt(const)} {unit}, the same at all "
+            f"{_columns(terms, size)}" + (f" = {named}" if named else " (no known constant matched)")
             + _gradient_note(grads_agree))
+
+
+def _is_global_piece(name: str, terms: SiteTerms) -> bool:
+    return "global latents" in name or any(f"[{n}]" in name or f"site {n!r}" in name for n in terms.global_sites)
 
 
 def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int, rtol: float = 1e-7) -> str:
     """The verdict for r = a · piece: a = -2 a flipped sign, -1 a missing term, else a scale 1 + a."""
     if abs(a + 2) <= _match(rtol) * 2:
         return (f"sign: {label}: the term {name} has its sign flipped (the hand bound = Pyro's - 2 × that term "
-                "at every datapoint)")
+                f"at every {'draw set' if terms.totals else 'datapoint'})")
     if abs(a + 1) <= _match(rtol):
+        if "log-Jacobian" in name:
+            return (f"missing log-Jacobian: {label}: the {name} is left out (a transformed distribution's density "
+                    "in θ is the base density at u = T⁻¹(θ) divided by |dθ/du|)")
+        if "the density at its location" in name:
+            return (f"constant: {label}: the {name} is dropped (or added): the density's whole normalising constant "
+                    "(½·log 2πσ², log 2b, log πσ, ...)")
+        if "normalising constant" in name:
+            return f"constant: {label}: the data-dependent {name} is dropped (or added): it differs per datapoint"
+        if "normalising -log σ" in name:
+            return (f"missing term: {label}: the {name} is left out (a dropped normalising term that moves the "
+                    "scale's parameters)")
         entropy = "entropy" in name
         return (f"missing {'entropy' if entropy else 'term'}: {label}: the term {name} is left out"
                 + (" (the guide's entropy -E_q log q(z|x))" if entropy else ""))
-    named = _name(1 + a, factor_names(terms, size), _match(rtol))
+    named = _name(1 + a, factor_names(terms, size, _is_global_piece(name, terms)), _match(rtol))
     return (f"scale: {label}: the term {name} is multiplied by {_fmt(1 + a)}"
             + (f", a factor {named}" if named else " (no known factor matched)"))
+
+
+def _data_pieces(terms: SiteTerms) -> Dict[str, Tensor]:
+    """Data-only constants as pieces of Pyro's -ELBO, per column (scaled as their site)."""
+    out = {}
+    for values, what in terms.data_constants:
+        out[f"{what} (a data-only normalising constant)"] = -terms.c * values.detach().double()
+    return out
 
 
 def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTerms,
                       pieces: Dict[str, Tensor], rtol: float, grads_agree: Optional[bool] = None,
                       what: str = "the hand bound") -> List[str]:
-    """Verdicts for a per-datapoint hand value against the reference (both (B,)): constant offset,
-    whole-bound factor or sign, one piece with its sign flipped, missing or scaled, and one such
-    piece together with a constant offset (two mistakes at once)."""
+    """Verdicts for a hand value against the reference, both one value per column (a datapoint, of one or
+    several draw sets, or a batch total per draw set): constant offset, whole-bound factor or sign, one
+    piece with its sign flipped, missing or scaled, a data-only constant, a residual that does not vary
+    with the draws, and one such piece together with a constant offset (two mistakes at once)."""
     hand, reference = hand.detach().double(), reference.detach().double()
     if _close(hand, reference, rtol):
         return []
     r = hand - reference
     tol = rtol * max(hand.abs().max().item(), reference.abs().max().item(), 1.0)
     size = hand.numel()
-    if (r.max() - r.min()).item() <= 10 * tol and size > 1:
+    constant = (r.max() - r.min()).item() <= 10 * tol and size > 1
+    ratio = None
+    if bool((reference.abs() > tol).all()):
+        q = hand / reference
+        if (q.max() - q.min()).item() <= 10 * rtol * q.abs().max().item():
+            ratio = q.mean().item()
+    factor = None if ratio is None else _whole_factor(label, what, ratio, terms, size, rtol)
+    named_factor = factor is not None and "no known factor" not in factor
+    named_constant = constant and _name(r.mean().item(), constant_names(terms), _match(rtol)) is not None
+    if named_factor and not named_constant:
+        return [factor]
+    pieces = {**pieces, **_data_pieces(terms)}
+    if constant and not named_constant:  # a piece that does not vary either (a closed-form KL), mistaken?
+        for name, piece in pieces.items():
+            piece = piece.detach().double()
+            if piece.abs().min().item() > tol and (piece.max() - piece.min()).item() <= 10 * tol:
+                verdict = _piece_verdict(label, name, r.mean().item() / piece.mean().item(), terms, size, rtol)
+                if "no known factor" not in verdict:
+                    return [verdict]
+    if constant:
         return [_constant_verdict(label, what, r.mean().item(), size, terms, grads_agree, rtol)]
-    nonzero = reference.abs() > tol
-    if nonzero.all():
-        ratio = hand / reference
-        if (ratio.max() - ratio.min()).item() <= 10 * rtol * ratio.abs().max().item():
-            a = ratio.mean().item()
-            if abs(a + 1) <= _match(rtol):
-                return [f"sign: {label}: {what} is minus Pyro's at every datapoint" + (
-                    ": it returns the bound, not the negative bound (the loss)" if what == "the hand bound"
-                    else ": its sign is flipped")]
-            named = _name(a, factor_names(terms, size), _match(rtol))
-            return [f"scale: {label}: {what} is {_fmt(a)} × Pyro's at every datapoint"
-                    + (f", a factor {named}" if named else " (no known factor matched)")]
+    if factor:
+        return [factor]
     for name, piece in pieces.items():  # one piece wrong
         piece = piece.detach().double()
         denom = (piece * piece).sum().item()
@@ -188,10 +277,30 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
             if _close(reference + a * piece.detach().double() + const, hand, rtol):
                 return [_piece_verdict(label, name, a, terms, size, rtol),
                         _constant_verdict(label, what, const, size, terms, None, rtol)]
+    m, b = terms.draw_sets, terms.batch_size
+    if not terms.totals and m > 1 and b and size == m * b:  # the same at every draw set: data, not draws
+        by_set = r.reshape(m, b)
+        if bool(((by_set - by_set[0]).abs() <= 10 * tol).all()):
+            return [f"constant: {label}: {what} differs from Pyro's by a residual that does not change with the draws "
+                    f"but differs per datapoint ({_fmt(by_set[0].min().item())} .. {_fmt(by_set[0].max().item())}): a "
+                    "data-dependent constant dropped or added (no known one matched)" + _gradient_note(grads_agree)]
     bad = ((r.abs() > tol).nonzero().flatten().tolist())
-    return [f"unexplained: {label}: {what} differs from Pyro's at datapoints {_datapoints(bad)} (residual "
-            f"{_fmt(r.min().item())} .. {_fmt(r.max().item())} per datapoint); no common mistake matched it exactly"
-            + ("" if grads_agree is None else ("; the gradients agree" if grads_agree else "; the gradients differ"))]
+    return [f"unexplained: {label}: {what} differs from Pyro's at {'draw sets' if terms.totals else 'datapoints'} "
+            f"{_datapoints(bad)} of {_columns(terms, size)} (residual {_fmt(r.min().item())} .. {_fmt(r.max().item())}); no common mistake "
+            "matched it exactly" + ("" if grads_agree is None else ("; the gradients agree" if grads_agree
+                                                                    else "; the gradients differ"))]
+
+
+def _whole_factor(label: str, what: str, a: float, terms: SiteTerms, size: int, rtol: float) -> str:
+    """The verdict for hand = a · Pyro's, a the same at every column."""
+    if abs(a + 1) <= _match(rtol):
+        return f"sign: {label}: {what} is minus Pyro's at every {'draw set' if terms.totals else 'datapoint'}" + (
+            ": it returns the bound, not the negative bound (the loss)" if what == "the hand bound"
+            else ": its sign is flipped")
+    global_term = what != "the hand bound" and terms.totals
+    named = _name(a, factor_names(terms, size, global_term), _match(rtol))
+    return (f"scale: {label}: {what} is {_fmt(a)} × Pyro's at every {'draw set' if terms.totals else 'datapoint'}"
+            + (f", a factor {named}" if named else " (no known factor matched)"))
 
 
 def shape_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTerms, objective: str,
@@ -261,9 +370,19 @@ def pieces_for(terms: SiteTerms, objective: str, analytic: bool = False) -> Dict
     (ELBO only: the IWAE bound is not a sum over sites)."""
     if objective != "elbo":
         return {}
-    out = {f"of site {n!r} ({'-log p(x|z)' if n in terms.observed else 'log q - log p'})": v
-           for n, v in terms.components(analytic).items()}
+    def what(n: str) -> str:
+        if n in terms.observed:
+            return "-log p(x|z)"
+        return "KL(q || p) in closed form" if analytic and n in terms.analytic_kl else "log q - log p"
+
+    comps = terms.components(analytic)
+    out = {f"of site {n!r} ({what(n)})": v for n, v in comps.items()}
     out.update(terms.pieces())
+    glob = [n for n in terms.prior if terms.is_global(n)]
+    local = [n for n in terms.prior if not terms.is_global(n)]
+    for kind, names in (("global", glob), ("local", local)):
+        if len(names) > 1 or (names and len(names) < len(terms.prior)):
+            out[f"of the {kind} latents {names} (log q - log p)"] = sum(comps[n] for n in names)
     return out
 
 
@@ -289,35 +408,59 @@ def diagnose(label: str, hand, terms: SiteTerms, objective: str, *, analytic: bo
 
 HINTS = (
     (re.compile(r"rec|lik|nll|recon|data|fit|obs", re.I), "observed"),
+    (re.compile(r"glob", re.I), "global"),
+    (re.compile(r"local", re.I), "local"),
     (re.compile(r"kl|prior|reg|latent|div", re.I), "latent"),
 )
 
 
-def pyro_groups(terms: SiteTerms, analytic: bool = False) -> Dict[str, Tuple[str, Tensor]]:
-    """Pyro's terms a hand term may correspond to: key -> (description, per-datapoint value)."""
+def _site_desc(terms: SiteTerms, name: str, analytic: bool) -> str:
+    """What Pyro's term of one site (or enumerated group) is, in words."""
+    given = ", ".join(n for n in terms.prior if n not in terms.enumerated) or "z"
+    summed = terms.enumerated.get(name)
+    where = " (global)" if terms.is_global(name) else ""
+    if name in terms.observed:
+        if summed:
+            return f"site {name!r}{where}: -log Σ_{{{', '.join(summed)}}} p({', '.join(summed)}) p({name}|...)"
+        return f"site {name!r}{where}: -log p({name}|{given})"
+    if analytic and name in terms.analytic_kl:
+        return f"site {name!r}{where}: KL(q || p) in closed form"
+    return f"site {name!r}{where}: log q({name}|x) - log p({name})"
+
+
+def pyro_groups(terms: SiteTerms, analytic: bool = False, sites=None) -> Dict[str, Tuple[str, Tensor]]:
+    """Pyro's terms a hand term may correspond to: key -> (description, value per column); each site's,
+    and "observed" / "latent" for all observed / latent sites. ``sites`` restricts them to those sites."""
     comps = terms.components(analytic)
-    given = ", ".join(terms.prior) or "z"
-    out = {n: (f"site {n!r}: " + ("-log p(" + n + "|" + given + ")" if n in terms.observed else
-                                  ("KL(q || p) in closed form" if analytic and n in terms.analytic_kl
-                                   else "log q(" + n + "|x) - log p(" + n + ")")), v) for n, v in comps.items()}
-    if len(terms.observed) > 1:
-        out["observed"] = ("all observed sites: -log p(x|z)", sum(comps[n] for n in terms.observed))
-    if len(terms.prior) > 1:
-        out["latent"] = ("all latent sites: log q(z|x) - log p(z)", sum(comps[n] for n in terms.prior))
-    if len(terms.observed) == 1:
-        out["observed"] = out[next(iter(terms.observed))]
-    if len(terms.prior) == 1:
-        out["latent"] = out[next(iter(terms.prior))]
+    keep = [n for n in comps if sites is None or n in sites]
+    observed = [n for n in keep if n in terms.observed]
+    latent = [n for n in keep if n in terms.prior]
+    out = {n: (_site_desc(terms, n, analytic), comps[n]) for n in keep}
+    if len(observed) > 1:
+        out["observed"] = ("all observed sites: -log p(x|z)", sum(comps[n] for n in observed))
+    if len(latent) > 1:
+        kind = "global " if all(terms.is_global(n) for n in latent) else ""
+        out["latent"] = (f"all {kind}latent sites {latent}: log q - log p", sum(comps[n] for n in latent))
+    if len(observed) == 1:
+        out["observed"] = out[observed[0]]
+    if len(latent) == 1:
+        out["latent"] = out[latent[0]]
+    for kind, names in (("global", [n for n in latent if terms.is_global(n)]),
+                        ("local", [n for n in latent if not terms.is_global(n)])):
+        if names:  # a hand term named after the kind (both kinds, or a view of one kind)
+            out[kind] = (f"the {kind} latent sites {names}: log q - log p", sum(comps[n] for n in names))
     return out
 
 
-def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool = False) -> Dict[str, str]:
+def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool = False, sites=None,
+                nearest: bool = True) -> Dict[str, str]:
     """Each hand term's Pyro counterpart (a key of :func:`pyro_groups`): by site name, then by name
-    hints (rec/lik/nll -> the observed sites, kl/prior -> the latent sites), then the nearest in value."""
-    groups = pyro_groups(terms, analytic)
+    hints (rec/lik/nll -> the observed sites, kl/prior -> the latent sites), then (``nearest``) the
+    nearest in value; a term left unmatched is not in the result."""
+    groups = pyro_groups(terms, analytic, sites)
     out = {}
     for name, value in hand_terms.items():
-        if name in terms.components():
+        if name in groups and name not in ("observed", "latent"):
             out[name] = name
             continue
         hinted = next((g for rx, g in HINTS if rx.search(name) and g in groups), None)
@@ -325,7 +468,7 @@ def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool 
             out[name] = hinted
             continue
         value = value.detach().double()
-        if value.dim() == 1:
+        if nearest and value.dim() == 1 and groups:
             out[name] = min(groups, key=lambda g: (value - groups[g][1].detach().double()).norm().item())
     return out
 

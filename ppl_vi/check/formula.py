@@ -19,8 +19,10 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+from pyro import poutine
 
-from ppl_vi.check.terms import SiteTerms, site_terms
+from ppl_vi.check.preflight import deepest_plate
+from ppl_vi.check.terms import SiteTerms, read_draw_set, trace_pairs
 from ppl_vi.models.base import Batch, is_latent
 
 GREEK = {"loc": ("μ", r"\mu"), "scale": ("σ", r"\sigma"), "probs": ("p", "p"), "logits": ("logits", r"\mathrm{logits}"),
@@ -30,7 +32,8 @@ GREEK = {"loc": ("μ", r"\mu"), "scale": ("σ", r"\sigma"), "probs": ("p", "p"),
 
 
 def _base(fn):
-    while hasattr(fn, "base_dist"):
+    """The distribution inside Independent / masked / expanded wrappers (a LogNormal stays a LogNormal)."""
+    while type(fn).__name__ in ("Independent", "MaskedDistribution", "ExpandedDistribution"):
         fn = fn.base_dist
     return fn
 
@@ -55,7 +58,10 @@ def _params(fn, sources: Dict[str, object], f: str, learned: str, fallback: str)
     depends on (autograd); ``fallback`` where it varies without such a dependency (a discrete draw's
     index); else θ/φ (``learned``) where it is learnable, its number where it is one fixed constant."""
     fn = _base(fn)
-    given = {k: v for k, v in vars(fn).items() if k in getattr(fn, "arg_constraints", {}) and torch.is_tensor(v)}
+    keys = getattr(fn, "arg_constraints", {})
+    given = {k: v for k, v in vars(fn).items() if k in keys and torch.is_tensor(v)}
+    if not given:  # parameters held as properties (LogNormal's loc and scale live on its base)
+        given = {k: getattr(fn, k) for k in keys if torch.is_tensor(getattr(fn, k, None))}
     if "logits" in given and "probs" in given:  # one was computed from the other: show the logits
         given.pop("probs")
     out = []
@@ -93,61 +99,121 @@ def _density(site, sources: Dict[str, object], f: str, learned: str, fallback: s
     return text, tex
 
 
-def bound_formula(model, guide, batch: Batch, max_plate_nesting: int = 1,
-                  terms: Optional[SiteTerms] = None) -> Dict[str, str]:
+def _data_plate_name(model_trace, max_plate_nesting: int) -> Optional[str]:
+    """The name of the plate at dim -max_plate_nesting around the observed sites (a built-in model's data plate)."""
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample" and site["is_observed"]:
+            for f in site["cond_indep_stack"]:
+                if f.dim == -max_plate_nesting:
+                    return f.name
+    return None
+
+
+def bound_formula(model, guide, batch: Batch, max_plate_nesting: Optional[int] = 1, terms: Optional[SiteTerms] = None,
+                  data_plate: Optional[str] = None, vectorized: bool = True, shapes=None) -> Dict[str, str]:
     """{"text", "latex", "iwae_text", "iwae_latex"}: the negative ELBO (and IWAE_K bound) Pyro optimises
-    for this pair; {} where the traces do not split into per-site terms."""
-    # one particle, the data marked as requiring grad: autograd then says what each parameter depends on
+    for this pair, local terms per datapoint, global latents' terms once for the batch, model-enumerated
+    sites summed out inside the likelihood; {} where the pair does not run. ``terms`` is unused (kept for
+    callers that pass it)."""
+    # one plain particle, the data marked as requiring grad: autograd then says what each parameter depends on
     traced = {k: (v.detach().clone().requires_grad_(True) if torch.is_tensor(v) and v.is_floating_point() else v)
               for k, v in batch.items()}
     try:
-        with torch.enable_grad():
-            own = site_terms(model, guide, traced, 1, max_plate_nesting)
+        with torch.enable_grad(), torch.random.fork_rng():
+            nest = max_plate_nesting
+            if nest is None:  # read off one plain run, as the checker does
+                plain = poutine.trace(guide).get_trace(**batch)
+                nest = deepest_plate(plain, poutine.trace(poutine.replay(model, trace=plain)).get_trace(**batch))
+            gt, _ = trace_pairs(model, guide, traced, 1, nest, vectorized=False)[0]
+            # again at the same draws made leaves: the model's parameters then depend on the data only directly
+            leaves = {n: s["value"].detach().clone().requires_grad_(s["value"].is_floating_point()).unsqueeze(0)
+                      for n, s in gt.nodes.items() if is_latent(s)}
+            pairs = trace_pairs(model, guide, traced, 1, nest, vectorized=False, values=leaves)
+            gt, mt = pairs[0]
+            plate = data_plate or _data_plate_name(mt, nest)
+            if plate is None:
+                return {}
+            size = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+            own = read_draw_set(pairs, 1, nest, plate, False, size, shapes or {})
     except Exception:  # noqa: BLE001 - no formula rather than no check
         return {}
-    terms = terms or own
-    mt, gt = own.model_trace, own.guide_trace
     data_sources = dict(traced)
-    latents = [n for n in terms.prior]
+    summed = {n for names in own.enumerated.values() for n in names}
+    latents = [n for n, s in gt.nodes.items() if is_latent(s)]
     data = ", ".join(batch)
     z = ", ".join(latents) or "∅"
     q_text = f"q({z} | {data})"
     q_tex = "q(" + ", ".join(_tex_name(n) for n in latents) + r"\mid " + ", ".join(_tex_name(n) for n in batch) + ")"
-    c = terms.c
-    text_terms, tex_terms, ratio_text, ratio_tex = [], [], [], []
-    sites = [(n, s) for n, s in mt.nodes.items() if s["type"] == "sample" and (s["is_observed"] or is_latent(s))]
-    for name, site in sorted(sites, key=lambda ns: not ns[1]["is_observed"]):  # the likelihood first
-        before = [n for n in latents if list(mt.nodes).index(n) < list(mt.nodes).index(name)]
-        latent_sources = {n: mt.nodes[n]["value"] for n in before}
+    observed = [n for n in own.observed]
+    c = next((own.scales[n] for n in observed if n not in own.global_sites), 1.0)
+    order = list(mt.nodes)
+    local_text, local_tex, global_text, global_tex, ratio_text, ratio_tex = [], [], [], [], [], []
+
+    def density(name: str, side: str) -> tuple:
+        trace = mt if side == "p" else gt
+        before = [n for n in order if n in latents + list(summed) and order.index(n) < order.index(name)]
+        sources = {**{n: mt.nodes[n]["value"] for n in before},
+                   **{n: v for n, v in data_sources.items() if n != name}}  # latents before it, other data
         discrete = [n for n in before if not getattr(mt.nodes[n]["fn"], "has_rsample", False)]
-        p_text, p_tex = _density(site, latent_sources, "f", "θ", f"f({', '.join(before)})" if discrete else "")
-        weight = terms.scales.get(name, c) / c if c else 1.0
+        if side == "p":
+            return _density(trace.nodes[name], sources, "f", "θ", f"f({', '.join(before)})" if discrete else "")
+        return _density(trace.nodes[name], data_sources, "g", "φ", "")
+
+    sites = [n for n in order if mt.nodes[n]["type"] == "sample" and (mt.nodes[n]["is_observed"] or
+                                                                    is_latent(mt.nodes[n])) and n not in summed
+             and not mt.nodes[n]["infer"].get("_deterministic")]
+    for name in sorted(sites, key=lambda n: not mt.nodes[n]["is_observed"]):  # the likelihood first
+        group = next((key for key in own.enumerated if name in key.split("+")), None)
+        scale = own.scales.get(group or name, c)
+        is_global = name in own.global_sites or (group is not None and group in own.global_sites)
+        weight = scale / c if c and not is_global else scale
         w_text = "" if abs(weight - 1) < 1e-12 else f"{_number(weight)} × "
         w_tex = "" if abs(weight - 1) < 1e-12 else _number(weight) + r"\,"
-        if site["is_observed"]:
-            text_terms.append(f"{w_text}E_{q_text}[−log {p_text}]")
-            tex_terms.append(w_tex + r"\mathbb{E}_{" + q_tex + r"}[-\log " + p_tex + "]")
-            ratio_text.append(p_text)
-            ratio_tex.append(p_tex)
+        p_text, p_tex = density(name, "p")
+        if group is not None and mt.nodes[name]["is_observed"]:  # log Σ_c p(c) p(x | c, ...)
+            factors = [density(n, "p") for n in own.enumerated[group]] + [(p_text, p_tex)]
+            names = ", ".join(own.enumerated[group])
+            p_text = f"Σ_{{{names}}} " + " · ".join(f[0] for f in factors)
+            p_tex = r"\sum_{" + ", ".join(_tex_name(n) for n in own.enumerated[group]) + "} " + r"\,".join(
+                f[1] for f in factors)
+        if mt.nodes[name]["is_observed"]:
+            text = f"{w_text}E_{q_text}[−log {p_text}]"
+            tex = w_tex + r"\mathbb{E}_{" + q_tex + r"}[-\log " + p_tex + "]"
         else:
-            g_text, g_tex = _density(gt.nodes[name], data_sources, "g", "φ", "")
-            text_terms.append(f"{w_text}E_{q_text}[log {g_text} − log {p_text}]")
-            tex_terms.append(w_tex + r"\mathbb{E}_{" + q_tex + r"}[\log " + g_tex + r" - \log " + p_tex + "]")
-            ratio_text.append(p_text)
-            ratio_tex.append(p_tex)
-    guides = [_density(gt.nodes[n], data_sources, "g", "φ", "") for n in latents]
+            g_text, g_tex = density(name, "q")
+            text = f"{w_text}E_{q_text}[log {g_text} − log {p_text}]"
+            tex = w_tex + r"\mathbb{E}_{" + q_tex + r"}[\log " + g_tex + r" - \log " + p_tex + "]"
+        (global_text if is_global else local_text).append(text)
+        (global_tex if is_global else local_tex).append(tex)
+        ratio_text.append(p_text)
+        ratio_tex.append(p_tex)
+    guides = [density(n, "q") for n in latents]
     guide_text, guide_tex = [g[0] for g in guides], [g[1] for g in guides]
     scale_text = "" if c == 1 else "N/B × "
     scale_tex = "" if c == 1 else r"\frac{N}{B}\,"
     lhs = f"−ELBO({data})"
-    text = f"{lhs} = {scale_text}{'(' if c != 1 else ''}{' + '.join(text_terms)}{')' if c != 1 else ''}"
-    latex = (r"-\mathrm{ELBO}(" + ", ".join(_tex_name(n) for n in batch) + ") = " + scale_tex
-             + (r"\left(" if c != 1 else "") + " + ".join(tex_terms) + (r"\right)" if c != 1 else ""))
+    tex_lhs = r"-\mathrm{ELBO}(" + ", ".join(_tex_name(n) for n in batch) + ") = "
+    if not global_text:
+        text = f"{lhs} = {scale_text}{'(' if c != 1 else ''}{' + '.join(local_text)}{')' if c != 1 else ''}"
+        latex = (tex_lhs + scale_tex + (r"\left(" if c != 1 else "") + " + ".join(local_tex)
+                 + (r"\right)" if c != 1 else ""))
+    else:  # local terms summed over the batch's datapoints, the global ones once
+        text = f"{lhs} = {scale_text}Σ_i [{' + '.join(local_text)}] + {' + '.join(global_text)}"
+        latex = (tex_lhs + scale_tex + r"\sum_i \left[" + " + ".join(local_tex) + r"\right] + "
+                 + " + ".join(global_tex))
+    joint = "" if not global_text else " (joint over the batch: Π_i over the local factors)"
     iwae_text = (f"−IWAE_K({data}) = −{scale_text}log (1/K) Σ_k [{' · '.join(ratio_text)}] / "
-                 f"[{' · '.join(guide_text)}],  {', '.join(n + '_k' for n in latents)} ~ {q_text}")
+                 f"[{' · '.join(guide_text)}],  {', '.join(n + '_k' for n in latents)} ~ {q_text}{joint}")
     iwae_latex = (r"-\mathrm{IWAE}_K = -" + scale_tex + r"\log \frac{1}{K}\sum_{k=1}^{K} \frac{"
                   + r"\,".join(ratio_tex) + "}{" + r"\,".join(guide_tex) + "}")
     out = {"text": text, "latex": latex, "iwae_text": iwae_text, "iwae_latex": iwae_latex}
+    notes = []
     if c != 1:
-        out["note"] = f"N/B = {_number(c)}: the minibatch scale of the subsampled data plate"
+        notes.append(f"N/B = {_number(c)}: the minibatch scale of the subsampled data plate")
+    if global_text:
+        notes.append(f"global latent(s) {list(own.global_sites)}: their terms count once for the batch, not per datapoint")
+    if summed:
+        notes.append(f"{sorted(summed)} enumerated in the model: summed out inside the likelihood (TraceEnum_ELBO)")
+    if notes:
+        out["note"] = "; ".join(notes)
     return out

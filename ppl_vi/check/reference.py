@@ -64,7 +64,10 @@ def _discover(guide: Callable, batch: dict, nest: int) -> Dict[str, object]:
     return {n: s for n, s in trace.nodes.items() if is_latent(s)}
 
 
-def _in_data_plate(site, nest: int) -> bool:
+def _in_data_plate(site, nest: int, data_plate=None) -> bool:
+    """In the plate named ``data_plate`` (a user's file), else in the plate at dim -nest."""
+    if data_plate is not None:
+        return any(frame.name == data_plate for frame in site["cond_indep_stack"])
     return any(frame.dim == -nest for frame in site["cond_indep_stack"])
 
 
@@ -122,11 +125,12 @@ def _fold(lp: Tensor, nest: int, local: bool) -> Tensor:
 
 
 def reference_objective(model: Callable, guide: Callable, batch: dict, *, target: str, k: int = 1,
-                        replicates: int = 1, max_plate_nesting: int = 1, max_evaluations: int = 4_000_000
-                        ) -> Tensor:
+                        replicates: int = 1, max_plate_nesting: int = 1, max_evaluations: int = 4_000_000,
+                        data_plate=None) -> Tensor:
     """The target objective per datapoint (B,), or the joint one (0-dim) with global latents.
 
     Exact over discrete guide sites, ``replicates`` pathwise draws of the continuous ones (averaged).
+    ``data_plate`` names the data plate (default: the plate at dim -max_plate_nesting).
     """
     if target not in ("elbo", "iwae"):
         raise ConfigError(f"unknown target {target!r}; expected 'elbo' or 'iwae'")
@@ -150,7 +154,7 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
     for name, site in guide_trace.nodes.items():
         if not is_latent(site):
             continue
-        local = _in_data_plate(site, nest)
+        local = _in_data_plate(site, nest, data_plate)
         lq = _fold(_site_lp(site), nest, local)
         if local:
             local_w = local_w - float(site["scale"]) * lq
@@ -162,13 +166,14 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
     if global_sites and discrete:
         raise ConfigError("the reference cannot enumerate discrete sites together with global latents")
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
+        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)) or \
+                site["infer"].get("_deterministic"):  # pyro.deterministic records a value, no density
             continue
         if is_latent(site) and name not in guided:
             if site["infer"].get("_enumerate_dim") is None:
                 raise ConfigError(f"the model's latent site {name!r} is neither in the guide nor enumerated")
             enum_names.append(name)
-        local = _in_data_plate(site, nest)
+        local = _in_data_plate(site, nest, data_plate)
         lp = _fold(_site_lp(site), nest, local)
         scale = float(site["scale"])
         if site["is_observed"]:
@@ -182,8 +187,9 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
         else:
             global_w = global_w + scale * lp
     if enum_names:  # sum the model-only sites out over their enumeration dims (left of T)
-        if any(s != 1.0 for s, _ in obs + latent) or global_sites:
-            raise ConfigError("the reference sums out model-enumerated sites only with unscaled, local sites")
+        if any(s != 1.0 for s, _ in obs + latent) or (global_sites and target != "elbo"):
+            raise ConfigError("the reference sums out model-enumerated sites only with unscaled sites (and local "
+                              "ones for the IWAE target)")
         local_w = torch.logsumexp(local_w.reshape((-1,) + local_w.shape[-4:]), dim=0) if local_w.dim() > 4 \
             else local_w
     prob = log_q_discrete.sum(-2, keepdim=True).exp() if torch.is_tensor(log_q_discrete) else 1.0  # (T, R, 1, B)

@@ -26,6 +26,13 @@ class Row:
     passed: bool = False
     note: str = ""
     details: dict = dataclasses.field(default_factory=dict)  # machine-readable extras (cosines, z-scores...)
+    #: why the row could not run, for the checker's own reasons ("" when it ran); such a row is neither
+    #: passed nor failed: it does not make the verdict FAIL, and the verdict counts the rows that ran
+    not_run: str = ""
+
+    @property
+    def ran(self) -> bool:
+        return not self.not_run
 
 
 @dataclasses.dataclass
@@ -38,13 +45,25 @@ class CheckReport:
     #: the objective Pyro optimises, as {"text": ..., "latex": ...} (ppl_vi.check.formula), when known
     formula: dict = dataclasses.field(default_factory=dict)
 
+    #: lines said before the table: which loss was chosen and why, how particles are drawn, the bound's form
+    notes: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ran(self) -> List[Row]:
+        return [r for r in self.rows if r.ran]
+
+    @property
+    def not_run(self) -> List[Row]:
+        return [r for r in self.rows if not r.ran]
+
     @property
     def passed(self) -> bool:
-        return bool(self.rows) and all(r.passed for r in self.rows)
+        """Every row that ran passed, and some did (rows that could not run count neither way)."""
+        return bool(self.ran) and all(r.passed for r in self.ran)
 
     @property
     def failures(self) -> List[Row]:
-        return [r for r in self.rows if not r.passed]
+        return [r for r in self.ran if not r.passed]
 
     def table(self) -> str:
         """A plain-text table of every row, full names, values per datapoint; the verdict and diagnoses under it."""
@@ -52,21 +71,33 @@ class CheckReport:
         width = max([len(title)] + [len(r.name) for r in self.rows])
         head = (f"{'kind':<17} {title:<{width}} {'reference':>14} {'value':>14} {'abs diff':>9} {'rel diff':>9}"
                 "  ok    tolerance / note")
-        lines = [head, "-" * len(head)]
+        lines = [f"note: {n}" for n in self.notes] + [head, "-" * len(head)]
         for r in self.rows:
-            note = "; ".join(s for s in (r.tolerance, r.note) if s)
+            note = "; ".join(s for s in (r.tolerance, r.note) if s) if r.ran else f"not run: {r.not_run}"
+            status = "n/a" if not r.ran else "ok" if r.passed else "FAIL"
             lines.append(
                 f"{r.kind:<17} {r.name:<{width}} {_cell(r.reference, '14.6g')} {_cell(r.value, '14.6g')}"
                 f" {_cell(r.abs_diff, '9.2e')} {_cell(r.rel_diff if shows_rel(r) else math.nan, '9.2e')}"
-                f"  {'ok' if r.passed else 'FAIL':<5} {note}"
+                f"  {status:<5} {note}"
             )
-        verdict = "PASS" if self.passed else f"FAIL ({len(self.failures)} of {len(self.rows)} checks failed: " + \
-            ", ".join(r.name for r in self.failures) + ")"
-        if self.skipped:
-            verdict += f" [not run: {'; '.join(self.skipped)}]"
-        lines.append(f"verdict: {verdict}")
+        lines.append(f"verdict: {self.verdict()}")
         lines += [f"diagnosis: {v}" for v in self.verdicts]
         return "\n".join(lines)
+
+    def verdict(self) -> str:
+        """PASS or FAIL (naming the failing rows); what did not run and why, and how many rows ran, where
+        some did not."""
+        ran, failures = len(self.ran), self.failures
+        if not ran:
+            text = "NOT CHECKED (no row could run)"
+        elif self.passed:
+            text = "PASS"
+        else:
+            text = f"FAIL ({len(failures)} of {ran} checks failed: " + ", ".join(r.name for r in failures) + ")"
+        skipped = list(self.skipped) + [f"{r.name} ({r.not_run})" for r in self.not_run]
+        if skipped:
+            text += f" [not run: {'; '.join(skipped)}]"
+        return text + (f"; {ran} of {len(self.rows)} rows ran" if ran < len(self.rows) else "")
 
     # a notebook, a terminal and a test: the same report, shown where it is asked for
     @property
@@ -93,7 +124,10 @@ class CheckReport:
         return render_check_fragment(self.to_dict())
 
     def to_dict(self) -> dict:
-        out = {"passed": self.passed, "skipped": list(self.skipped), "rows": [dataclasses.asdict(r) for r in self.rows]}
+        out = {"passed": self.passed, "skipped": list(self.skipped), "rows": [dataclasses.asdict(r) for r in self.rows],
+               "rows_run": len(self.ran)}
+        if self.notes:
+            out["notes"] = list(self.notes)
         if self.verdicts:
             out["verdicts"] = list(self.verdicts)
         if self.formula:
@@ -116,9 +150,22 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-300)
 
 
-def failure_row(kind: str, name: str, exc: BaseException) -> Row:
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception."""
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return Row(kind, name, passed=False, note=f"error: {type(exc).__name__}: {msg}"[:300])
+    return f"{type(exc).__name__}: {msg}"
+
+
+def failure_row(kind: str, name: str, exc: BaseException) -> Row:
+    """A check that failed because of the checked code (a hand bound that raised, a broken pair)."""
+    return Row(kind, name, passed=False, note=f"error: {one_line(exc)}"[:300])
+
+
+def not_run_row(kind: str, name: str, reason) -> Row:
+    """A check that could not run for the checker's own reasons (an exception of its machinery, or a
+    stated limit): said, and counted neither as passed nor as failed."""
+    text = one_line(reason) if isinstance(reason, BaseException) else str(reason)
+    return Row(kind, name, passed=False, not_run=text[:300])
 
 
 def close_row(kind: str, name: str, reference: Tensor, value: Tensor, rtol: float, note: str = "",

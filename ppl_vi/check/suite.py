@@ -15,7 +15,7 @@ from typing import List
 
 import torch
 
-from ppl_vi.check.core import Comparison, check
+from ppl_vi.check.core import Comparison, ExtraCheck, check
 from ppl_vi.check.diagnose import explain_failures
 from ppl_vi.check.rows import CheckReport
 from ppl_vi.check.truth import ground_truth_rows
@@ -94,6 +94,7 @@ def check_model(model, batch: Batch, *, num_particles: int = 3, beta: float = 2.
                    [p for _, p in named], param_names=[n for n, _ in named],
                    max_plate_nesting=model.max_plate_nesting, seed=seed, rtol=rtol, repeats=repeats,
                    gradient_seeds=gradient_seeds, gradient_batch=gradient_batch,
-                   extra_rows=[lambda: ground_truth_rows(model, batch, ks, ladder_repeats, seed, rtol)])
+                   extra_rows=[ExtraCheck("ground truth: log p(x) and the IWAE ladder", "ground truth",
+                                          lambda: ground_truth_rows(model, batch, ks, ladder_repeats, seed, rtol))])
     explain_failures(report, model.model, model.guide, batch, comparisons, model.max_plate_nesting, seed, rtol)
     return report

@@ -21,11 +21,12 @@ from ppl_vi.models.base import Batch
 
 
 def iwae_ladder_rows(iwae_bound, elbo: Tensor, log_px: Optional[Tensor], ks: Sequence[int], repeats: int,
-                     seed: int) -> List[Row]:
+                     seed: int, unit: str = "mean per datapoint") -> List[Row]:
     """ELBO ≈ L_1 ≤ L_k ≤ L_k' ≤ log p(x) for the ks given, each within 4 standard errors.
 
-    ``iwae_bound(k)`` returns per-datapoint L_k (B,) for fresh draws. The mean over datapoints and
-    ``repeats`` independent draws, with its standard error, is compared in order.
+    ``iwae_bound(k)`` returns per-datapoint L_k (B,) for fresh draws (or the batch's joint bound, shape
+    (1,), with ``unit`` "the batch total"). The mean over datapoints and ``repeats`` independent draws,
+    with its standard error, is compared in order.
     """
     rows, previous = [], None
     for k in ks:
@@ -38,7 +39,7 @@ def iwae_ladder_rows(iwae_bound, elbo: Tensor, log_px: Optional[Tensor], ks: Seq
         mean, se = per_point.mean().item(), (torch.stack(values).sum(-1).std().item() / math.sqrt(repeats)) / per_point.numel()
         if previous is None:
             ref = elbo.double().mean().item()
-            rows.append(Row("ground truth", f"IWAE_{k} equals ELBO (mean per datapoint)", ref, mean, abs(ref - mean),
+            rows.append(Row("ground truth", f"IWAE_{k} equals ELBO ({unit})", ref, mean, abs(ref - mean),
                             rel_diff(ref, mean), "within 4 SE", abs(ref - mean) <= 4 * se + 1e-12, f"SE {se:.3g}"))
         else:
             pk, pmean, pse = previous
