@@ -39,6 +39,7 @@ trajectories agree only in distribution, within Monte Carlo error.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from typing import Iterable, List, Optional
 
@@ -145,8 +146,18 @@ def init(device: torch.device) -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
-    """Destroy the process group if :func:`init` created it."""
+    """Destroy the process group if :func:`init` created it, once every rank has reached this point.
+
+    Rank 0 evaluates and writes the run directory after the last step while the other ranks are
+    idle; a rank that tore its gloo connections down meanwhile could abort (``terminate called
+    without an active exception``, SIGABRT) when rank 0's side closed. A barrier first lets all
+    ranks destroy the group together.
+    """
     if info.owns_group and torch.distributed.is_initialized():
+        if info.enabled and dist.get_backend() == "gloo":  # rank 0's evaluation may outlast the group's timeout
+            dist.monitored_barrier(timeout=datetime.timedelta(hours=24))
+        elif info.enabled:
+            dist.barrier()
         torch.distributed.destroy_process_group()
 
 
