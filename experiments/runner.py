@@ -39,8 +39,16 @@ Stages = Sequence[Tuple[str, List[str]]]
 
 
 def device_name(device: str) -> str:
-    """A human name for the device the runs use (the GPU's, or the CPU model and core count)."""
+    """A human name for the device the runs use: the GPU's (from ``nvidia-smi``, so that asking does
+    not start CUDA in this process; else from torch), or the CPU model and core count."""
     if device.startswith("cuda"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         try:
             import torch
 

@@ -1,4 +1,4 @@
-"""experiments/reproduce.py (issue 15): every GPU figure in one call.
+"""experiments/reproduce.py and its harness: every GPU figure in one call.
 
 The dry run (``--device cpu --dry-run``) runs the whole pipeline for real with tiny budgets into a
 temporary root, then the tarball it packs is collected into another; the rest checks the decisions
@@ -20,9 +20,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
+import collection  # noqa: E402
+import harness  # noqa: E402
+import phases  # noqa: E402
 import probe  # noqa: E402
+import render  # noqa: E402
 import reproduce  # noqa: E402
 import runner  # noqa: E402
+import tarball  # noqa: E402
 
 SCRIPT = REPO / "experiments" / "reproduce.py"
 
@@ -50,7 +55,7 @@ def test_dry_run_runs_every_phase_and_collects(tmp_path):
                           text=True, timeout=330)
     wall = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    record = json.loads((root / "experiments" / "results" / "dry-run" / reproduce.RECORD).read_text())
+    record = json.loads((root / "experiments" / "results" / "dry-run" / harness.RECORD).read_text())
     assert record["dry_run"] and record["device"] == "cpu" and record["wall_s"] < 300
     # every row ran and ended ok; the phases are in order
     rows = {r["name"]: r for r in record["rows"]}
@@ -86,19 +91,19 @@ def test_dry_run_runs_every_phase_and_collects(tmp_path):
     assert targets["step"]["status"] == "owed"  # no CUDA graph on a CPU
     # the sections were written into the root's copies, and the owed command is the one to run
     md = (root / "experiments" / "RESULTS.md").read_text()
-    assert reproduce.RUN_SECTION in md and reproduce.OWED_SECTION in md and "DRY RUN" in md
+    assert render.RUN_SECTION in md and render.OWED_SECTION in md and "DRY RUN" in md
     assert "python3 experiments/reproduce.py --device cuda --minutes 6 --out $OUT" in md
     bench_md = (root / "benchmarks" / "RESULTS.md").read_text()
-    assert "\n## GPU\n" in bench_md and reproduce.LEGACY_BENCH_SECTION not in bench_md
+    assert "\n## GPU\n" in bench_md and render.LEGACY_BENCH_SECTION not in bench_md
     # one tarball, only experiments/results/dry-run/, no checkpoints
-    with tarfile.open(out / reproduce.TARBALL) as tar:
+    with tarfile.open(out / tarball.TARBALL) as tar:
         names = tar.getnames()
     assert names and all(n.startswith("experiments/results/dry-run") for n in names)
     assert not any("checkpoints" in n or n.endswith(".pt") for n in names)
     assert (out / "reproduce.log").read_text().count("[reproduce ") >= 10
     # --collect into a second root re-renders the same sections from the tarball alone
     second = tmp_path / "collected"
-    got = subprocess.run([sys.executable, str(SCRIPT), "--collect", str(out / reproduce.TARBALL), "--root", str(second)],
+    got = subprocess.run([sys.executable, str(SCRIPT), "--collect", str(out / tarball.TARBALL), "--root", str(second)],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert got.returncode == 0, got.stderr
     again = json.loads((second / "experiments" / "vae_family.json").read_text())["rows"]["smoke/cpu/vae"]
@@ -140,19 +145,19 @@ def test_no_probe_means_all_at_once_and_says_so():
 
 def test_allocation_and_waves():
     runs = {"vae_family": 9, "semi_supervised": 3, "completion": 1}
-    assert reproduce.allocate(13, runs) == (runs, 1)
-    assert reproduce.allocate(20, runs) == (runs, 1)
+    assert phases.allocate(13, runs) == (runs, 1)
+    assert phases.allocate(20, runs) == (runs, 1)
     # 4 slots: 9*4//13 = 2, 3*4//13 = 0 -> 1, 1*4//13 = 0 -> 1; waves = max(ceil(9/2), 3, 1) = 5
-    assert reproduce.allocate(4, runs) == ({"vae_family": 2, "semi_supervised": 1, "completion": 1}, 5)
+    assert phases.allocate(4, runs) == ({"vae_family": 2, "semi_supervised": 1, "completion": 1}, 5)
 
 
 def test_training_budget_is_cut_to_the_deadline():
-    gpu = reproduce.GPU
+    gpu = harness.GPU
     assert (gpu.write_s, gpu.row_start_s, gpu.eval_s, gpu.min_train_s) == (20, 25, 75, 30)
-    assert reproduce.train_seconds(6, 600, gpu, 1) == 360  # room 480 s: the full 6 minutes
-    assert reproduce.train_seconds(6, 420, gpu, 1) == 300  # 420 - 20 - 100
-    assert reproduce.train_seconds(6, 600, gpu, 2) == 190  # two waves: (600 - 20 - 200) / 2 each
-    assert reproduce.train_seconds(6, 100, gpu, 1) == 30  # never below min_train_s
+    assert phases.train_seconds(6, 600, gpu, 1) == 360  # room 480 s: the full 6 minutes
+    assert phases.train_seconds(6, 420, gpu, 1) == 300  # 420 - 20 - 100
+    assert phases.train_seconds(6, 600, gpu, 2) == 190  # two waves: (600 - 20 - 200) / 2 each
+    assert phases.train_seconds(6, 100, gpu, 1) == 30  # never below min_train_s
 
 
 def test_waves_only_where_they_give_each_run_more_steps():
@@ -162,10 +167,10 @@ def test_waves_only_where_they_give_each_run_more_steps():
     assert probe.choose_parallel(result, 13)[0] == 4
     # 400 s left: waves get max(30, (400 - 20 - 5 * 100) / 5) = 30 s each, 60 * 30 = 1800 steps;
     # all at once 400 - 20 - 100 = 280 s, 10 * 280 = 2800 steps: all at once wins
-    parallel, why = reproduce.decide_parallel(result, runs, 6, 400, reproduce.GPU)
+    parallel, why = phases.decide_parallel(result, runs, 6, 400, harness.GPU)
     assert parallel == 13 and "~1800 against ~2800 steps" in why
     # 3000 s left: 360 s either way, 60 * 360 = 21600 steps in waves against 3600: waves
-    assert reproduce.decide_parallel(result, runs, 6, 3000, reproduce.GPU)[0] == 4
+    assert phases.decide_parallel(result, runs, 6, 3000, harness.GPU)[0] == 4
 
 
 def _write(path, data):
@@ -174,7 +179,7 @@ def _write(path, data):
 
 
 def test_targets_measured_and_missed_by(tmp_path):
-    ctx = reproduce.Ctx(device="cuda", dry=False, root=tmp_path, work=tmp_path)
+    ctx = harness.Ctx(device="cuda", dry=False, root=tmp_path, work=tmp_path)
     started = "2026-01-01T10:00:00+00:00"
     rows = [{"batch": 128, "k": 1, "variant": v, "ms": ms, "note": "cuda-graph" if v == "ppl_vi" else ""}
             for v, ms in (("hand", 2.0), ("graph", 0.30), ("ppl_vi", 0.50))]
@@ -198,7 +203,7 @@ def test_targets_measured_and_missed_by(tmp_path):
         for s, a in enumerate((0.90, 0.92, 0.94))} | {
         "full/cuda/m1m2-l100-s7": dict(run("m1m2-l100-s7", seed=7, test_accuracy=0.10),
                                        started="2025-12-31T10:00:00+00:00")}})
-    targets = {t["id"]: t for t in reproduce.judge_targets(ctx, {"started": started, "probe": {"allocation": {"a": 13}}})}
+    targets = {t["id"]: t for t in collection.judge_targets(ctx, {"started": started, "probe": {"allocation": {"a": 13}}})}
     # 0.50 / 0.30 = 1.667 > 1.5: missed by 0.17x (+11.1 %)
     assert targets["step"]["status"] == "NOT met" and targets["step"]["miss"] == "by 0.17× (+11.1 %)"
     assert "B=1024, K=50: 12.000 ms vs 10.000 ms = 1.20×" in targets["step"]["measured"]
@@ -225,7 +230,7 @@ def test_parse_junit(tmp_path):
                    '<testcase classname="tests.a" name="test_cuda_y"><skipped message="CUDA-graph capture needs a GPU"/>'
                    '</testcase><testcase classname="tests.b" name="test_cuda_z"><failure message="boom&#10;more"/>'
                    '</testcase></testsuite></testsuites>')
-    got = reproduce.parse_junit(xml)
+    got = collection.parse_junit(xml)
     assert (got["collected"], got["passed"], got["skipped"], got["failed"], got["error"]) == (3, 1, 1, 1, 0)
     assert got["cases"][2] == {"id": "tests.b::test_cuda_z", "outcome": "failed", "message": "boom"}
 
@@ -234,12 +239,12 @@ def test_parse_junit(tmp_path):
 
 
 def test_a_row_past_its_deadline_is_killed_and_reported(tmp_path):
-    ctx = reproduce.Ctx(device="cpu", dry=True, root=tmp_path, work=tmp_path)
-    row = reproduce.Row("sleeper", "sleeps", "shared", lambda c: ["-c", "import time; time.sleep(60)"])
-    clock = reproduce.Clock(60, None)
+    ctx = harness.Ctx(device="cpu", dry=True, root=tmp_path, work=tmp_path)
+    row = harness.Row("sleeper", "sleeps", "shared", lambda c: ["-c", "import time; time.sleep(60)"])
+    clock = harness.Clock(60, None)
     start = time.monotonic()
-    running = reproduce.launch(row, ctx, clock, 1.0, 1.0, 1)
-    (record,) = reproduce.wait_rows([running], ctx, clock, heartbeat=30)
+    running = harness.launch(row, ctx, clock, 1.0, 1.0, 1)
+    (record,) = harness.wait_rows([running], ctx, clock, heartbeat=30)
     assert time.monotonic() - start < 15
     assert record["status"].startswith("killed at the deadline after") and record["exit"] != 0
 
@@ -290,8 +295,8 @@ def test_collect_refuses_a_foreign_tarball(tmp_path, capsys):
 def test_bench_section_replaces_the_legacy_heading_once(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# B\n\n## CPU (measured)\n\ncpu text\n\n## H100 (owed)\n\nold\n")
-    reproduce.write_bench_section(path, "## GPU\n\nnew\n")
-    reproduce.write_bench_section(path, "## GPU\n\nnewer\n")
+    render.write_bench_section(path, "## GPU\n\nnew\n")
+    render.write_bench_section(path, "## GPU\n\nnewer\n")
     text = path.read_text()
     assert text == "# B\n\n## CPU (measured)\n\ncpu text\n\n## GPU\n\nnewer\n"
 
@@ -300,8 +305,8 @@ def test_bench_section_replaces_the_legacy_heading_once(tmp_path):
 
 
 def _gpu_ctx(tmp_path):
-    ctx = reproduce.Ctx(device="cuda", dry=False, root=tmp_path, work=tmp_path / "work", minutes=5.2)
-    ctx.parallel, _ = reproduce.allocate(13, {r.name: r.runs for r in reproduce.ROWS if r.runs})
+    ctx = harness.Ctx(device="cuda", dry=False, root=tmp_path, work=tmp_path / "work", minutes=5.2)
+    ctx.parallel, _ = phases.allocate(13, {r.name: r.runs for r in reproduce.ROWS if r.runs})
     return ctx
 
 
