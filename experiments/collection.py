@@ -119,7 +119,8 @@ def recollect(ctx: Ctx, rows: List[Row], clock: Optional[Clock]) -> List[dict]:
         env = row_env(ctx, time.time() + 120, 1)
         proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=120)
-        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"
+        output = (proc.stderr or proc.stdout).strip()[-300:]
+        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {output}"
         out.append({"name": row.name, "status": status})
         (clock.log if clock else print)(f"collect {row.name}: {status}")
     return out

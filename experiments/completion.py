@@ -201,8 +201,9 @@ def evaluate(model, baseline, x, ks: List[int], batch_size: int, seed: int) -> D
                 chunk = max(1, rows_budget // xb.shape[0])
                 for k in ks:
                     iw[k].append(completion_nll(model, xb, q, k=k, chunk=min(k, chunk)).cpu())
-            out[str(q)] = {"baseline": mean_se(torch.cat(base).double().tolist()), "cvae_nelbo": mean_se(torch.cat(nelbo).double().tolist()),
-                           "cvae_is": {str(k): mean_se(torch.cat(v).double().tolist()) for k, v in iw.items()}}
+            per_image = lambda parts: torch.cat(parts).double().tolist()  # noqa: E731
+            out[str(q)] = {"baseline": mean_se(per_image(base)), "cvae_nelbo": mean_se(per_image(nelbo)),
+                           "cvae_is": {str(k): mean_se(per_image(v)) for k, v in iw.items()}}
     return out
 
 
