@@ -4,8 +4,7 @@ A call is a list of :class:`Row` s (a command each, run as ``python ARGV`` in th
 in its own process group) under one :class:`Clock` (seconds since the call began, its deadline,
 its log). :func:`launch` starts a row with two deadlines: the one its stages see (``$PPL_VI_DEADLINE``,
 read by ``runner.run_stages``: a stage still running then is killed, a later one not started) and
-the one at which :func:`wait_rows` kills its whole process group.
-:class:`Budget` holds the seconds each phase of a call may take (``GPU``, or ``DRY`` for a dry run).
+the one at which :func:`wait_rows` kills its whole process group. :class:`Budget` holds the seconds each phase of a call may take (``GPU``, or ``DRY`` for a dry run).
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ import runner  # device kinds, the per-stage deadline variable
 from runner import REPO
 
 RECORD = "reproduce.json"  # the call's record, in its results folder
-DEADLINE_EXTRA = 2.75  # minutes of the call's deadline beyond --minutes (8.75 for 6: the call may take 9 with its install)
+#: minutes of the call's deadline beyond --minutes (8.75 for 6: the call may take 9 with its install)
+DEADLINE_EXTRA = 2.75
 
 
 @dataclasses.dataclass
@@ -109,7 +109,6 @@ class Row:
     results: Optional[str] = None
     collect: Optional[Callable[[Ctx, Path], List[str]]] = None
     read: Optional[Callable[[Ctx, dict], None]] = None
-
 
 
 # ---- running processes with deadlines -------------------------------------------------------------------

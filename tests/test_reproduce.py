@@ -8,6 +8,7 @@ temporary root, then the tarball it packs is collected into another; the rest ch
 import hashlib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import probe  # noqa: E402
 import render  # noqa: E402
 import reproduce  # noqa: E402
 import runner  # noqa: E402
+import semi_supervised  # noqa: E402
+import stats  # noqa: E402
 import tarball  # noqa: E402
 
 SCRIPT = REPO / "experiments" / "reproduce.py"
@@ -222,6 +225,35 @@ def test_targets_measured_and_missed_by(tmp_path):
     assert targets["ssvae-gain"]["measured"].startswith("+7.00 ± 2.00 points over seeds [0, 1, 2]")
     assert targets["ssvae-gain"]["miss"] == "by 3.00 points"
     assert targets["completion"]["status"] == "owed"
+
+
+def test_one_statistic_for_every_table():
+    """mean, sample sd (ddof 1) and SE = sd / sqrt(n), by hand: 0.90, 0.92, 0.94 -> 0.92, 0.02;
+    1, 2, 3, 4 -> 2.5, sqrt(5/3), sqrt(5/3) / 2; one value has no spread."""
+    mean, sd = stats.mean_sd([0.90, 0.92, 0.94])
+    assert mean == pytest.approx(0.92, abs=1e-15) and sd == pytest.approx(0.02, abs=1e-15)
+    se = stats.mean_se([1.0, 2.0, 3.0, 4.0])
+    assert se["mean"] == 2.5 and se["se"] == pytest.approx(math.sqrt(5 / 3) / 2, rel=1e-15)
+    assert stats.mean_sd([7.0])[0] == 7.0 and math.isnan(stats.mean_sd([7.0])[1]) and math.isnan(stats.mean_se([7.0])["se"])
+
+
+@pytest.mark.parametrize("accuracies, status", [((0.95, 0.97, 0.98), "met"), ((0.90, 0.92, 0.94), "NOT met"),
+                                                ((0.97, 0.97), "owed")])
+def test_the_gpu_call_and_the_section_judge_the_semi_supervised_targets_alike(tmp_path, accuracies, status):
+    """One set of rows, two tables: the GPU call's judgement and semi_supervised.py's section agree on
+    both targets (M1+M2 ≥ 96 %; M2 ≥ its baseline + 10 points), from the same declaration."""
+    ctx = harness.Ctx(device="cuda", dry=False, root=tmp_path, work=tmp_path)
+    rows = {}
+    for s, a in enumerate(accuracies):
+        common = dict(seed=s, labels=100, mode="full", device="cuda", status="ok", started="2026-01-01T10:01:00+00:00")
+        rows[f"full/cuda/m1m2-l100-s{s}"] = dict(common, run=f"m1m2-l100-s{s}", kind="m1m2", test_accuracy=a)
+        rows[f"full/cuda/ssvae-l100-s{s}"] = dict(common, run=f"ssvae-l100-s{s}", kind="ssvae", test_accuracy=a - 0.3,
+                                                  baseline_test_accuracy=a - 0.405)  # M2 well below 96 %
+    _write(tmp_path / "experiments" / "semi_supervised.json", {"rows": rows})
+    judged = {t["id"]: t for t in collection.judge_targets(ctx, {"started": "2026-01-01T10:00:00+00:00"})}
+    assert judged["ssvae"]["status"] == semi_supervised.judge_ssl(rows, "cuda")[0] == status
+    gain = "owed" if len(accuracies) < 3 else "met"  # +10.5 points each seed
+    assert judged["ssvae-gain"]["status"] == semi_supervised.judge_gain(rows, "cuda")[0] == gain
 
 
 def test_parse_junit(tmp_path):
