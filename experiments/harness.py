@@ -4,7 +4,8 @@ A call is a list of :class:`Row` s (a command each, run as ``python ARGV`` in th
 in its own process group) under one :class:`Clock` (seconds since the call began, its deadline,
 its log). :func:`launch` starts a row with two deadlines: the one its stages see (``$PPL_VI_DEADLINE``,
 read by ``runner.run_stages``: a stage still running then is killed, a later one not started) and
-the one at which :func:`wait_rows` kills its whole process group. :class:`Budget` holds the seconds each phase of a call may take (``GPU``, or ``DRY`` for a dry run).
+the one at which :func:`wait_rows` kills its whole process group. :class:`Budget` holds the seconds
+each phase of a call may take (``GPU``, or ``DRY`` for a dry run).
 """
 
 from __future__ import annotations

@@ -234,7 +234,8 @@ def test_one_statistic_for_every_table():
     assert mean == pytest.approx(0.92, abs=1e-15) and sd == pytest.approx(0.02, abs=1e-15)
     se = stats.mean_se([1.0, 2.0, 3.0, 4.0])
     assert se["mean"] == 2.5 and se["se"] == pytest.approx(math.sqrt(5 / 3) / 2, rel=1e-15)
-    assert stats.mean_sd([7.0])[0] == 7.0 and math.isnan(stats.mean_sd([7.0])[1]) and math.isnan(stats.mean_se([7.0])["se"])
+    one, spread = stats.mean_sd([7.0])
+    assert one == 7.0 and math.isnan(spread) and math.isnan(stats.mean_se([7.0])["se"])
 
 
 @pytest.mark.parametrize("accuracies, status", [((0.95, 0.97, 0.98), "met"), ((0.90, 0.92, 0.94), "NOT met"),
@@ -245,10 +246,12 @@ def test_the_gpu_call_and_the_section_judge_the_semi_supervised_targets_alike(tm
     ctx = harness.Ctx(device="cuda", dry=False, root=tmp_path, work=tmp_path)
     rows = {}
     for s, a in enumerate(accuracies):
-        common = dict(seed=s, labels=100, mode="full", device="cuda", status="ok", started="2026-01-01T10:01:00+00:00")
+        common = dict(seed=s, labels=100, mode="full", device="cuda", status="ok",
+                      started="2026-01-01T10:01:00+00:00")
         rows[f"full/cuda/m1m2-l100-s{s}"] = dict(common, run=f"m1m2-l100-s{s}", kind="m1m2", test_accuracy=a)
-        rows[f"full/cuda/ssvae-l100-s{s}"] = dict(common, run=f"ssvae-l100-s{s}", kind="ssvae", test_accuracy=a - 0.3,
-                                                  baseline_test_accuracy=a - 0.405)  # M2 well below 96 %
+        rows[f"full/cuda/ssvae-l100-s{s}"] = dict(common, run=f"ssvae-l100-s{s}", kind="ssvae",
+                                                  test_accuracy=a - 0.3,  # M2 well below 96 %
+                                                  baseline_test_accuracy=a - 0.405)
     _write(tmp_path / "experiments" / "semi_supervised.json", {"rows": rows})
     judged = {t["id"]: t for t in collection.judge_targets(ctx, {"started": "2026-01-01T10:00:00+00:00"})}
     assert judged["ssvae"]["status"] == semi_supervised.judge_ssl(rows, "cuda")[0] == status
