@@ -149,10 +149,8 @@ def fmt_clock(seconds: float) -> str:
 
 
 def row_env(ctx: Ctx, kill_at_unix: float, threads: Optional[int]) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env[runner.DEADLINE_ENV] = f"{kill_at_unix:.1f}"
-    env["PYTHONUNBUFFERED"] = "1"
+    """A row's environment: its stages' deadline (Unix time), unbuffered output, ``threads`` CPU threads."""
+    env = runner.child_env(**{runner.DEADLINE_ENV: f"{kill_at_unix:.1f}", "PYTHONUNBUFFERED": "1"})
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     return env

@@ -31,6 +31,11 @@ their start-up and 75 s for their evaluation, and 20 s for writing. That leaves 
 ``min(M, what the deadline leaves)``: about 5.2 minutes at the expected phase times, not 6 (the
 record and RESULTS.md say what each run got); ``--deadline-minutes`` moves the deadline.
 
+This file holds the rows and the command line; the parts are beside it: ``harness.py`` (processes
+against deadlines, the budgets), ``phases.py`` (the time plan and phases 1-3), ``collection.py``
+(copies, re-collection, the targets judged from ``targets.py``), ``render.py`` (the sections) and
+``tarball.py``.
+
 Usage::
 
     python experiments/reproduce.py --device cuda --minutes 6 --out $OUT    # on the GPU machine
@@ -203,7 +208,6 @@ def finish(ctx: Ctx, record: dict, clock: Optional[Clock], rows: List[Row], from
     (ctx.results / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     render(ctx, record, ROWS)
     return record
-
 
 
 # ---- main -------------------------------------------------------------------------------------------
