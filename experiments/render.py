@@ -14,6 +14,7 @@ import runner  # write_section
 from collection import load_bench, source_digest
 from harness import DEADLINE_EXTRA, GPU, Ctx, Row
 from phases import probe_levels
+from targets import IWAE5000, STEP
 
 RUN_SECTION = "## GPU run: every figure in one call (issue 15)"
 OWED_SECTION = "## GPU figures owed"
@@ -145,64 +146,71 @@ def run_section(ctx: Ctx, record: Optional[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+BENCH_OWED = [
+    "**Owed: no GPU call has run yet**, so none of the CUDA figures exist:",
+    "* the CUDA-graph variants: `graph` (the floor), and `ppl_vi` in `cuda-graph` mode;",
+    "* the CUDA timings of `hand`, `pyro` and `ppl_vi-off`;",
+    "* IWAE-5000 over the full 10,000-image test set;",
+    "* the two CUDA-only tests in `tests/test_fast_path.py` (skipped without CUDA).",
+    "",
+    "They come from the single call in `experiments/RESULTS.md`, section \"GPU figures owed\", which",
+    "runs `benchmarks/svi_speed.py` alone on the GPU (before the training rows) and the CUDA tests.", ""]
+CUDA_GRAPH_NOTE = [
+    "What the `ppl_vi` row does on CUDA, when the guide is reparameterised, the loss is `trace` or",
+    "`iwae`, `nan_policy` is `stop`, and the run is a single process:",
+    "* **Warm-up:** 3 eager steps run on a side stream. These are real training steps, and they check",
+    "  that the trace structure does not change.",
+    "* **Capture:** step 4 captures the loss, backward and `Adam(capturable=True)` update in one CUDA",
+    "  graph. The learning rate becomes a device tensor, so the per-epoch scheduler still reaches the",
+    "  graph.",
+    "* **Replay:** every later step copies the batch into the static input and replays the graph. An",
+    "  epoch's last, smaller batch takes an eager step instead.",
+    "",
+    "`Trainer.fast.mode` and the table's note column say which path ran. Any capture failure falls",
+    "back to the sync-free eager step with a one-line message.",
+    "",
+    "The whole benchmark alone, with `torch.compile` and 7 windows per variant (longer than the call",
+    "allows): `PPL_VI_DATA=/path/to/data python benchmarks/svi_speed.py --device cuda`."]
+
+
 def bench_section(ctx: Ctx, record: Optional[dict]) -> str:
-    out = [BENCH_SECTION, ""]
+    """svi_speed's table from the call (or what is owed), its two targets, and what the fast path does."""
     bench = load_bench(ctx) if record else None
-    if record is None or bench is None:
-        out += ["**Owed: no GPU call has run yet**, so none of the CUDA figures exist:",
-                "* the CUDA-graph variants: `graph` (the floor), and `ppl_vi` in `cuda-graph` mode;",
-                "* the CUDA timings of `hand`, `pyro` and `ppl_vi-off`;",
-                "* IWAE-5000 over the full 10,000-image test set;",
-                "* the two CUDA-only tests in `tests/test_fast_path.py` (skipped without CUDA).",
-                "",
-                "They come from the single call in `experiments/RESULTS.md`, section \"GPU figures owed\", which",
-                "runs `benchmarks/svi_speed.py` alone on the GPU (before the training rows) and the CUDA tests.", ""]
-    else:
-        if record.get("dry_run"):
-            out += ["**DRY RUN on " + record["device_name"] + ": a pipeline check with a few steps, NOT results.**", ""]
-        out += [f"Measured by `experiments/reproduce.py` on **{record['device_name']}**, {record.get('started')}, "
-                "with nothing else of the call running (the training rows start after it).", "",
-                f"* **Software:** {bench.get('environment')}.", f"* **Clock:** {bench.get('clock')}.",
-                f"* **Command:** `{bench.get('command')}` ({bench.get('total_s', 0):.0f} s; `torch.compile` off "
-                "to fit the call's time).", "",
-                "| batch | K | variant | ms/step | [min, max] | epoch s | × hand | × graph (floor) | note |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        graph = {(r["batch"], r["k"]): r["ms"] for r in bench["rows"] if r["variant"] == "graph"}
-        for r in bench["rows"]:
-            g = graph.get((r["batch"], r["k"]))
-            floor = f"{r['ms'] / g:.2f}" if g else "–"
-            out.append(f"| {r['batch']} | {r['k']} | {r['variant']} | {r['ms']:.3f} | [{r['lo']:.3f}, {r['hi']:.3f}] "
-                       f"| {r['epoch_s']:.1f} | {r['ratio']:.2f} | {floor} | "
-                       f"{cell(r.get('note'))} ({r['n']}×{r['windows']} steps) |")
-        ev = bench.get("eval") or {}
-        if ev:
-            out += ["", f"IWAE-{ev['k']} on {ev['n']} of {ev['n_test']} test images: ppl_vi's chunked evaluator "
-                        f"{ev['ppl_vi_s']:.2f} s (-L = {ev['ppl_vi_nll']:.3f} ± {ev['ppl_vi_se']:.3f}), hand-written "
-                        f"{ev['hand_s']:.2f} s (-L = {ev['hand_nll']:.3f} ± {ev['hand_se']:.3f}); difference "
-                        f"{ev['diff']:+.4f} nats, paired SE {ev['paired_se']:.4f}: "
-                        f"{'agree' if ev['agree'] else 'DISAGREE'} (the model: {ev.get('model_steps')} hand-written "
-                        "Adam steps)."]
-        out += ["", "| target | status | measured | misses |", "|---|---|---|---|"]
-        for t in record.get("targets", []):
-            if t["id"] in ("step", "iwae5000"):
-                out.append(f"| {t['text']} | **{t['status']}** | {cell(t.get('measured'))} | {cell(t.get('miss'))} |")
-        out.append("")
-    out += ["What the `ppl_vi` row does on CUDA, when the guide is reparameterised, the loss is `trace` or",
-            "`iwae`, `nan_policy` is `stop`, and the run is a single process:",
-            "* **Warm-up:** 3 eager steps run on a side stream. These are real training steps, and they check",
-            "  that the trace structure does not change.",
-            "* **Capture:** step 4 captures the loss, backward and `Adam(capturable=True)` update in one CUDA",
-            "  graph. The learning rate becomes a device tensor, so the per-epoch scheduler still reaches the",
-            "  graph.",
-            "* **Replay:** every later step copies the batch into the static input and replays the graph. An",
-            "  epoch's last, smaller batch takes an eager step instead.",
-            "",
-            "`Trainer.fast.mode` and the table's note column say which path ran. Any capture failure falls",
-            "back to the sync-free eager step with a one-line message.",
-            "",
-            "The whole benchmark alone, with `torch.compile` and 7 windows per variant (longer than the call",
-            "allows): `PPL_VI_DATA=/path/to/data python benchmarks/svi_speed.py --device cuda`."]
-    return "\n".join(out) + "\n"
+    body = BENCH_OWED if record is None or bench is None else bench_measured(record, bench)
+    return "\n".join([BENCH_SECTION, "", *body, *CUDA_GRAPH_NOTE]) + "\n"
+
+
+def bench_measured(record: dict, bench: dict) -> List[str]:
+    out = []
+    if record.get("dry_run"):
+        out += ["**DRY RUN on " + record["device_name"] + ": a pipeline check with a few steps, NOT results.**", ""]
+    out += [f"Measured by `experiments/reproduce.py` on **{record['device_name']}**, {record.get('started')}, "
+            "with nothing else of the call running (the training rows start after it).", "",
+            f"* **Software:** {bench.get('environment')}.", f"* **Clock:** {bench.get('clock')}.",
+            f"* **Command:** `{bench.get('command')}` ({bench.get('total_s', 0):.0f} s; `torch.compile` off "
+            "to fit the call's time).", "",
+            "| batch | K | variant | ms/step | [min, max] | epoch s | × hand | × graph (floor) | note |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    graph = {(r["batch"], r["k"]): r["ms"] for r in bench["rows"] if r["variant"] == "graph"}
+    for r in bench["rows"]:
+        g = graph.get((r["batch"], r["k"]))
+        floor = f"{r['ms'] / g:.2f}" if g else "–"
+        out.append(f"| {r['batch']} | {r['k']} | {r['variant']} | {r['ms']:.3f} | [{r['lo']:.3f}, {r['hi']:.3f}] "
+                   f"| {r['epoch_s']:.1f} | {r['ratio']:.2f} | {floor} | "
+                   f"{cell(r.get('note'))} ({r['n']}×{r['windows']} steps) |")
+    ev = bench.get("eval") or {}
+    if ev:
+        out += ["", f"IWAE-{ev['k']} on {ev['n']} of {ev['n_test']} test images: ppl_vi's chunked evaluator "
+                    f"{ev['ppl_vi_s']:.2f} s (-L = {ev['ppl_vi_nll']:.3f} ± {ev['ppl_vi_se']:.3f}), hand-written "
+                    f"{ev['hand_s']:.2f} s (-L = {ev['hand_nll']:.3f} ± {ev['hand_se']:.3f}); difference "
+                    f"{ev['diff']:+.4f} nats, paired SE {ev['paired_se']:.4f}: "
+                    f"{'agree' if ev['agree'] else 'DISAGREE'} (the model: {ev.get('model_steps')} hand-written "
+                    "Adam steps)."]
+    out += ["", "| target | status | measured | misses |", "|---|---|---|---|"]
+    for t in record.get("targets", []):
+        if t["id"] in (STEP.id, IWAE5000.id):
+            out.append(f"| {t['text']} | **{t['status']}** | {cell(t.get('measured'))} | {cell(t.get('miss'))} |")
+    return out + [""]
 
 
 def write_bench_section(path: Path, text: str) -> None:

@@ -285,26 +285,42 @@ def make_root(opts) -> Path:
     return root
 
 
-def main(argv=None) -> int:
-    opts = parse_args(argv)
-    root = make_root(opts)
-    if opts.collect or opts.render:
-        ctx = Ctx(device="cuda", dry=False, root=root, work=root)
-        if opts.collect:
-            try:
-                dest = unpack(Path(opts.collect), root)
-            except (ValueError, tarfile.TarError, OSError) as exc:
-                print(f"reproduce: error: {exc}", file=sys.stderr)
-                return 2
-            record = json.loads((dest / RECORD).read_text())
-            ctx = Ctx(device=record["device"], dry=record["dry_run"], root=root, work=root)
-            record = finish(ctx, record, None, ROWS, from_work=False)
-            print(f"collected {dest}; rendered {root / 'experiments/RESULTS.md'} and {root / 'benchmarks/RESULTS.md'}")
-            return 0
+def collect_or_render(opts, root: Path) -> int:
+    """``--collect`` (unpack a call's tarball, re-collect, judge, render) or ``--render`` (sections only)."""
+    ctx = Ctx(device="cuda", dry=False, root=root, work=root)
+    if opts.render:
         path = ctx.results / RECORD
         render(ctx, json.loads(path.read_text()) if path.is_file() else None, ROWS)
         print(f"rendered {root / 'experiments/RESULTS.md'} and {root / 'benchmarks/RESULTS.md'}")
         return 0
+    try:
+        dest = unpack(Path(opts.collect), root)
+    except (ValueError, tarfile.TarError, OSError) as exc:
+        print(f"reproduce: error: {exc}", file=sys.stderr)
+        return 2
+    record = json.loads((dest / RECORD).read_text())
+    ctx = Ctx(device=record["device"], dry=record["dry_run"], root=root, work=root)
+    finish(ctx, record, None, ROWS, from_work=False)
+    print(f"collected {dest}; rendered {root / 'experiments/RESULTS.md'} and {root / 'benchmarks/RESULTS.md'}")
+    return 0
+
+
+def prepare(ctx: Ctx, out: Optional[Path]) -> None:
+    """Empty the work folder and this call's results folder; start the log in ``out``. Raises OSError."""
+    shutil.rmtree(ctx.work, ignore_errors=True)
+    (ctx.work / "scratch").mkdir(parents=True)
+    shutil.rmtree(ctx.results, ignore_errors=True)
+    ctx.results.mkdir(parents=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "reproduce.log").write_text("")
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    root = make_root(opts)
+    if opts.collect or opts.render:
+        return collect_or_render(opts, root)
     if runner.cuda_missing(opts.device):
         print("reproduce: error: --device cuda but no CUDA GPU here; on a CPU use --device cpu --dry-run",
               file=sys.stderr)
@@ -314,20 +330,13 @@ def main(argv=None) -> int:
     out = Path(opts.out).resolve() if opts.out else None
     ctx = Ctx(device=opts.device, dry=opts.dry_run, root=root, work=work)
     try:
-        shutil.rmtree(work, ignore_errors=True)
-        (work / "scratch").mkdir(parents=True)
-        shutil.rmtree(ctx.results, ignore_errors=True)
-        ctx.results.mkdir(parents=True)
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "reproduce.log").write_text("")
+        prepare(ctx, out)
     except OSError as exc:
         print(f"reproduce: error: cannot prepare the output folders: {exc}", file=sys.stderr)
         return 2
     clock = Clock(60 * opts.deadline_minutes, out / "reproduce.log" if out else None)
     clock.log(f"{opts.shown}: root {root}, work {work}{', DRY RUN' if ctx.dry else ''}")
-    record = run_call(opts, ctx, ROWS, clock)
-    record = finish(ctx, record, clock, ROWS, from_work=True)
+    record = finish(ctx, run_call(opts, ctx, ROWS, clock), clock, ROWS, from_work=True)
     if out is not None:
         pack(ctx, out, clock)
     for t in record["targets"]:
