@@ -1,4 +1,4 @@
-"""The issue-14 benchmark scripts run end to end at tiny sizes (the real tables come from full runs)."""
+"""The CPU benchmark scripts run end to end at tiny sizes (the real tables come from full runs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A newcomer's friction list (issue 14): --help, a default run directory, resume, eval's checkpoint,
+"""A newcomer's friction list: --help, a default run directory, resume, eval's checkpoint,
 --epochs 0, and what the report shows. Tiny synthetic runs (gmm / linear-gaussian), a few seconds each."""
 
 from __future__ import annotations

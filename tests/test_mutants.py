@@ -1,4 +1,4 @@
-"""The checker's power, measured: plausible wrong estimators must FAIL, the right ones PASS (issue 23).
+"""The checker's power, measured: plausible wrong estimators must FAIL, the right ones PASS.
 
 Each mutant (``tests/mutants.py``) patches one thing in the real estimator code; each runs through
 ``ppl_vi.check``'s expected-gradient check exactly as it is shipped, at the seed counts it is shipped

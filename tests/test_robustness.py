@@ -1,4 +1,4 @@
-"""Issue 13 ("reliability round 2"): one regression test (or a few) per defect found by trying
+"""Reliability: one regression test (or a few) per defect found by trying
 ppl_vi as an attacker and a careless user would. Each failed on the code before the fix.
 
 1. ``--resume`` honours ``--lr`` / ``--lr-decay``       6. a lock on the run directory (also tests/test_faults.py)
