@@ -62,7 +62,7 @@ from ppl_vi import bounds  # noqa: E402
 from ppl_vi.config import build_config  # noqa: E402
 from ppl_vi.data import mnist  # noqa: E402
 from ppl_vi.job import PROFILES  # noqa: E402
-from ppl_vi.objectives.graph_step import fast_note  # noqa: E402
+from ppl_vi.training.graph_step import fast_note  # noqa: E402
 from ppl_vi.runtime import device_name  # noqa: E402
 from ppl_vi.training import Trainer  # noqa: E402
 

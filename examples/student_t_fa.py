@@ -50,7 +50,7 @@ from ppl_vi.config import build_config
 from ppl_vi.evaluate import evaluate_run, load_trained
 from ppl_vi.models.base import Batch, Draws, LatentModel, register
 from ppl_vi.report import CHECK, write_report
-from ppl_vi.training import train
+from ppl_vi.job import train
 
 NAME = "student-t-fa"
 

@@ -33,13 +33,12 @@ from ppl_vi.data.sources import load_data
 from ppl_vi.distributed import is_main_process
 from ppl_vi.errors import ConfigError, PplViError, Terminated
 from ppl_vi.evaluate import CHECKPOINT_NAMES, describe_checkpoint, evaluate_run
-from ppl_vi.job import run_job
+from ppl_vi.job import run_job, train
 from ppl_vi.models import REGISTRY
 from ppl_vi.models.base import default_make_batch, get_spec
 from ppl_vi.objectives.losses import DESCRIPTIONS, check_config
 from ppl_vi.report import CHECK, render_check_page, write_report
 from ppl_vi.runtime import seed_everything
-from ppl_vi.training import train
 
 EXAMPLES = """examples:
   ppl-vi run                                   # the main job: a VAE trained, tested and reported, sized to this machine

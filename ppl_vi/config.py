@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import reprlib
 import typing
@@ -109,6 +110,39 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How long a run trains and how its learning rate falls: ``epochs`` epochs, the learning rate
+    ``lr`` × ``lr_decay``^epoch (Adam's rate during epoch e + 1, e = 0, 1, ...).
+
+    A config gives one (:meth:`of`); a time budget gives another once the first epoch has been timed
+    (:meth:`fitting`). The config itself never changes.
+    """
+
+    epochs: int
+    lr: float
+    lr_decay: float
+
+    @classmethod
+    def of(cls, config: "TrainConfig") -> "Schedule":
+        return cls(config.epochs, config.lr, config.lr_decay)
+
+    @classmethod
+    def fitting(cls, config: "TrainConfig", budget_seconds: float, epoch_seconds: float, max_epochs: int,
+                lr_final: Optional[float] = None) -> "Schedule":
+        """The epochs that fit ``budget_seconds`` at ``epoch_seconds`` each (1 to ``max_epochs``), with the
+        learning rate decayed geometrically from ``config.lr`` at the first epoch to ``lr_final`` at the
+        last: lr_decay = (lr_final / lr)^(1 / (epochs - 1)) (1: no ``lr_final``, or a single epoch)."""
+        epochs = int(max(1, min(max_epochs, math.floor(budget_seconds / epoch_seconds))))
+        final = lr_final or config.lr
+        decay = (final / config.lr) ** (1 / (epochs - 1)) if epochs > 1 else 1.0
+        return cls(epochs, config.lr, decay)
+
+    def applied_to(self, config: "TrainConfig") -> "TrainConfig":
+        """``config`` as a run with this schedule would have been configured (what config.json records)."""
+        return dataclasses.replace(config, epochs=self.epochs, lr=self.lr, lr_decay=self.lr_decay)
 
 INT_MAX = 2**31 - 1  # counts and sizes fit a C int: no silent overflow inside torch
 MAX_WIDTH = 16384  # hidden widths, z_dim, components: 16384 x 16384 weights are 1 GiB in float32

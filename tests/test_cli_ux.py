@@ -123,11 +123,12 @@ def test_resume_says_where_it_continues_and_keeps_cumulative_time(tmp_path, caps
 def test_resume_message_mid_epoch_and_when_done():
     trainer = Trainer(build_config("linear-gaussian", overrides={"device": "cpu", "n_train": 100, "n_test": 50,
                                                                  "batch_size": 10, "epochs": 4}), progress=False)
-    trainer.epoch, trainer.step, trainer.step_in_epoch, trainer.seconds_before = 2, 25, 5, 90.0
+    state = trainer.state
+    state.epoch, state.step, state.step_in_epoch, state.seconds_before = 2, 25, 5, 90.0
     message = resume_message(trainer, Path("R/checkpoints/last.pt"))
     assert message == ("resuming from R/checkpoints/last.pt (epoch 2 of 4 done, step 25, 1.5 min trained): "
                        "continuing epoch 3 at step 6 of 10 (the 5 steps before it are not redone)")
-    trainer.epoch, trainer.step_in_epoch = 4, 0
+    state.epoch, state.step_in_epoch = 4, 0
     assert "nothing left to train; pass --epochs N (> 4)" in resume_message(trainer, Path("x"))
 
 

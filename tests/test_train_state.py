@@ -31,7 +31,7 @@ def test_an_old_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     run_dir = _run_dir_from_fixture(tmp_path, "checkpoint_v1_mid_epoch.pt")
     config = build_config(file_values=rundir.load_config_dict(run_dir))
     messages = []
-    trainer = train(config, run_dir, resume=True, progress=False, figures=False, log=messages.append)
+    trainer = train(config, run_dir, resume=True, progress=False, log=messages.append)
     assert "continuing epoch 1 at step 4 of 4" in messages[0]
     expected = torch.load(DATA / "checkpoint_v1_epoch_end.pt", weights_only=True)
     assert (trainer.epoch, trainer.step) == (expected["epoch"], expected["step"]) == (1, 4)
@@ -44,7 +44,7 @@ def test_an_old_epoch_end_checkpoint_loads_with_its_counters(tmp_path):
     run_dir = _run_dir_from_fixture(tmp_path, "checkpoint_v1_epoch_end.pt")
     config = build_config(file_values={**rundir.load_config_dict(run_dir), "epochs": 2})
     messages = []
-    trainer = train(config, run_dir, resume=True, progress=False, figures=False, log=messages.append)
+    trainer = train(config, run_dir, resume=True, progress=False, log=messages.append)
     assert "epoch 1 of 2 done, step 4" in messages[0]
     assert (trainer.epoch, trainer.step) == (2, 8)
     assert trainer.optimizer.param_groups[0]["lr"] == 0.01 * 0.9 * 0.9
