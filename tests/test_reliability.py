@@ -231,7 +231,7 @@ def test_semisupervised_skip_replays_the_same_epoch():
 
 def test_resume_mid_epoch_refuses_changed_data_settings(tmp_path):
     config = build_config("linear-gaussian", overrides={"device": "cpu", "n_train": 100, "n_test": 50})
-    state = Trainer(config, progress=False).state()
+    state = Trainer(config, progress=False).state.state_dict()
     state["step_in_epoch"] = 3
     state["config"]["batch_size"] = 7
     with pytest.raises(ConfigError, match="cannot resume mid-epoch with changed batch_size"):

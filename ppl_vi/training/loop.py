@@ -75,7 +75,7 @@ class Hooks(Protocol):
     def loss_read(self, step: int, value: float) -> None:
         """A read-back's mean loss (TensorBoard)."""
 
-    def save(self, name: str) -> Path:
+    def save_checkpoint(self, name: str) -> Path:
         """Write ``run_dir``/checkpoints/NAME.pt of the state; its path."""
 
     def diagnose(self) -> str:
@@ -130,7 +130,7 @@ def run_epoch(state: TrainState, stepper: Stepper, batches: Batches, hooks: Hook
                 read_back(state, hooks, losses[checked:], None)  # never checkpoint past an unchecked NaN
                 checked = len(losses)
                 state.hold_position(losses)
-                hooks.save("last")
+                hooks.save_checkpoint("last")
     finally:
         bar.close()
     read_back(state, hooks, losses[checked:], None)
@@ -146,7 +146,7 @@ def stop(state: TrainState, hooks: Hooks, losses: List[Tensor], unchecked: List[
     if hooks.run_dir is None:
         raise Terminated(f"terminated by SIGTERM {where}; no run directory, so nothing was saved")
     state.hold_position(losses)
-    path = hooks.save("last")
+    path = hooks.save_checkpoint("last")
     raise Terminated(f"terminated by SIGTERM {where}; checkpoint written to {path}; continue exactly from there "
                      f"with: ppl-vi train --resume {hooks.run_dir}")
 
@@ -170,8 +170,8 @@ def finish_epoch(state: TrainState, hooks: Hooks, losses: List[Tensor], seconds:
     if hooks.run_dir is not None and (state.epoch % cfg.checkpoint_every == 0 or state.epoch == state.plan.epochs):
         # best first, so that last.pt (what --resume reads) carries the updated best_val
         if state.improves(record.get("val_loss", math.inf)):
-            hooks.save("best")
-        hooks.save("last")
+            hooks.save_checkpoint("best")
+        hooks.save_checkpoint("last")
     return record
 
 

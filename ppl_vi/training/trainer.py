@@ -233,15 +233,13 @@ class Trainer:
         return diagnosis.kept(self.run_dir, self.state.last_saved)
 
     # ---- checkpoints (ppl_vi.training.state) ---------------------------------------------------
-    def save(self, name: str) -> Path:
+    def save_checkpoint(self, name: str) -> Path:
         """Write ``RUN_DIR/checkpoints/NAME.pt``; ``last`` also becomes the checkpoint a divergence keeps."""
         path = self.run_dir / rundir.CHECKPOINTS / f"{name}.pt"
         rundir.save_checkpoint(path, self.state.state_dict())
         if name == "last":
             self.state.saved()
         return path
-
-    save_checkpoint = save
 
     def load_state(self, state: dict) -> None:
         """Continue exactly where ``state`` (a checkpoint) left off, mid-epoch included."""
