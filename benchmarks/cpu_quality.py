@@ -59,7 +59,7 @@ from pyro.optim import Adam  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from ppl_vi import bounds  # noqa: E402
-from ppl_vi.config import build_config  # noqa: E402
+from ppl_vi.models.configure import build_config  # noqa: E402
 from ppl_vi.data import mnist  # noqa: E402
 from ppl_vi.job import PROFILES  # noqa: E402
 from ppl_vi.training.graph_step import fast_note  # noqa: E402

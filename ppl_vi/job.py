@@ -29,7 +29,8 @@ import torch
 
 from ppl_vi import plots
 from ppl_vi import run as rundir
-from ppl_vi.config import Schedule, TrainConfig, build_config
+from ppl_vi.config import Schedule, TrainConfig
+from ppl_vi.models.configure import build_config
 from ppl_vi.errors import ConfigError
 from ppl_vi.evaluate import describe_checkpoint, evaluate_run
 from ppl_vi.iwae_eval import iwae_bounds, rows_per_pass
@@ -200,7 +201,7 @@ def run_job(model: str, out: Optional[str], *, full: bool = False, overrides: Op
         if not 0 < train_minutes < float("inf"):
             raise ConfigError(f"--train-minutes must be > 0, got {train_minutes}")
         profile = dataclasses.replace(profile, train_minutes=train_minutes)
-    config = build_config(model, profile.config, overrides)
+    config = build_config(model, None, overrides, profile=profile.config)
     run_dir = rundir.check_run_dir(out or rundir.default_run_dir(config.model))
     start = time.perf_counter()
     # the budget decides the epochs, unless they (or a time limit) were given on the command line

@@ -9,7 +9,7 @@ import torch
 
 from ppl_vi import job, progress
 from ppl_vi.cli import main
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.training import Trainer
 
 BASE = ["--device", "cpu", "--train-subset", "256", "--val-size", "500", "--hidden", "16", "--z-dim", "4",

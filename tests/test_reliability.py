@@ -24,7 +24,7 @@ import torch
 
 from ppl_vi import run as rundir
 from ppl_vi.cli import main
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.errors import CheckpointError, ConfigError, TrainingDiverged
 from ppl_vi.training import Trainer, train
 from ppl_vi.training import step as step_module

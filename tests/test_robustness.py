@@ -28,7 +28,8 @@ import torch
 from ppl_vi import plots
 from ppl_vi import run as rundir
 from ppl_vi.cli import main
-from ppl_vi.config import build_config, read_config_file
+from ppl_vi.config import read_config_file
+from ppl_vi.models.configure import build_config
 from ppl_vi.data.mnist import read_idx
 from ppl_vi.errors import ConfigError, DataError, TrainingDiverged
 from ppl_vi.training import EagerStep, train

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ppl_vi import run as rundir
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.training import train
 
 DATA = Path(__file__).resolve().parent / "data"
