@@ -179,6 +179,19 @@ def plan_lines(profile: Profile, config, full, device: torch.device, run_dir: Pa
     return lines
 
 
+def announce_plan(write: Log, profile: Profile, config, device: torch.device, run_dir: Path, n_test: int,
+                  row_seconds: float, budget: Optional[float]) -> List[str]:
+    """Say what the job will do before it starts (:func:`plan_lines`); returns what it scales down."""
+    notes = scaled_down(profile, config, n_test, budget)
+    full = build_config(config.model, PROFILES["full"].config)
+    # the full protocol's IWAE on its own network: this network's row time scaled by the decoders' FLOPs
+    full_row_seconds = row_seconds * decoder_macs(full) / decoder_macs(config)
+    full_eval = n_test * (max(full.eval_k) + 1) * full_row_seconds
+    for line in plan_lines(profile, config, full, device, run_dir, n_test, full_eval, budget, notes):
+        write(line)
+    return notes
+
+
 def record_job(run_dir: Path, job: dict) -> None:
     """The job's profile and what it scales down, in config.json (``job``) and metrics.json."""
     saved = rundir.read_json(run_dir / rundir.CONFIG)
@@ -229,14 +242,7 @@ def run_job(model: str, out: Optional[str], *, full: bool = False, overrides: Op
         bar.set_estimate("train", 3 * row_seconds * config.batch_size)
     bar.set_units("eval", n_test + n_iwae * max(config.eval_k))
     bar.set_estimate("eval", row_seconds)
-    notes = scaled_down(profile, config, n_test, budget)
-    full = build_config(config.model, PROFILES["full"].config)
-    # the full protocol's IWAE on its own network: this network's row time scaled by the decoders' FLOPs
-    full_row_seconds = row_seconds * decoder_macs(full) / decoder_macs(config)
-    full_eval = n_test * (max(full.eval_k) + 1) * full_row_seconds
-    for line in plan_lines(profile, config, full, device, run_dir, n_test, full_eval, budget, notes):
-        bar.write(line)
-    job["scaled_down"] = notes
+    job["scaled_down"] = announce_plan(bar.write, profile, config, device, run_dir, n_test, row_seconds, budget)
     with rundir.locked(run_dir, create=True):  # the whole job: no other process trains or scores it meanwhile
         run_training(trainer, run_dir, log=bar.write)
         write_outputs(trainer)
