@@ -183,7 +183,7 @@ class PplVi(Contender):
         self.batch_size = self.trainer.config.batch_size
         self.budget, self.steps, self.epoch_seconds = budget, 0, None
         self._epoch = iter(self.trainer.batches())
-        self.note = fast_note(self.trainer)
+        self.note = fast_note(self.trainer.stepper)
         self.describe = (f"hidden {self.trainer.config.hidden}, z {self.trainer.config.z_dim}, batch {self.batch_size}, "
                          f"lr {self.trainer.config.lr:g} -> {self.lr_final:g} over the epochs that fit "
                          f"{budget / 60:g} min")

@@ -190,7 +190,7 @@ class PplviStep:
 
     @property
     def note(self) -> str:
-        return fast_note(self.trainer)
+        return fast_note(self.trainer.stepper)
 
 
 # ---- timing -----------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     for _ in range(WARMUP):
         trainer.train_step(next(stream))
     sync()
-    print(json.dumps({"ready": True, "mode": fast_note(trainer), "device": str(trainer.device)}), flush=True)
+    print(json.dumps({"ready": True, "mode": fast_note(trainer.stepper), "device": str(trainer.device)}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         if command.get("quit"):

@@ -512,9 +512,9 @@ def _describe(kind: tuple) -> str:
     return f"no {', '.join(missing)}" if missing else "every field (" + ", ".join(k for k, _ in kind) + ")"
 
 
-def fast_note(trainer) -> str:
-    """One line saying which fast path a trainer runs (for benchmarks and logs)."""
-    record = trainer.stepper.record()
+def fast_note(stepper) -> str:
+    """One line saying which fast path a stepper (``Trainer.stepper``) runs (for benchmarks and logs)."""
+    record = stepper.record()
     if record["mode"] == "off":
         return "fast path off (config.fast=False)"
     return record["mode"] + (f" ({'; '.join(record['notes'])})" if record["notes"] else "")
