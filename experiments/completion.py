@@ -110,8 +110,8 @@ def parse_args(argv=None):
 def train_cvae(opts, run_dir: Path):
     """``cvae-completion`` through the library; returns the trainer with its best checkpoint loaded."""
     from ppl_vi import run as rundir
-    from ppl_vi.config import build_config
-    from ppl_vi.training import train
+    from ppl_vi.models.configure import build_config
+    from ppl_vi.job import train
 
     overrides = dict(device=opts.device, seed=opts.seed, hidden=opts.hidden_list, z_dim=opts.z_dim, lr=opts.lr,
                      batch_size=opts.batch_size, train_subset=opts.train_subset, data_dir=opts.data_dir,

@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ppl_vi import run as rundir
-from ppl_vi.config import build_config, read_config_file
+from ppl_vi.config import read_config_file
+from ppl_vi.models.configure import build_config
 from ppl_vi.errors import ConfigError, PplViError
 from test_robustness import cli as run_cli
 

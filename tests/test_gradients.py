@@ -36,8 +36,8 @@ from ppl_vi.models.gmm import GMM
 from ppl_vi.models.linear_gaussian import LinearGaussian
 from ppl_vi.models.ssvae import SSVAE
 from ppl_vi.models.base import get_spec
-from ppl_vi.objectives import graph_step
-from ppl_vi.objectives.graph_step import FastStep
+from ppl_vi.training import graph_step
+from ppl_vi.training.graph_step import FastLoss
 from ppl_vi.objectives import dreg, stl
 from ppl_vi.objectives.dreg import DReGLoss
 from ppl_vi.objectives.importance import IWAELoss
@@ -117,15 +117,6 @@ def test_defect1_the_losses_themselves_refuse_a_gradient_through_a_discrete_guid
 # ---- defect 2: the fast path and the SSVAE's unlabelled batch ------------------------------------
 
 
-class _Trainer:
-    """The parts of a Trainer that FastStep reads."""
-
-    def __init__(self, model, loss):
-        self.model, self.loss = model, loss
-        self.model_fn, self.guide_fn = model.model, model.guide
-        self.device, self.config = torch.device("cpu"), TrainConfig(model="ssvae")
-
-
 @pytest.fixture
 def ssvae_batches(binary_images):
     torch.manual_seed(0)
@@ -143,7 +134,7 @@ def _classifier_check(model, fast, unlabelled, seeds=24):  # 10 classes x 6 data
 
 def test_defect2_fast_path_runs_the_unlabelled_batch_with_its_score_term(ssvae_batches):
     model, labelled, unlabelled = ssvae_batches
-    fast = FastStep(_Trainer(model, Trace_ELBO(max_plate_nesting=1, vectorize_particles=True)), quiet=True)
+    fast = FastLoss(Trace_ELBO(max_plate_nesting=1, vectorize_particles=True), model, "cpu", quiet=True)
     fast.differentiable_loss(model.model, model.guide, **labelled)  # the labelled batch comes first, as in a step
     rows = _classifier_check(model, fast, unlabelled)
     assert _summary(rows).passed, "\n".join(f"{r.name} {r.note}" for r in rows)
@@ -156,7 +147,7 @@ def test_defect2_fast_path_runs_the_unlabelled_batch_with_its_score_term(ssvae_b
 def test_defect2_the_check_catches_a_sync_free_loss_that_skips_the_score_term(ssvae_batches, monkeypatch):
     model, labelled, unlabelled = ssvae_batches
     monkeypatch.setattr(graph_step, "_check_guide", lambda *traces: None)  # main's blind spot, reinstated
-    fast = FastStep(_Trainer(model, Trace_ELBO(max_plate_nesting=1, vectorize_particles=True)), quiet=True)
+    fast = FastLoss(Trace_ELBO(max_plate_nesting=1, vectorize_particles=True), model, "cpu", quiet=True)
     fast.differentiable_loss(model.model, model.guide, **labelled)
     rows = _classifier_check(model, fast, unlabelled)
     assert not _summary(rows).passed

@@ -28,7 +28,7 @@ from mutants import mutant
 from ppl_vi.check import core
 from ppl_vi.check.core import enumerates, expected_gradient_check
 from ppl_vi.cli import build_parser
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.data.synthetic import default_gmm_params, sample_gmm
 from ppl_vi.models import REGISTRY
 from ppl_vi.objectives.losses import LOSSES, make_loss
