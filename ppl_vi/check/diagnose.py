@@ -32,6 +32,7 @@ evidence, not a guess; with none matching, the verdict says so and names the col
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -191,7 +192,9 @@ def _constant_verdict(label: str, what: str, const: float, size: int, terms: Sit
 
 
 def _is_global_piece(name: str, terms: SiteTerms) -> bool:
-    return "global latents" in name or any(f"[{n}]" in name or f"site {n!r}" in name for n in terms.global_sites)
+    return "global latents" in name or any(f"[{n}]" in name or f"site {n!r}" in name
+                                           or (name.startswith("of sites [") and f"{n!r}" in name)
+                                           for n in terms.global_sites)
 
 
 def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int, rtol: float = 1e-7) -> str:
@@ -264,10 +267,15 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
     if factor:
         return [factor]
     for name, piece in pieces.items():  # one piece wrong
-        piece = piece.detach().double()
-        denom = (piece * piece).sum().item()
-        if denom and _close(reference + (r * piece).sum().item() / denom * piece, hand, rtol):
-            return [_piece_verdict(label, name, (r * piece).sum().item() / denom, terms, size, rtol)]
+        a = _fit(r, piece)
+        if a is not None and _close(reference + a * piece.detach().double(), hand, rtol):
+            return [_piece_verdict(label, name, a, terms, size, rtol)]
+    for name, piece in combined_pieces(pieces).items():  # the same mistake at several sites
+        a = _fit(r, piece)
+        if a is not None and _close(reference + a * piece, hand, rtol):
+            verdict = _piece_verdict(label, name, a, terms, size, rtol)
+            if "no known factor" not in verdict:
+                return [verdict]
     if size >= 3:  # one piece wrong and a constant offset: least squares r = a · piece + C
         for name, piece in pieces.items():
             design = torch.stack([piece.detach().double(), torch.ones_like(r)], 1)
@@ -289,6 +297,61 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
             f"{_datapoints(bad)} of {_columns(terms, size)} (residual {_fmt(r.min().item())} .. {_fmt(r.max().item())}); no common mistake "
             "matched it exactly" + ("" if grads_agree is None else ("; the gradients agree" if grads_agree
                                                                     else "; the gradients differ"))]
+
+
+def _fit(r: Tensor, piece: Tensor) -> Optional[float]:
+    """The least-squares a of r = a · piece (None for a zero piece)."""
+    piece = piece.detach().double()
+    denom = (piece * piece).sum().item()
+    return (r * piece).sum().item() / denom if denom else None
+
+
+SITE_IN_PIECE = (re.compile(r"^of site '([^']+)' \("), re.compile(r"\[([^\]\s,]+)\]"))
+MAX_COMBINED = 6  # sites of one kind taken in every combination; beyond, only all of them together
+
+
+def _kind(name: str) -> Optional[Tuple[str, str]]:
+    """(kind, site) of a one-site piece of :func:`pieces_for` or :meth:`SiteTerms.pieces`: a site's whole
+    term ("site term"), or a finer piece with the site's name taken out (the log-Jacobian of a guide's
+    transform, log q, ...); None for a piece of several sites."""
+    whole = SITE_IN_PIECE[0].match(name)
+    if whole:
+        return "site term", whole.group(1)
+    found = SITE_IN_PIECE[1].findall(name)
+    if len(found) != 1:
+        return None
+    site = found[0]
+    for where in ("[{}]", "d{}/du", "({}|", "({})"):  # where the pieces' names hold the site
+        name = name.replace(where.format(site), where.format("·"))
+    return name, site
+
+
+def combined_pieces(pieces: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The same mistake made at several sites at once (a log-Jacobian left out of two LogNormal guides, the
+    entropy of two guide sites dropped, two observed sites averaged over the batch): the sums of 2 or more
+    one-site pieces of one kind, each named after the pieces it sums ("A + B"), fewest sites first."""
+    by_kind: Dict[str, List[str]] = {}
+    for name in pieces:
+        found = _kind(name)
+        if found:
+            by_kind.setdefault(found[0], []).append(name)
+    out: Dict[str, Tensor] = {}
+    for size in range(2, MAX_COMBINED + 1):
+        for names in by_kind.values():
+            for chosen in itertools.combinations(names, size) if len(names) <= MAX_COMBINED else ():
+                out[_joined(chosen)] = sum(pieces[n].detach().double() for n in chosen)
+    for names in by_kind.values():
+        if len(names) > MAX_COMBINED:
+            out[_joined(names)] = sum(pieces[n].detach().double() for n in names)
+    return out
+
+
+def _joined(names: Sequence[str]) -> str:
+    """One name for several pieces: the sites' whole terms as "of sites [...] (each site's term, summed)",
+    finer pieces joined by " + "."""
+    if all(SITE_IN_PIECE[0].match(n) for n in names):
+        return f"of sites {[SITE_IN_PIECE[0].match(n).group(1) for n in names]} (their terms, summed)"
+    return " + ".join(names)
 
 
 def _whole_factor(label: str, what: str, a: float, terms: SiteTerms, size: int, rtol: float) -> str:
