@@ -517,14 +517,20 @@ def pyro_groups(terms: SiteTerms, analytic: bool = False, sites=None) -> Dict[st
 
 def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool = False, sites=None,
                 nearest: bool = True) -> Dict[str, str]:
-    """Each hand term's Pyro counterpart (a key of :func:`pyro_groups`): by site name, then by name
-    hints (rec/lik/nll -> the observed sites, kl/prior -> the latent sites), then (``nearest``) the
+    """Each hand term's Pyro counterpart (a key of :func:`pyro_groups`): by site name (the whole name, or
+    one site's name as a word of it: 'kl_c' for site 'c'), then by name hints (rec/lik/nll -> the observed sites, kl/prior -> the latent sites), then (``nearest``) the
     nearest in value; a term left unmatched is not in the result."""
     groups = pyro_groups(terms, analytic, sites)
+    site_names = [g for g in groups if g in terms.observed or g in terms.prior]
     out = {}
     for name, value in hand_terms.items():
         if name in groups and name not in ("observed", "latent"):
             out[name] = name
+            continue
+        tokens = set(re.split(r"[^A-Za-z0-9]+|_", name))  # "kl_c", "kl(z)": a site named in the term's name
+        named = [g for g in site_names if g in tokens or (g != name and re.sub(r"[^A-Za-z0-9]+", "_", g) in tokens)]
+        if len(named) == 1 and len(tokens) > 1:
+            out[name] = named[0]
             continue
         hinted = next((g for rx, g in HINTS if rx.search(name) and g in groups), None)
         if hinted:

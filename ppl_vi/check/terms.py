@@ -173,7 +173,7 @@ def site_terms(model: Callable, guide: Callable, batch: Batch, k: int, max_plate
         log_q[name] = local_log_prob(guided[name], k, max_plate_nesting)
         try:
             kl[name] = local_log_prob(site, k, max_plate_nesting,
-                                      value=kl_divergence(guided[name]["fn"], site["fn"]))
+                                      value=closed_kl(guided[name]["fn"], site["fn"]))
         except NotImplementedError:
             pass
     if not observed:
@@ -221,6 +221,16 @@ class FixValues(Messenger):
         if msg["name"] in self.values and not msg["is_observed"]:
             msg["value"] = self.values[msg["name"]]
             msg["done"] = True
+
+
+def closed_kl(q, p) -> Tensor:
+    """KL(q || p) in closed form (NotImplementedError where none is registered), the two distributions first
+    broadcast to one batch shape: some of torch's closed forms (Bernoulli-Bernoulli) index one by the
+    other's mask and raise on a particle dim only one of them has."""
+    shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    q = q if q.batch_shape == shape else q.expand(shape)
+    p = p if p.batch_shape == shape else p.expand(shape)
+    return kl_divergence(q, p)
 
 
 def plate_dim(site, data_plate: str) -> Optional[int]:
@@ -424,7 +434,7 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
         prior[name] = value
         log_q[name] = stacked(name, guide_lp)
         try:
-            kl[name] = stacked(name, lambda g, m: kl_divergence(g["fn"], m["fn"]))
+            kl[name] = stacked(name, lambda g, m: closed_kl(g["fn"], m["fn"]))
         except NotImplementedError:
             pass
         for side in ("q", "p"):
