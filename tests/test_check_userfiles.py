@@ -460,3 +460,68 @@ def test_the_checkers_own_exception_is_one_line_exit_2(tmp_path, capsys, monkeyp
     assert code == 2 and out == ""
     line = err.strip()
     assert "\n" not in line and "the checker itself failed on this file (RuntimeError: an internal bug)" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# second round: slips at several sites, a sampled discrete guide site with closed-form KLs
+
+USERFILES = Path(__file__).resolve().parent / "data" / "userfiles"
+
+
+@pytest.mark.parametrize("variant, keyword, words", [
+    ("nojac", "missing log-Jacobian", ["[s1] + ", "[s2]"]),
+    ("nojac_total", "missing log-Jacobian", ["[s1] + ", "[s2]"]),
+    ("noent", "missing entropy", ["log q(s1|x) [s1] (minus the entropy) + log q(s2|x) [s2]"]),
+    ("noent_total", "missing entropy", ["[s1]", "[s2]", "[z]"]),
+    ("lik_mean", "scale", ["of sites ['x', 'y']", "1/B = 1/6"]),
+    ("both_mean", "scale", ["of sites ['x', 'y', 'z']", "1/B = 1/6"]),
+])
+def test_a_slip_at_two_sites_at_once_is_named(capsys, variant, keyword, words):
+    """Catches: a slip made at two or more sites at once (a missing log-Jacobian on two LogNormal guides, the
+    entropy of two guide sites left out, two per-datapoint sites averaged over the batch) diagnosed as
+    'unexplained': the diagnosis held the residual against one site's piece at a time."""
+    code, out, _ = run(f"{USERFILES / 'two_scales.py'}:{variant}", capsys)
+    assert code == 1, out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert not any("unexplained" in d for d in diagnoses), diagnoses
+    hit = [d for d in diagnoses if d.startswith(f"diagnosis: {keyword}:")]
+    assert hit, diagnoses
+    for w in words:
+        assert any(w in d for d in hit), (w, hit)
+
+
+def test_a_slip_at_two_sites_leaves_the_right_bound_alone(capsys):
+    """Catches: sums of pieces matching a right bound's rounding (the combinations must not fire on PASS)."""
+    code, out, _ = run(USERFILES / "two_scales.py", capsys)
+    assert code == 0, out
+    assert "diagnosis:" not in out
+
+
+@pytest.mark.parametrize("variant", [None, "whole"])
+def test_a_sampled_discrete_guide_site_with_closed_form_kls_passes(capsys, variant):
+    """Catches: a right bound with the closed-form KL of a guide site without rsample (a Bernoulli switch)
+    failing against Trace_ELBO's sampled terms (TraceMeanField_ELBO was ruled out for lack of rsample), and
+    torch's Bernoulli KL raising on a particle dim (the particles then drawn one run at a time)."""
+    target = USERFILES / "discrete_guide.py"
+    code, out, _ = run(f"{target}:{variant}" if variant else target, capsys)
+    assert code == 0, out
+    assert "TraceMeanField_ELBO (K=3), chosen" in out and "no rsample" in out
+    assert "drawn in one vectorised run" in out
+    assert re.search(r"^expected gradient +Trace_ELBO \(K=3\): expected gradient: pc .* ok ", out, re.M), out
+    assert_clean(out)
+
+
+@pytest.mark.parametrize("variant, keyword, words", [
+    ("flip_c", "sign", ["term 'kl_c'"]),
+    ("no_kl_c", "missing term", ["site 'c' (KL(q || p) in closed form)"]),
+    ("dropped_constant", "constant", ["½·log 2π·D, D = 1 (the size of site 'x')"]),
+])
+def test_a_sampled_discrete_guide_site_slip_is_named(capsys, variant, keyword, words):
+    """Catches: the closed-form KL of a discrete guide site (flipped, left out) unnamed, or held against all
+    latent sites together (a term named 'kl_c' is site c's)."""
+    code, out, _ = run(f"{USERFILES / 'discrete_guide.py'}:{variant}", capsys)
+    assert code == 1, out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert len(diagnoses) == 1 and diagnoses[0].startswith(f"diagnosis: {keyword}:"), diagnoses
+    for w in words:
+        assert w in diagnoses[0], diagnoses
