@@ -345,6 +345,13 @@ def bound(batch, draws):
     (('pyro.plate("data", x.shape[0]):\n        z', 'pyro.plate("points", x.shape[0]):\n        z'),
      ["in plate(s) ['points'], not in a plate named 'data'", "or set data_plate = 'points'"]),
     (('batch = {"x"', 'max_plate_nesting = 0\nbatch = {"x"'), ["max_plate_nesting = 0, but the pair uses 1"]),
+    (('batch = {"x"', 'max_plate_nesting = "one"\nbatch = {"x"'), ["max_plate_nesting must be an integer", "'one'"]),
+    (('    return (dist.Normal(z, 1.0).log_prob(batch["x"]) * 0).mean(0)', '    return {}'),
+     ["bound(batch, draws) returned a dict with no terms"]),
+    (('    return (dist.Normal(z, 1.0).log_prob(batch["x"]) * 0).mean(0)', '    return {"rec": z.mean(0) / 0.0}'),
+     ["bound(batch, draws)'s term 'rec' is not finite (nan or inf)"]),
+    (('    return (dist.Normal(z, 1.0).log_prob(batch["x"]) * 0).mean(0)', '    return z.mean(0) * float("nan")'),
+     ["bound(batch, draws) is not finite (nan or inf)"]),
 ])
 def test_unusable_files_fail_in_one_line_with_exit_2(tmp_path, capsys, edit, words):
     """Catches: a model that raises, batch() raising (a missing data file), a bound with the wrong signature
@@ -359,6 +366,14 @@ def test_unusable_files_fail_in_one_line_with_exit_2(tmp_path, capsys, edit, wor
                    and t not in GOOD.splitlines()), default=None)
     for w in words:  # LINE: the (last) line the edit put in, where the user's code raised
         assert w.replace("LINE", str(changed)) in line, line
+
+
+def test_a_variant_that_is_no_dict_nor_function_is_refused_in_one_line(tmp_path, capsys):
+    """Catches: FILE.py:NAME naming a number silently checked as the file's own bound (exit 0 or 1 for the
+    wrong thing)."""
+    code, out, err = run(f"{user_file(tmp_path, GOOD + 'slip = 3')}:slip", capsys)
+    assert code == 2, out + err
+    assert "user.py:slip is int '3'; FILE.py:NAME takes a dict of replacements" in err and "\n" not in err.strip()
 
 
 def test_check_bound_is_the_python_entry_point():

@@ -125,6 +125,9 @@ def make_pair(source: str, entries: dict, module=None, files: Sequence[str] = ()
         if not all(torch.is_tensor(p) and p.requires_grad for p in params):
             raise ConfigError(f"{source}: params must be tensors that require grad")
     nest = entries.get("max_plate_nesting")
+    if nest is not None and (isinstance(nest, bool) or not isinstance(nest, int) or nest < 0):
+        raise ConfigError(f"{source}: max_plate_nesting must be an integer (the plate dims the pair uses), "
+                          f"got {nest!r}; leave it out to have it read off the traces")
     plate = entries.get("data_plate") or "data"
     if not isinstance(plate, str):
         raise ConfigError(f"{source}: data_plate must be the data plate's name (a str), got {type(plate).__name__}")
@@ -662,6 +665,21 @@ def check_pair(pair: UserPair, *, num_particles: int = 3, seed: int = 0, repeats
         return _check_pair(pair, k, seed, repeats, gradient_seeds, rtol, ground_truth_ks)
 
 
+def usable_hand(source: str, hand) -> None:
+    """HandError unless the bound's value is a tensor, or a non-empty dict of tensors, all finite."""
+    if isinstance(hand, dict):
+        if not hand or not all(torch.is_tensor(v) for v in hand.values()):
+            raise HandError(f"{source}: bound(batch, draws) returned a dict "
+                            f"{'with no terms' if not hand else 'whose values are not all tensors'}; expected named "
+                            "terms, each a tensor (B,) or ()")
+        for name, value in hand.items():
+            if not bool(torch.isfinite(value.detach()).all()):
+                raise HandError(f"{source}: bound(batch, draws)'s term {name!r} is not finite (nan or inf) at the "
+                                "guide's draws")
+    elif not bool(torch.isfinite(hand.detach()).all()):
+        raise HandError(f"{source}: bound(batch, draws) is not finite (nan or inf) at the guide's draws")
+
+
 def _check_pair(pair: UserPair, k: int, seed: int, repeats: int, gradient_seeds: int, rtol: float,
                 ground_truth_ks) -> CheckReport:
     batch = pair.batch
@@ -683,6 +701,8 @@ def _check_pair(pair: UserPair, k: int, seed: int, repeats: int, gradient_seeds:
         if not (torch.is_tensor(hands[0]) or isinstance(hands[0], dict)):
             raise HandError(f"{pair.source}: bound(batch, draws) returned {type(hands[0]).__name__}; expected a tensor "
                             "or a dict of named terms")
+        for hand in hands:
+            usable_hand(pair.source, hand)
         if pair.iwae_bound is not None:
             guarded(pair, pair.iwae_bound, "iwae_bound(batch, draws)")(batch, shaped(sets[0].draws, setup.shapes))
         if pair.exact_log_likelihood is not None:
