@@ -102,6 +102,12 @@ def find_data_plate(model_trace, source: str, data_plate: str, size: int) -> Non
             raise ConfigError(f"{source}: the observed site {name!r} is {inside}, not in a plate named {data_plate!r}; "
                               f"put the datapoints in pyro.plate({data_plate!r}, ...)"
                               + (f" or set data_plate = {frames[0].name!r} in the file" if frames else ""))
+        if frame.size != size and frame.full_size == size:
+            raise ConfigError(f"{source}: pyro.plate({data_plate!r}, {size}, subsample_size={frame.size}) draws "
+                              f"{frame.size} of the batch's {size} datapoints at random, indices your bound cannot see: "
+                              f"make batch the minibatch of B datapoints and write pyro.plate({data_plate!r}, N, "
+                              "subsample=torch.arange(B)) (Pyro scales its sites by N/B, your bound must too; "
+                              "examples/local_guide.py), or leave subsample_size out")
         if frame.size != size:
             raise ConfigError(f"{source}: the data plate {data_plate!r} has {frame.size} datapoints at site {name!r} "
                               f"but the batch has {size} (its tensors' leading dimension)")
