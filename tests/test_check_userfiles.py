@@ -540,3 +540,50 @@ def test_a_sampled_discrete_guide_site_slip_is_named(capsys, variant, keyword, w
     assert len(diagnoses) == 1 and diagnoses[0].startswith(f"diagnosis: {keyword}:"), diagnoses
     for w in words:
         assert w in diagnoses[0], diagnoses
+
+
+def test_a_global_factor_is_a_term_of_the_batch(capsys):
+    """Catches: a model with pyro.factor outside the data plate (a penalty on a global latent) refused, or its
+    expected-gradient rows not run; its formula calling the factor a latent."""
+    target = USERFILES / "global_factor.py"
+    code, out, _ = run(target, capsys, "--gradient-seeds", "4")
+    assert code == 0, out
+    assert "term 'soft' = Pyro's site 'soft' (global)" in out
+    assert re.search(r"^expected gradient +Trace_ELBO \(K=3\): expected gradient: m .* ok ", out, re.M), out
+    assert "not run" not in out
+    code, out, _ = run(target, capsys, "--formula")
+    assert code == 0 and "global latent(s) ['mu'] and factor(s) ['soft']" in out, out
+
+
+@pytest.mark.parametrize("variant, words", [
+    ("flipped_factor", ["sign:", "term 'soft'"]),
+    ("factor_per_datapoint", ["scale:", "site 'soft'", "B = 6: a global latent's term counted once per datapoint"]),
+    ("no_factor", ["missing term:", "term 'soft' is zero"]),
+])
+def test_a_global_factor_slip_is_named(capsys, variant, words):
+    """Catches: a global factor's slips (sign, counted per datapoint, left out) unnamed; a zero term reported
+    as '0 × Pyro's (no known factor matched)'."""
+    code, out, _ = run(f"{USERFILES / 'global_factor.py'}:{variant}", capsys)
+    assert code == 1, out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert len(diagnoses) == 1, diagnoses
+    for w in words:
+        assert w in diagnoses[0], diagnoses
+
+
+def test_a_global_factor_without_a_global_latent_is_refused_in_one_line(tmp_path, capsys):
+    """Catches: a factor outside the data plate in a model of local latents only crashing or held per datapoint."""
+    text = GOOD.replace("def model(x):\n", "def model(x):\n    pyro.factor(\"reg\", -scale ** 2)\n")
+    code, out, err = run(user_file(tmp_path, text), capsys)
+    assert code == 2, out + err
+    assert "the factor(s) ['reg'] (pyro.factor) lie outside the data plate 'data' but no latent does" in err
+
+
+def test_subsample_size_drawing_from_the_batch_is_refused_naming_what_works(tmp_path, capsys):
+    """Catches: Pyro's tutorial pyro.plate('data', N, subsample_size=B) over the whole data set refused with
+    a bare size mismatch (the bound cannot see the random indices; the README's way is subsample=)."""
+    text = GOOD.replace('pyro.plate("data", x.shape[0])', 'pyro.plate("data", 4, subsample_size=2)')
+    code, out, err = run(user_file(tmp_path, text), capsys)
+    assert code == 2, out + err
+    assert "pyro.plate('data', 4, subsample_size=2) draws 2 of the batch's 4 datapoints at random" in err
+    assert "subsample=torch.arange(B)" in err

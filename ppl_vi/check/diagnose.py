@@ -360,6 +360,9 @@ def _whole_factor(label: str, what: str, a: float, terms: SiteTerms, size: int, 
         return f"sign: {label}: {what} is minus Pyro's at every {'draw set' if terms.totals else 'datapoint'}" + (
             ": it returns the bound, not the negative bound (the loss)" if what == "the hand bound"
             else ": its sign is flipped")
+    if abs(a) <= _match(rtol):
+        return f"missing term: {label}: {what} is zero at every {'draw set' if terms.totals else 'datapoint'}: " \
+               "the term it stands for is left out"
     global_term = what != "the hand bound" and terms.totals
     named = _name(a, factor_names(terms, size, global_term), _match(rtol))
     return (f"scale: {label}: {what} is {_fmt(a)} × Pyro's at every {'draw set' if terms.totals else 'datapoint'}"

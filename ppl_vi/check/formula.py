@@ -211,7 +211,10 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: Optional[int] =
     if c != 1:
         notes.append(f"N/B = {_number(c)}: the minibatch scale of the subsampled data plate")
     if global_text:
-        notes.append(f"global latent(s) {list(own.global_sites)}: their terms count once for the batch, not per datapoint")
+        latents = [n for n in own.global_sites if n not in own.observed]
+        factors = [n for n in own.global_sites if n in own.observed]
+        notes.append(f"global latent(s) {latents}" + (f" and factor(s) {factors}" if factors else "")
+                     + ": their terms count once for the batch, not per datapoint")
     if summed:
         notes.append(f"{sorted(summed)} enumerated in the model: summed out inside the likelihood (TraceEnum_ELBO)")
     if notes:
