@@ -582,7 +582,23 @@ def test_a_global_factor_without_a_global_latent_is_refused_in_one_line(tmp_path
 def test_subsample_size_drawing_from_the_batch_is_refused_naming_what_works(tmp_path, capsys):
     """Catches: Pyro's tutorial pyro.plate('data', N, subsample_size=B) over the whole data set refused with
     a bare size mismatch (the bound cannot see the random indices; the README's way is subsample=)."""
-    text = GOOD.replace('pyro.plate("data", x.shape[0])', 'pyro.plate("data", 4, subsample_size=2)')
+    text = """
+    import torch, pyro
+    import pyro.distributions as dist
+
+    batch = {"x": torch.zeros(4, dtype=torch.float64)}
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+        with pyro.plate("data", len(x), subsample_size=2) as ind:
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x[ind])
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+
+    def bound(batch, draws):
+        return draws["mu"].sum()
+    """
     code, out, err = run(user_file(tmp_path, text), capsys)
     assert code == 2, out + err
     assert "pyro.plate('data', 4, subsample_size=2) draws 2 of the batch's 4 datapoints at random" in err
