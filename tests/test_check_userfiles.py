@@ -603,3 +603,42 @@ def test_subsample_size_drawing_from_the_batch_is_refused_naming_what_works(tmp_
     assert code == 2, out + err
     assert "pyro.plate('data', 4, subsample_size=2) draws 2 of the batch's 4 datapoints at random" in err
     assert "subsample=torch.arange(B)" in err
+
+
+COIN_IWAE = '''
+import math
+
+def iwae_bound(batch, draws):
+    f = draws["latent_fairness"]
+    x = batch["data"]
+    log_lik = dist.Bernoulli(f.unsqueeze(-1)).log_prob(x)                                  # (K, B)
+    log_prior = dist.Beta(torch.tensor(ALPHA0, dtype=DT), torch.tensor(BETA0, dtype=DT)).log_prob(f)
+    log_q = dist.Beta(pyro.param("alpha_q"), pyro.param("beta_q")).log_prob(f)
+    log_w = log_lik.sum(-1) + log_prior - log_q                                            # (K,): joint
+    return -(torch.logsumexp(log_w, 0) - math.log(log_w.shape[0]))
+
+def _per_point(batch, draws):
+    f = draws["latent_fairness"]
+    log_lik = dist.Bernoulli(f.unsqueeze(-1)).log_prob(batch["data"])                      # (K, B)
+    return -(torch.logsumexp(log_lik, 0) - math.log(log_lik.shape[0]))                     # (B,): wrong
+
+per_point = {"iwae_bound": _per_point}
+'''
+
+
+def test_a_global_models_iwae_bound_is_joint_and_a_per_datapoint_one_named(tmp_path, capsys):
+    """Catches: the README's iwae_bound convention for a global latent (joint over the batch, ()) not holding;
+    a (B,) IWAE bound reported as 'expected (1,), one value per datapoint' beside a failing decomposition row
+    (the checker's own: no row held Pyro's total)."""
+    path = user_file(tmp_path, (EXAMPLES / "coin_fairness.py").read_text() + COIN_IWAE, "coin.py")
+    code, out, _ = run(path, capsys)
+    assert code == 0, out
+    assert re.search(r"^same sample +IWAELoss \(K=3\) vs iwae_bound: loss .* ok ", out, re.M), out
+    code, out, _ = run(f"{path}:per_point", capsys)
+    assert code == 1, out
+    assert "IWAELoss (K=3): Pyro's loss = the sum of its site terms" not in out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert diagnoses == ["diagnosis: per datapoint: IWAELoss (K=3): the bound returns shape (10,); with global "
+                         "latents it is one number for the batch, shape (): an IWAE bound per datapoint, but a "
+                         "global latent ties the datapoints together; the bound is -log (1/K) Σ_k Π_i w_ik · (the "
+                         "global terms)_k, joint over the batch"], diagnoses

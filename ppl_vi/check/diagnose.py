@@ -374,6 +374,15 @@ def shape_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTerms
     """Verdicts for a hand value whose shape is not (B,): per particle, or one number for the batch."""
     k, size = terms.num_particles, reference.numel()
     hand = hand.detach().double()
+    if terms.totals and hand.dim() > 0:  # global latents: one number for the batch
+        how = ""
+        if objective == "iwae" and hand.shape == (terms.batch_size,):
+            how = (": an IWAE bound per datapoint, but a global latent ties the datapoints together; the bound is "
+                   "-log (1/K) Σ_k Π_i w_ik · (the global terms)_k, joint over the batch")
+        expected = "one number for the batch, shape ()" if objective == "iwae" else \
+            f"the batch total, shape (), or one value per datapoint, ({terms.batch_size},)"
+        return [f"per datapoint: {label}: the bound returns shape {tuple(hand.shape)}; with global latents it is "
+                f"{expected}{how}"]
     if hand.shape == (k, size) and k > 1:
         evidence = ""
         per_particle = -terms.c * terms.log_weights.detach().double()

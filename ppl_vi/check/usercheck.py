@@ -557,8 +557,9 @@ def diagnose_comparison(report: CheckReport, pair: UserPair, setup: Setup, plann
         is_global = bool(setup.global_sites)
         first = view(sets[:1], totals=is_global)
         terms = view(sets, totals=is_global)
-        if is_global:
-            pyro_values = torch.tensor([same[0].reference], dtype=torch.float64)
+        if is_global:  # the batch total; none where the bound's shape was refused (no row holds Pyro's value)
+            total_row = next((r for r in same if r.reference is not None and r.name.endswith(": loss")), None)
+            pyro_values = None if total_row is None else torch.tensor([total_row.reference], dtype=torch.float64)
         else:
             per_point = next((r for r in same if r.name.endswith(": each datapoint")), None)
             pyro_values = torch.tensor(per_point.details["pyro"], dtype=torch.float64) if per_point else None
