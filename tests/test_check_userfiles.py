@@ -642,3 +642,20 @@ def test_a_global_models_iwae_bound_is_joint_and_a_per_datapoint_one_named(tmp_p
                          "latents it is one number for the batch, shape (): an IWAE bound per datapoint, but a "
                          "global latent ties the datapoints together; the bound is -log (1/K) Σ_k Π_i w_ik · (the "
                          "global terms)_k, joint over the batch"], diagnoses
+
+
+@pytest.mark.parametrize("variant, words", [
+    ("kl_mean", ["per datapoint:", "the local latents ['a', 'b']", "averaged over the batch"]),
+    ("kl_mean_named", ["per datapoint:", "the term 'kl' is averaged over the batch"]),
+    ("noent2", ["missing entropy:", "log q(a|x) [a] (minus the entropy) + log q(b|x) [b]"]),
+])
+def test_a_batch_mean_or_missing_entropy_at_two_local_sites_is_named(capsys, variant, words):
+    """Catches: two per-datapoint sites' terms averaged over the batch (the mean given to each datapoint) or
+    both sites' entropies left out reported as 'unexplained' (and the loss chosen by the residual's spread)."""
+    code, out, _ = run(f"{USERFILES / 'two_local.py'}:{variant}", capsys)
+    assert code == 1, out
+    assert "loss: Trace_ELBO (K=3), chosen" in out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert len(diagnoses) == 1, diagnoses
+    for w in words:
+        assert w in diagnoses[0], diagnoses

@@ -276,6 +276,14 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
             verdict = _piece_verdict(label, name, a, terms, size, rtol)
             if "no known factor" not in verdict:
                 return [verdict]
+    m, b = terms.draw_sets, terms.batch_size
+    if not terms.totals and b > 1 and size == m * b:  # a term averaged over the batch, its mean given to each
+        for name, piece in {what: reference, **pieces, **combined_pieces(pieces)}.items():
+            piece = piece.detach().double().reshape(m, b)
+            if _close(reference + (piece.mean(1, keepdim=True) - piece).flatten(), hand, rtol):
+                return [f"per datapoint: {label}: {name if name == what else 'the term ' + name} is averaged over the "
+                        "batch, each datapoint given the batch's mean (1/B) Σ_i, where each datapoint has its own "
+                        f"value (B = {b})"]
     if size >= 3:  # one piece wrong and a constant offset: least squares r = a · piece + C
         for name, piece in pieces.items():
             design = torch.stack([piece.detach().double(), torch.ones_like(r)], 1)
@@ -285,7 +293,6 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
             if _close(reference + a * piece.detach().double() + const, hand, rtol):
                 return [_piece_verdict(label, name, a, terms, size, rtol),
                         _constant_verdict(label, what, const, size, terms, None, rtol)]
-    m, b = terms.draw_sets, terms.batch_size
     if not terms.totals and m > 1 and b and size == m * b:  # the same at every draw set: data, not draws
         by_set = r.reshape(m, b)
         if bool(((by_set - by_set[0]).abs() <= 10 * tol).all()):

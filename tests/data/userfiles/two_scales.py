@@ -34,10 +34,13 @@ def model(x, y):
 def guide(x, y):
     p = pyro.param
     pos = constraints.positive
-    pyro.sample("s1", dist.LogNormal(p("m1", torch.tensor(0.3, dtype=DT)), p("v1", torch.tensor(0.2, dtype=DT), constraint=pos)))
-    pyro.sample("s2", dist.LogNormal(p("m2", torch.tensor(-0.1, dtype=DT)), p("v2", torch.tensor(0.3, dtype=DT), constraint=pos)))
+    m1, v1 = p("m1", torch.tensor(0.3, dtype=DT)), p("v1", torch.tensor(0.2, dtype=DT), constraint=pos)
+    m2, v2 = p("m2", torch.tensor(-0.1, dtype=DT)), p("v2", torch.tensor(0.3, dtype=DT), constraint=pos)
+    mz, sz = p("mz", torch.full((B,), 0.1, dtype=DT)), p("sz", torch.full((B,), 0.5, dtype=DT), constraint=pos)
+    pyro.sample("s1", dist.LogNormal(m1, v1))
+    pyro.sample("s2", dist.LogNormal(m2, v2))
     with pyro.plate("data", B):
-        pyro.sample("z", dist.Normal(p("mz", torch.full((B,), 0.1, dtype=DT)), p("sz", torch.full((B,), 0.5, dtype=DT), constraint=pos)))
+        pyro.sample("z", dist.Normal(mz, sz))
 
 
 def ln(v, m, s):
