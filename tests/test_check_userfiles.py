@@ -659,3 +659,19 @@ def test_a_batch_mean_or_missing_entropy_at_two_local_sites_is_named(capsys, var
     assert len(diagnoses) == 1, diagnoses
     for w in words:
         assert w in diagnoses[0], diagnoses
+
+
+def test_an_autoguide_is_no_false_alarm_and_its_missing_jacobian_is_named(capsys):
+    """Catches: an AutoNormal guide (an auxiliary site the model does not sample, a Delta at the latent) failing
+    a right bound: the structure row refusing the auxiliary site, its log q left out of Pyro's terms, the
+    Delta's "KL" taken for a closed form (TraceMeanField_ELBO's mean then held against the bound), the
+    formula crashing; and the dropped log-Jacobian of its transform named."""
+    target = USERFILES / "coin_autonormal.py"
+    code, out, _ = run(target, capsys)
+    assert code == 0, out
+    assert "loss: Trace_ELBO (K=3), chosen" in out and "TraceMeanField" not in out
+    code, out, _ = run(f"{target}:nojac", capsys)
+    assert code == 1, out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert len(diagnoses) == 1 and diagnoses[0].startswith("diagnosis: missing log-Jacobian:"), diagnoses
+    assert "log|df/du| of the guide's transform [f]" in diagnoses[0]

@@ -139,7 +139,7 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: Optional[int] =
         return {}
     data_sources = dict(traced)
     summed = {n for names in own.enumerated.values() for n in names}
-    latents = [n for n, s in gt.nodes.items() if is_latent(s)]
+    latents = [n for n, s in gt.nodes.items() if is_latent(s) and n in mt.nodes]  # not an autoguide's auxiliary
     data = ", ".join(batch)
     z = ", ".join(latents) or "∅"
     q_text = f"q({z} | {data})"
