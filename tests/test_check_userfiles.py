@@ -675,3 +675,5 @@ def test_an_autoguide_is_no_false_alarm_and_its_missing_jacobian_is_named(capsys
     diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
     assert len(diagnoses) == 1 and diagnoses[0].startswith("diagnosis: missing log-Jacobian:"), diagnoses
     assert "log|df/du| of the guide's transform [f]" in diagnoses[0]
+    code, out, _ = run(target, capsys, "--formula")
+    assert code == 0 and "E_q(f | data)[log Normal(f_unconstrained | μ=φ, σ=φ)]" in out, out
