@@ -345,6 +345,13 @@ def bound(batch, draws):
     (('pyro.plate("data", x.shape[0]):\n        z', 'pyro.plate("points", x.shape[0]):\n        z'),
      ["in plate(s) ['points'], not in a plate named 'data'", "or set data_plate = 'points'"]),
     (('batch = {"x"', 'max_plate_nesting = 0\nbatch = {"x"'), ["max_plate_nesting = 0, but the pair uses 1"]),
+    (('batch = {"x"', 'max_plate_nesting = "one"\nbatch = {"x"'), ["max_plate_nesting must be an integer", "'one'"]),
+    (('    return (dist.Normal(z, 1.0).log_prob(batch["x"]) * 0).mean(0)', '    return {}'),
+     ["bound(batch, draws) returned a dict with no terms"]),
+    (('    return (dist.Normal(z, 1.0).log_prob(batch["x"]) * 0).mean(0)', '    return {"rec": z.mean(0) / 0.0}'),
+     ["bound(batch, draws)'s term 'rec' is not finite (nan or inf)"]),
+    (('    return (dist.Normal(z, 1.0).log_prob(batch["x"]) * 0).mean(0)', '    return z.mean(0) * float("nan")'),
+     ["bound(batch, draws) is not finite (nan or inf)"]),
 ])
 def test_unusable_files_fail_in_one_line_with_exit_2(tmp_path, capsys, edit, words):
     """Catches: a model that raises, batch() raising (a missing data file), a bound with the wrong signature
@@ -359,6 +366,14 @@ def test_unusable_files_fail_in_one_line_with_exit_2(tmp_path, capsys, edit, wor
                    and t not in GOOD.splitlines()), default=None)
     for w in words:  # LINE: the (last) line the edit put in, where the user's code raised
         assert w.replace("LINE", str(changed)) in line, line
+
+
+def test_a_variant_that_is_no_dict_nor_function_is_refused_in_one_line(tmp_path, capsys):
+    """Catches: FILE.py:NAME naming a number silently checked as the file's own bound (exit 0 or 1 for the
+    wrong thing)."""
+    code, out, err = run(f"{user_file(tmp_path, GOOD + 'slip = 3')}:slip", capsys)
+    assert code == 2, out + err
+    assert "user.py:slip is int '3'; FILE.py:NAME takes a dict of replacements" in err and "\n" not in err.strip()
 
 
 def test_check_bound_is_the_python_entry_point():
@@ -460,3 +475,205 @@ def test_the_checkers_own_exception_is_one_line_exit_2(tmp_path, capsys, monkeyp
     assert code == 2 and out == ""
     line = err.strip()
     assert "\n" not in line and "the checker itself failed on this file (RuntimeError: an internal bug)" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# second round: slips at several sites, a sampled discrete guide site with closed-form KLs
+
+USERFILES = Path(__file__).resolve().parent / "data" / "userfiles"
+
+
+@pytest.mark.parametrize("variant, keyword, words", [
+    ("nojac", "missing log-Jacobian", ["[s1] + ", "[s2]"]),
+    ("nojac_total", "missing log-Jacobian", ["[s1] + ", "[s2]"]),
+    ("noent", "missing entropy", ["log q(s1|x) [s1] (minus the entropy) + log q(s2|x) [s2]"]),
+    ("noent_total", "missing entropy", ["[s1]", "[s2]", "[z]"]),
+    ("lik_mean", "scale", ["of sites ['x', 'y']", "1/B = 1/6"]),
+    ("both_mean", "scale", ["of sites ['x', 'y', 'z']", "1/B = 1/6"]),
+])
+def test_a_slip_at_two_sites_at_once_is_named(capsys, variant, keyword, words):
+    """Catches: a slip made at two or more sites at once (a missing log-Jacobian on two LogNormal guides, the
+    entropy of two guide sites left out, two per-datapoint sites averaged over the batch) diagnosed as
+    'unexplained': the diagnosis held the residual against one site's piece at a time."""
+    code, out, _ = run(f"{USERFILES / 'two_scales.py'}:{variant}", capsys)
+    assert code == 1, out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert not any("unexplained" in d for d in diagnoses), diagnoses
+    hit = [d for d in diagnoses if d.startswith(f"diagnosis: {keyword}:")]
+    assert hit, diagnoses
+    for w in words:
+        assert any(w in d for d in hit), (w, hit)
+
+
+def test_a_slip_at_two_sites_leaves_the_right_bound_alone(capsys):
+    """Catches: sums of pieces matching a right bound's rounding (the combinations must not fire on PASS)."""
+    code, out, _ = run(USERFILES / "two_scales.py", capsys)
+    assert code == 0, out
+    assert "diagnosis:" not in out
+
+
+@pytest.mark.parametrize("variant", [None, "whole"])
+def test_a_sampled_discrete_guide_site_with_closed_form_kls_passes(capsys, variant):
+    """Catches: a right bound with the closed-form KL of a guide site without rsample (a Bernoulli switch)
+    failing against Trace_ELBO's sampled terms (TraceMeanField_ELBO was ruled out for lack of rsample), and
+    torch's Bernoulli KL raising on a particle dim (the particles then drawn one run at a time)."""
+    target = USERFILES / "discrete_guide.py"
+    code, out, _ = run(f"{target}:{variant}" if variant else target, capsys)
+    assert code == 0, out
+    assert "TraceMeanField_ELBO (K=3), chosen" in out and "no rsample" in out
+    assert "drawn in one vectorised run" in out
+    assert re.search(r"^expected gradient +Trace_ELBO \(K=3\): expected gradient: pc .* ok ", out, re.M), out
+    assert_clean(out)
+
+
+@pytest.mark.parametrize("variant, keyword, words", [
+    ("flip_c", "sign", ["term 'kl_c'"]),
+    ("no_kl_c", "missing term", ["site 'c' (KL(q || p) in closed form)"]),
+    ("dropped_constant", "constant", ["½·log 2π·D, D = 1 (the size of site 'x')"]),
+])
+def test_a_sampled_discrete_guide_site_slip_is_named(capsys, variant, keyword, words):
+    """Catches: the closed-form KL of a discrete guide site (flipped, left out) unnamed, or held against all
+    latent sites together (a term named 'kl_c' is site c's)."""
+    code, out, _ = run(f"{USERFILES / 'discrete_guide.py'}:{variant}", capsys)
+    assert code == 1, out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert len(diagnoses) == 1 and diagnoses[0].startswith(f"diagnosis: {keyword}:"), diagnoses
+    for w in words:
+        assert w in diagnoses[0], diagnoses
+
+
+def test_a_global_factor_is_a_term_of_the_batch(capsys):
+    """Catches: a model with pyro.factor outside the data plate (a penalty on a global latent) refused, or its
+    expected-gradient rows not run; its formula calling the factor a latent."""
+    target = USERFILES / "global_factor.py"
+    code, out, _ = run(target, capsys, "--gradient-seeds", "4")
+    assert code == 0, out
+    assert "term 'soft' = Pyro's site 'soft' (global)" in out
+    assert re.search(r"^expected gradient +Trace_ELBO \(K=3\): expected gradient: m .* ok ", out, re.M), out
+    assert "not run" not in out
+    code, out, _ = run(target, capsys, "--formula")
+    assert code == 0 and "global latent(s) ['mu'] and factor(s) ['soft']" in out, out
+
+
+@pytest.mark.parametrize("variant, words", [
+    ("flipped_factor", ["sign:", "term 'soft'"]),
+    ("factor_per_datapoint", ["scale:", "site 'soft'", "B = 6: a global latent's term counted once per datapoint"]),
+    ("no_factor", ["missing term:", "term 'soft' is zero"]),
+])
+def test_a_global_factor_slip_is_named(capsys, variant, words):
+    """Catches: a global factor's slips (sign, counted per datapoint, left out) unnamed; a zero term reported
+    as '0 × Pyro's (no known factor matched)'."""
+    code, out, _ = run(f"{USERFILES / 'global_factor.py'}:{variant}", capsys)
+    assert code == 1, out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert len(diagnoses) == 1, diagnoses
+    for w in words:
+        assert w in diagnoses[0], diagnoses
+
+
+def test_a_global_factor_without_a_global_latent_is_refused_in_one_line(tmp_path, capsys):
+    """Catches: a factor outside the data plate in a model of local latents only crashing or held per datapoint."""
+    text = GOOD.replace("def model(x):\n", "def model(x):\n    pyro.factor(\"reg\", -scale ** 2)\n")
+    code, out, err = run(user_file(tmp_path, text), capsys)
+    assert code == 2, out + err
+    assert "the factor(s) ['reg'] (pyro.factor) lie outside the data plate 'data' but no latent does" in err
+
+
+def test_subsample_size_drawing_from_the_batch_is_refused_naming_what_works(tmp_path, capsys):
+    """Catches: Pyro's tutorial pyro.plate('data', N, subsample_size=B) over the whole data set refused with
+    a bare size mismatch (the bound cannot see the random indices; the README's way is subsample=)."""
+    text = """
+    import torch, pyro
+    import pyro.distributions as dist
+
+    batch = {"x": torch.zeros(4, dtype=torch.float64)}
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+        with pyro.plate("data", len(x), subsample_size=2) as ind:
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x[ind])
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+
+    def bound(batch, draws):
+        return draws["mu"].sum()
+    """
+    code, out, err = run(user_file(tmp_path, text), capsys)
+    assert code == 2, out + err
+    assert "pyro.plate('data', 4, subsample_size=2) draws 2 of the batch's 4 datapoints at random" in err
+    assert "subsample=torch.arange(B)" in err
+
+
+COIN_IWAE = '''
+import math
+
+def iwae_bound(batch, draws):
+    f = draws["latent_fairness"]
+    x = batch["data"]
+    log_lik = dist.Bernoulli(f.unsqueeze(-1)).log_prob(x)                                  # (K, B)
+    log_prior = dist.Beta(torch.tensor(ALPHA0, dtype=DT), torch.tensor(BETA0, dtype=DT)).log_prob(f)
+    log_q = dist.Beta(pyro.param("alpha_q"), pyro.param("beta_q")).log_prob(f)
+    log_w = log_lik.sum(-1) + log_prior - log_q                                            # (K,): joint
+    return -(torch.logsumexp(log_w, 0) - math.log(log_w.shape[0]))
+
+def _per_point(batch, draws):
+    f = draws["latent_fairness"]
+    log_lik = dist.Bernoulli(f.unsqueeze(-1)).log_prob(batch["data"])                      # (K, B)
+    return -(torch.logsumexp(log_lik, 0) - math.log(log_lik.shape[0]))                     # (B,): wrong
+
+per_point = {"iwae_bound": _per_point}
+'''
+
+
+def test_a_global_models_iwae_bound_is_joint_and_a_per_datapoint_one_named(tmp_path, capsys):
+    """Catches: the README's iwae_bound convention for a global latent (joint over the batch, ()) not holding;
+    a (B,) IWAE bound reported as 'expected (1,), one value per datapoint' beside a failing decomposition row
+    (the checker's own: no row held Pyro's total)."""
+    path = user_file(tmp_path, (EXAMPLES / "coin_fairness.py").read_text() + COIN_IWAE, "coin.py")
+    code, out, _ = run(path, capsys)
+    assert code == 0, out
+    assert re.search(r"^same sample +IWAELoss \(K=3\) vs iwae_bound: loss .* ok ", out, re.M), out
+    code, out, _ = run(f"{path}:per_point", capsys)
+    assert code == 1, out
+    assert "IWAELoss (K=3): Pyro's loss = the sum of its site terms" not in out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert diagnoses == ["diagnosis: per datapoint: IWAELoss (K=3): the bound returns shape (10,); with global "
+                         "latents it is one number for the batch, shape (): an IWAE bound per datapoint, but a "
+                         "global latent ties the datapoints together; the bound is -log (1/K) Σ_k Π_i w_ik · (the "
+                         "global terms)_k, joint over the batch"], diagnoses
+
+
+@pytest.mark.parametrize("variant, words", [
+    ("kl_mean", ["per datapoint:", "the local latents ['a', 'b']", "averaged over the batch"]),
+    ("kl_mean_named", ["per datapoint:", "the term 'kl' is averaged over the batch"]),
+    ("noent2", ["missing entropy:", "log q(a|x) [a] (minus the entropy) + log q(b|x) [b]"]),
+])
+def test_a_batch_mean_or_missing_entropy_at_two_local_sites_is_named(capsys, variant, words):
+    """Catches: two per-datapoint sites' terms averaged over the batch (the mean given to each datapoint) or
+    both sites' entropies left out reported as 'unexplained' (and the loss chosen by the residual's spread)."""
+    code, out, _ = run(f"{USERFILES / 'two_local.py'}:{variant}", capsys)
+    assert code == 1, out
+    assert "loss: Trace_ELBO (K=3), chosen" in out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert len(diagnoses) == 1, diagnoses
+    for w in words:
+        assert w in diagnoses[0], diagnoses
+
+
+def test_an_autoguide_is_no_false_alarm_and_its_missing_jacobian_is_named(capsys):
+    """Catches: an AutoNormal guide (an auxiliary site the model does not sample, a Delta at the latent) failing
+    a right bound: the structure row refusing the auxiliary site, its log q left out of Pyro's terms, the
+    Delta's "KL" taken for a closed form (TraceMeanField_ELBO's mean then held against the bound), the
+    formula crashing; and the dropped log-Jacobian of its transform named."""
+    target = USERFILES / "coin_autonormal.py"
+    code, out, _ = run(target, capsys)
+    assert code == 0, out
+    assert "loss: Trace_ELBO (K=3), chosen" in out and "TraceMeanField" not in out
+    code, out, _ = run(f"{target}:nojac", capsys)
+    assert code == 1, out
+    diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
+    assert len(diagnoses) == 1 and diagnoses[0].startswith("diagnosis: missing log-Jacobian:"), diagnoses
+    assert "log|df/du| of the guide's transform [f]" in diagnoses[0]
+    code, out, _ = run(target, capsys, "--formula")
+    assert code == 0 and "E_q(f | data)[log Normal(f_unconstrained | μ=φ, σ=φ)]" in out, out

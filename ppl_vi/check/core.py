@@ -446,7 +446,8 @@ def structure_row(model, guide, batch, max_plate_nesting) -> Row:
         latent = {n: s for n, s in model_trace.nodes.items() if is_latent(s)}
         guided = {n: s for n, s in guide_trace.nodes.items() if is_latent(s)}
         missing = sorted(set(latent) - set(guided))
-        extra = sorted(set(guided) - set(latent))
+        extra = sorted(n for n in set(guided) - set(latent)
+                       if not guided[n]["infer"].get("is_auxiliary"))  # an autoguide's auxiliary site: log q only
         bad_shape = [n for n in set(latent) & set(guided) if latent[n]["value"].shape != guided[n]["value"].shape]
         problems = []
         if missing:

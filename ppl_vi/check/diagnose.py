@@ -32,6 +32,7 @@ evidence, not a guess; with none matching, the verdict says so and names the col
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -191,7 +192,9 @@ def _constant_verdict(label: str, what: str, const: float, size: int, terms: Sit
 
 
 def _is_global_piece(name: str, terms: SiteTerms) -> bool:
-    return "global latents" in name or any(f"[{n}]" in name or f"site {n!r}" in name for n in terms.global_sites)
+    return "global latents" in name or any(f"[{n}]" in name or f"site {n!r}" in name
+                                           or (name.startswith("of sites [") and f"{n!r}" in name)
+                                           for n in terms.global_sites)
 
 
 def _piece_verdict(label: str, name: str, a: float, terms: SiteTerms, size: int, rtol: float = 1e-7) -> str:
@@ -264,10 +267,23 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
     if factor:
         return [factor]
     for name, piece in pieces.items():  # one piece wrong
-        piece = piece.detach().double()
-        denom = (piece * piece).sum().item()
-        if denom and _close(reference + (r * piece).sum().item() / denom * piece, hand, rtol):
-            return [_piece_verdict(label, name, (r * piece).sum().item() / denom, terms, size, rtol)]
+        a = _fit(r, piece)
+        if a is not None and _close(reference + a * piece.detach().double(), hand, rtol):
+            return [_piece_verdict(label, name, a, terms, size, rtol)]
+    for name, piece in combined_pieces(pieces).items():  # the same mistake at several sites
+        a = _fit(r, piece)
+        if a is not None and _close(reference + a * piece, hand, rtol):
+            verdict = _piece_verdict(label, name, a, terms, size, rtol)
+            if "no known factor" not in verdict:
+                return [verdict]
+    m, b = terms.draw_sets, terms.batch_size
+    if not terms.totals and b > 1 and size == m * b:  # a term averaged over the batch, its mean given to each
+        for name, piece in {what: reference, **pieces, **combined_pieces(pieces)}.items():
+            piece = piece.detach().double().reshape(m, b)
+            if _close(reference + (piece.mean(1, keepdim=True) - piece).flatten(), hand, rtol):
+                return [f"per datapoint: {label}: {name if name == what else 'the term ' + name} is averaged over the "
+                        "batch, each datapoint given the batch's mean (1/B) Σ_i, where each datapoint has its own "
+                        f"value (B = {b})"]
     if size >= 3:  # one piece wrong and a constant offset: least squares r = a · piece + C
         for name, piece in pieces.items():
             design = torch.stack([piece.detach().double(), torch.ones_like(r)], 1)
@@ -277,7 +293,6 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
             if _close(reference + a * piece.detach().double() + const, hand, rtol):
                 return [_piece_verdict(label, name, a, terms, size, rtol),
                         _constant_verdict(label, what, const, size, terms, None, rtol)]
-    m, b = terms.draw_sets, terms.batch_size
     if not terms.totals and m > 1 and b and size == m * b:  # the same at every draw set: data, not draws
         by_set = r.reshape(m, b)
         if bool(((by_set - by_set[0]).abs() <= 10 * tol).all()):
@@ -291,12 +306,70 @@ def residual_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTe
                                                                     else "; the gradients differ"))]
 
 
+def _fit(r: Tensor, piece: Tensor) -> Optional[float]:
+    """The least-squares a of r = a · piece (None for a zero piece)."""
+    piece = piece.detach().double()
+    denom = (piece * piece).sum().item()
+    return (r * piece).sum().item() / denom if denom else None
+
+
+SITE_IN_PIECE = (re.compile(r"^of site '([^']+)' \("), re.compile(r"\[([^\]\s,]+)\]"))
+MAX_COMBINED = 6  # sites of one kind taken in every combination; beyond, only all of them together
+
+
+def _kind(name: str) -> Optional[Tuple[str, str]]:
+    """(kind, site) of a one-site piece of :func:`pieces_for` or :meth:`SiteTerms.pieces`: a site's whole
+    term ("site term"), or a finer piece with the site's name taken out (the log-Jacobian of a guide's
+    transform, log q, ...); None for a piece of several sites."""
+    whole = SITE_IN_PIECE[0].match(name)
+    if whole:
+        return "site term", whole.group(1)
+    found = SITE_IN_PIECE[1].findall(name)
+    if len(found) != 1:
+        return None
+    site = found[0]
+    for where in ("[{}]", "d{}/du", "({}|", "({})"):  # where the pieces' names hold the site
+        name = name.replace(where.format(site), where.format("·"))
+    return name, site
+
+
+def combined_pieces(pieces: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The same mistake made at several sites at once (a log-Jacobian left out of two LogNormal guides, the
+    entropy of two guide sites dropped, two observed sites averaged over the batch): the sums of 2 or more
+    one-site pieces of one kind, each named after the pieces it sums ("A + B"), fewest sites first."""
+    by_kind: Dict[str, List[str]] = {}
+    for name in pieces:
+        found = _kind(name)
+        if found:
+            by_kind.setdefault(found[0], []).append(name)
+    out: Dict[str, Tensor] = {}
+    for size in range(2, MAX_COMBINED + 1):
+        for names in by_kind.values():
+            for chosen in itertools.combinations(names, size) if len(names) <= MAX_COMBINED else ():
+                out[_joined(chosen)] = sum(pieces[n].detach().double() for n in chosen)
+    for names in by_kind.values():
+        if len(names) > MAX_COMBINED:
+            out[_joined(names)] = sum(pieces[n].detach().double() for n in names)
+    return out
+
+
+def _joined(names: Sequence[str]) -> str:
+    """One name for several pieces: the sites' whole terms as "of sites [...] (each site's term, summed)",
+    finer pieces joined by " + "."""
+    if all(SITE_IN_PIECE[0].match(n) for n in names):
+        return f"of sites {[SITE_IN_PIECE[0].match(n).group(1) for n in names]} (their terms, summed)"
+    return " + ".join(names)
+
+
 def _whole_factor(label: str, what: str, a: float, terms: SiteTerms, size: int, rtol: float) -> str:
     """The verdict for hand = a · Pyro's, a the same at every column."""
     if abs(a + 1) <= _match(rtol):
         return f"sign: {label}: {what} is minus Pyro's at every {'draw set' if terms.totals else 'datapoint'}" + (
             ": it returns the bound, not the negative bound (the loss)" if what == "the hand bound"
             else ": its sign is flipped")
+    if abs(a) <= _match(rtol):
+        return f"missing term: {label}: {what} is zero at every {'draw set' if terms.totals else 'datapoint'}: " \
+               "the term it stands for is left out"
     global_term = what != "the hand bound" and terms.totals
     named = _name(a, factor_names(terms, size, global_term), _match(rtol))
     return (f"scale: {label}: {what} is {_fmt(a)} × Pyro's at every {'draw set' if terms.totals else 'datapoint'}"
@@ -308,6 +381,15 @@ def shape_verdicts(label: str, hand: Tensor, reference: Tensor, terms: SiteTerms
     """Verdicts for a hand value whose shape is not (B,): per particle, or one number for the batch."""
     k, size = terms.num_particles, reference.numel()
     hand = hand.detach().double()
+    if terms.totals and hand.dim() > 0:  # global latents: one number for the batch
+        how = ""
+        if objective == "iwae" and hand.shape == (terms.batch_size,):
+            how = (": an IWAE bound per datapoint, but a global latent ties the datapoints together; the bound is "
+                   "-log (1/K) Σ_k Π_i w_ik · (the global terms)_k, joint over the batch")
+        expected = "one number for the batch, shape ()" if objective == "iwae" else \
+            f"the batch total, shape (), or one value per datapoint, ({terms.batch_size},)"
+        return [f"per datapoint: {label}: the bound returns shape {tuple(hand.shape)}; with global latents it is "
+                f"{expected}{how}"]
     if hand.shape == (k, size) and k > 1:
         evidence = ""
         per_particle = -terms.c * terms.log_weights.detach().double()
@@ -454,14 +536,20 @@ def pyro_groups(terms: SiteTerms, analytic: bool = False, sites=None) -> Dict[st
 
 def match_terms(hand_terms: Dict[str, Tensor], terms: SiteTerms, analytic: bool = False, sites=None,
                 nearest: bool = True) -> Dict[str, str]:
-    """Each hand term's Pyro counterpart (a key of :func:`pyro_groups`): by site name, then by name
-    hints (rec/lik/nll -> the observed sites, kl/prior -> the latent sites), then (``nearest``) the
+    """Each hand term's Pyro counterpart (a key of :func:`pyro_groups`): by site name (the whole name, or
+    one site's name as a word of it: 'kl_c' for site 'c'), then by name hints (rec/lik/nll -> the observed sites, kl/prior -> the latent sites), then (``nearest``) the
     nearest in value; a term left unmatched is not in the result."""
     groups = pyro_groups(terms, analytic, sites)
+    site_names = [g for g in groups if g in terms.observed or g in terms.prior]
     out = {}
     for name, value in hand_terms.items():
         if name in groups and name not in ("observed", "latent"):
             out[name] = name
+            continue
+        tokens = set(re.split(r"[^A-Za-z0-9]+|_", name))  # "kl_c", "kl(z)": a site named in the term's name
+        named = [g for g in site_names if g in tokens or (g != name and re.sub(r"[^A-Za-z0-9]+", "_", g) in tokens)]
+        if len(named) == 1 and len(tokens) > 1:
+            out[name] = named[0]
             continue
         hinted = next((g for rx, g in HINTS if rx.search(name) and g in groups), None)
         if hinted:

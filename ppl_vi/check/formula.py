@@ -139,7 +139,7 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: Optional[int] =
         return {}
     data_sources = dict(traced)
     summed = {n for names in own.enumerated.values() for n in names}
-    latents = [n for n, s in gt.nodes.items() if is_latent(s)]
+    latents = [n for n, s in gt.nodes.items() if is_latent(s) and n in mt.nodes]  # not an autoguide's auxiliary
     data = ", ".join(batch)
     z = ", ".join(latents) or "∅"
     q_text = f"q({z} | {data})"
@@ -187,7 +187,14 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: Optional[int] =
         (global_tex if is_global else local_tex).append(tex)
         ratio_text.append(p_text)
         ratio_tex.append(p_tex)
-    guides = [density(n, "q") for n in latents]
+    auxiliary = [n for n, s in gt.nodes.items() if is_latent(s) and n not in mt.nodes]  # an autoguide's
+    for name in auxiliary:  # its log q is a term of Pyro's loss, with no log p
+        g_text, g_tex = _density(gt.nodes[name], data_sources, "g", "φ", "")
+        is_global = name in own.global_sites
+        (global_text if is_global else local_text).append(f"E_{q_text}[log {g_text}]")
+        (global_tex if is_global else local_tex).append(r"\mathbb{E}_{" + q_tex + r"}[\log " + g_tex + "]")
+    guides = [density(n, "q") for n in latents] + [_density(gt.nodes[n], data_sources, "g", "φ", "")
+                                                    for n in auxiliary]
     guide_text, guide_tex = [g[0] for g in guides], [g[1] for g in guides]
     scale_text = "" if c == 1 else "N/B × "
     scale_tex = "" if c == 1 else r"\frac{N}{B}\,"
@@ -211,7 +218,10 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: Optional[int] =
     if c != 1:
         notes.append(f"N/B = {_number(c)}: the minibatch scale of the subsampled data plate")
     if global_text:
-        notes.append(f"global latent(s) {list(own.global_sites)}: their terms count once for the batch, not per datapoint")
+        latents = [n for n in own.global_sites if n not in own.observed]
+        factors = [n for n in own.global_sites if n in own.observed]
+        notes.append(f"global latent(s) {latents}" + (f" and factor(s) {factors}" if factors else "")
+                     + ": their terms count once for the batch, not per datapoint")
     if summed:
         notes.append(f"{sorted(summed)} enumerated in the model: summed out inside the likelihood (TraceEnum_ELBO)")
     if notes:

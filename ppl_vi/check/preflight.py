@@ -93,15 +93,23 @@ def find_data_plate(model_trace, source: str, data_plate: str, size: int) -> Non
     for name, site in observed:
         frames = [f for f in site["cond_indep_stack"] if f.vectorized]
         frame = next((f for f in frames if f.name == data_plate), None)
-        if frame is None and type(site["fn"]).__name__ == "Unit":
-            raise ConfigError(f"{source}: the factor {name!r} (pyro.factor) lies outside the data plate {data_plate!r}; "
-                              "the checker takes factors per datapoint only: put it inside the plate, or fold it into "
-                              "a latent's prior")
+        if frame is None and type(site["fn"]).__name__ == "Unit":  # a global factor: a term of the batch
+            if all(f.name != data_plate for _, s in observed for f in s["cond_indep_stack"]):
+                raise ConfigError(f"{source}: the factor {name!r} (pyro.factor) lies outside the data plate "
+                                  f"{data_plate!r} and no observed site lies in it: put the datapoints in "
+                                  f"pyro.plate({data_plate!r}, ...)")
+            continue
         if frame is None:
             inside = f"in plate(s) {[f.name for f in frames]}" if frames else "in no plate"
             raise ConfigError(f"{source}: the observed site {name!r} is {inside}, not in a plate named {data_plate!r}; "
                               f"put the datapoints in pyro.plate({data_plate!r}, ...)"
                               + (f" or set data_plate = {frames[0].name!r} in the file" if frames else ""))
+        if frame.size != size and frame.full_size == size:
+            raise ConfigError(f"{source}: pyro.plate({data_plate!r}, {size}, subsample_size={frame.size}) draws "
+                              f"{frame.size} of the batch's {size} datapoints at random, indices your bound cannot see: "
+                              f"make batch the minibatch of B datapoints and write pyro.plate({data_plate!r}, N, "
+                              "subsample=torch.arange(B)) (Pyro scales its sites by N/B, your bound must too; "
+                              "examples/local_guide.py), or leave subsample_size out")
         if frame.size != size:
             raise ConfigError(f"{source}: the data plate {data_plate!r} has {frame.size} datapoints at site {name!r} "
                               f"but the batch has {size} (its tensors' leading dimension)")
@@ -172,6 +180,12 @@ def prepare(model, guide, batch: Batch, *, source: str, files: Iterable[str], da
               if s["type"] == "sample" and n not in enumerated}
     global_sites = tuple(n for n, s in guide_trace.nodes.items() if is_latent(s)
                          and not any(f.name == data_plate for f in s["cond_indep_stack"]))
+    global_factors = [n for n, s in model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]
+                      and not any(f.name == data_plate for f in s["cond_indep_stack"])]
+    if global_factors and not global_sites:
+        raise ConfigError(f"{source}: the factor(s) {global_factors} (pyro.factor) lie outside the data plate "
+                          f"{data_plate!r} but no latent does: the bound then has no batch total to hold them in; put "
+                          "them inside the plate (one per datapoint)")
     if vectorize is None:
         vectorized, why = vectorisable(model, guide, batch, nest, data_plate, size, shapes, max(2, num_particles))
     else:

@@ -177,9 +177,10 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
         lp = _fold(_site_lp(site), nest, local)
         scale = float(site["scale"])
         if site["is_observed"]:
-            if not local:
+            if not local and not global_sites:
                 raise ConfigError(f"observed site {name!r} lies outside the data plate")
-            obs.append((scale, lp))
+            if local:  # a global factor (pyro.factor outside the data plate) joins the global terms
+                obs.append((scale, lp))
         else:
             latent.append((scale, lp))
         if local:

@@ -115,14 +115,14 @@ class SiteTerms:
         ``-log p(x|z) [x]``, ``-log p(z) [z]`` (the cross-entropy to the prior), ``log q(z|x) [z]``
         (minus the entropy) and the log-Jacobians of transformed distributions, scaled as Pyro scales them."""
         out = {f"-log p({n}|...) [{n}]": -self.scales[n] * lp.mean(0) for n, lp in self.observed.items()}
-        for n in self.prior:
-            out[f"-log p({n}) [{n}]"] = -self.scales[n] * self.prior[n].mean(0)
-            out[f"log q({n}|x) [{n}] (minus the entropy)"] = self.scales[n] * self.guide[n].mean(0)
-        for key, jac in self.jacobians.items():
+        for key, jac in self.jacobians.items():  # first: an autoguide's Delta is all Jacobian, log q(θ) = -log|J|
             side, _, n = key.partition(":")
             sign = 1.0 if side == "q" else -1.0  # log q = log q_u - log|J|; -log p = -log p_u + log|J|
             out[f"log-Jacobian log|d{n}/du| of {'the guide' if side == 'q' else 'the prior'}'s transform [{n}]"] = \
                 -sign * self.scales[n] * jac.mean(0)
+        for n in self.prior:
+            out[f"-log p({n}) [{n}]"] = -self.scales[n] * self.prior[n].mean(0)
+            out[f"log q({n}|x) [{n}] (minus the entropy)"] = self.scales[n] * self.guide[n].mean(0)
         for prefix, found in (("normalising -log σ in", self.log_scales),
                               ("normalising constant (the density at its location) of", self.normalisers)):
             for key, value in found.items():
@@ -173,7 +173,7 @@ def site_terms(model: Callable, guide: Callable, batch: Batch, k: int, max_plate
         log_q[name] = local_log_prob(guided[name], k, max_plate_nesting)
         try:
             kl[name] = local_log_prob(site, k, max_plate_nesting,
-                                      value=kl_divergence(guided[name]["fn"], site["fn"]))
+                                      value=closed_kl(guided[name]["fn"], site["fn"]))
         except NotImplementedError:
             pass
     if not observed:
@@ -223,6 +223,19 @@ class FixValues(Messenger):
             msg["done"] = True
 
 
+def closed_kl(q, p) -> Tensor:
+    """KL(q || p) in closed form (NotImplementedError where none is registered), the two distributions first
+    broadcast to one batch shape: some of torch's closed forms (Bernoulli-Bernoulli) index one by the
+    other's mask and raise on a particle dim only one of them has. A guide's Delta (an autoguide's site, a
+    MAP guide) has none: Pyro's KL of a Delta is its sampled log q - log p, no closed form of q's KL."""
+    if type(q).__name__ == "Delta":
+        raise NotImplementedError("a Delta's KL is no closed form")
+    shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    q = q if q.batch_shape == shape else q.expand(shape)
+    p = p if p.batch_shape == shape else p.expand(shape)
+    return kl_divergence(q, p)
+
+
 def plate_dim(site, data_plate: str) -> Optional[int]:
     """The dim of the plate named ``data_plate`` around the site; None outside it (a global site)."""
     return next((f.dim for f in site["cond_indep_stack"] if f.name == data_plate), None)
@@ -266,6 +279,8 @@ def log_jacobian(fn, value: Tensor) -> Optional[Tensor]:
     while isinstance(fn, (torch.distributions.Independent,)) or type(fn).__name__ == "MaskedDistribution":
         reinterpreted += getattr(fn, "reinterpreted_batch_ndims", 0)
         fn = fn.base_dist
+    if type(fn).__name__ == "Delta" and torch.is_tensor(fn.log_density) and bool(fn.log_density.abs().max() > 0):
+        return -fn.log_density.expand(fn.batch_shape)  # an autoguide's site: its log_density is -log|dθ/du|
     if not isinstance(fn, torch.distributions.TransformedDistribution):
         return None
     event_dim, y, total_jac = len(fn.event_shape), value, 0.0
@@ -424,13 +439,26 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
         prior[name] = value
         log_q[name] = stacked(name, guide_lp)
         try:
-            kl[name] = stacked(name, lambda g, m: kl_divergence(g["fn"], m["fn"]))
+            kl[name] = stacked(name, lambda g, m: closed_kl(g["fn"], m["fn"]))
         except NotImplementedError:
             pass
         for side in ("q", "p"):
             found = stacked(name, lambda g, m: log_jacobian((g if side == "q" else m)["fn"], m["value"]))
             if found is not None:
                 jac[f"{side}:{name}"] = found
+    for name, site in guide_trace.nodes.items():  # an autoguide's auxiliary site (AutoNormal's "z_unconstrained"):
+        if is_latent(site) and name not in model_trace.nodes:  # its log q is a term of Pyro's loss, no log p
+            parts = [arrange(unscaled_log_prob_masked(g.nodes[name]), nest, vectorized,
+                             plate_dim(g.nodes[name], data_plate), k, size) for g, _ in pairs]
+            is_global = plate_dim(site, data_plate) is None
+            log_q[name] = cat(parts, is_global)
+            prior[name] = torch.zeros_like(log_q[name])
+            scales[name] = _scale(site)
+            dims[name] = math.prod(shapes.get(name, site["value"].shape))
+            if is_global:
+                globals_.append(name)
+            else:
+                dims[name] = max(1, dims[name] // size)
     enumerated = {}
     if entangled:
         obs = [n for n in entangled if model_trace.nodes[n]["is_observed"]]

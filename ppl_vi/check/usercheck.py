@@ -125,6 +125,9 @@ def make_pair(source: str, entries: dict, module=None, files: Sequence[str] = ()
         if not all(torch.is_tensor(p) and p.requires_grad for p in params):
             raise ConfigError(f"{source}: params must be tensors that require grad")
     nest = entries.get("max_plate_nesting")
+    if nest is not None and (isinstance(nest, bool) or not isinstance(nest, int) or nest < 0):
+        raise ConfigError(f"{source}: max_plate_nesting must be an integer (the plate dims the pair uses), "
+                          f"got {nest!r}; leave it out to have it read off the traces")
     plate = entries.get("data_plate") or "data"
     if not isinstance(plate, str):
         raise ConfigError(f"{source}: data_plate must be the data plate's name (a str), got {type(plate).__name__}")
@@ -207,6 +210,25 @@ class Planned:
     label: str
 
 
+class MeanFieldValue(TraceMeanField_ELBO):
+    """TraceMeanField_ELBO's value (closed-form KLs, the other terms sampled) for a guide with a site without
+    rsample (a sampled discrete switch): Pyro refuses such a guide under validation, as the loss's gradient
+    would miss that site's score-function term; the value is still an unbiased estimate of -ELBO, the one a
+    hand bound with closed-form KLs computes. Only its value is compared (the comparison's ``value_only``)."""
+
+    def loss(self, model, guide, *args, **kwargs):
+        with pyro.validation_enabled(False):
+            return super().loss(model, guide, *args, **kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        with pyro.validation_enabled(False):
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        with pyro.validation_enabled(False):
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+
+
 def _pyro_loss(cls, k: int, setup: Setup):
     return cls(num_particles=k, vectorize_particles=setup.vectorized, max_plate_nesting=setup.nest)
 
@@ -251,8 +273,6 @@ def choose_kl(hands: list, sets: List[DrawSet], setup: Setup, rtol: float) -> Tu
     sites = sorted(terms.analytic_kl)
     if not sites:
         return False, "no latent site has a closed-form KL"
-    if setup.score_sites:
-        return False, f"the guide's site(s) {list(setup.score_sites)} have no rsample (TraceMeanField_ELBO needs it)"
     value = whole_values(hands, sets, setup, "elbo")
     k = sets[0].num_particles
     if value is None and not setup.global_sites and all(total(h).shape == (k, setup.size) for h in hands):
@@ -333,11 +353,18 @@ def plan(pair: UserPair, setup: Setup, k: int, hands: list, sets: List[DrawSet],
     else:
         analytic, why = choose_kl(hands, sets, setup, rtol)
         chosen, other = (TraceMeanField_ELBO, Trace_ELBO) if analytic else (Trace_ELBO, TraceMeanField_ELBO)
+        value_only = analytic and bool(setup.score_sites)
         name = f"{chosen.__name__} (K={k})"
-        exact.append(Planned(_comparison(name, _pyro_loss(chosen, k, setup), elbo_hand, k, setup, setup.vectorized,
-                                         "bound"), "elbo", analytic, name))
+        comparison = _comparison(name, _pyro_loss(MeanFieldValue if value_only else chosen, k, setup), elbo_hand, k,
+                                 setup, setup.vectorized, "bound")
+        if value_only:  # its gradient misses the score-function term: Trace_ELBO holds the expected gradient
+            comparison.target = None
+            why += (f"; the guide's site(s) {list(setup.score_sites)} have no rsample, which Pyro's TraceMeanField_ELBO "
+                    "refuses to train (its gradient would miss their score-function term): its value is held against "
+                    "your bound (Pyro's validation off), Trace_ELBO holds the gradient on average")
+        exact.append(Planned(comparison, "elbo", analytic, name))
         notes.append(f"loss: {name}, chosen: the file names no loss; {why}")
-        if sets[0].analytic_kl and not setup.score_sites:  # the other estimator of the same ELBO: on average
+        if sets[0].analytic_kl and (value_only or not setup.score_sites):  # another estimator: on average
             averaged.append(_comparison(f"{other.__name__} (K={k})", _pyro_loss(other, k, setup), elbo_hand, k,
                                         setup, setup.vectorized, "bound"))
     if iwae_hand is not None:
@@ -530,8 +557,9 @@ def diagnose_comparison(report: CheckReport, pair: UserPair, setup: Setup, plann
         is_global = bool(setup.global_sites)
         first = view(sets[:1], totals=is_global)
         terms = view(sets, totals=is_global)
-        if is_global:
-            pyro_values = torch.tensor([same[0].reference], dtype=torch.float64)
+        if is_global:  # the batch total; none where the bound's shape was refused (no row holds Pyro's value)
+            total_row = next((r for r in same if r.reference is not None and r.name.endswith(": loss")), None)
+            pyro_values = None if total_row is None else torch.tensor([total_row.reference], dtype=torch.float64)
         else:
             per_point = next((r for r in same if r.name.endswith(": each datapoint")), None)
             pyro_values = torch.tensor(per_point.details["pyro"], dtype=torch.float64) if per_point else None
@@ -638,6 +666,21 @@ def check_pair(pair: UserPair, *, num_particles: int = 3, seed: int = 0, repeats
         return _check_pair(pair, k, seed, repeats, gradient_seeds, rtol, ground_truth_ks)
 
 
+def usable_hand(source: str, hand) -> None:
+    """HandError unless the bound's value is a tensor, or a non-empty dict of tensors, all finite."""
+    if isinstance(hand, dict):
+        if not hand or not all(torch.is_tensor(v) for v in hand.values()):
+            raise HandError(f"{source}: bound(batch, draws) returned a dict "
+                            f"{'with no terms' if not hand else 'whose values are not all tensors'}; expected named "
+                            "terms, each a tensor (B,) or ()")
+        for name, value in hand.items():
+            if not bool(torch.isfinite(value.detach()).all()):
+                raise HandError(f"{source}: bound(batch, draws)'s term {name!r} is not finite (nan or inf) at the "
+                                "guide's draws")
+    elif not bool(torch.isfinite(hand.detach()).all()):
+        raise HandError(f"{source}: bound(batch, draws) is not finite (nan or inf) at the guide's draws")
+
+
 def _check_pair(pair: UserPair, k: int, seed: int, repeats: int, gradient_seeds: int, rtol: float,
                 ground_truth_ks) -> CheckReport:
     batch = pair.batch
@@ -659,6 +702,8 @@ def _check_pair(pair: UserPair, k: int, seed: int, repeats: int, gradient_seeds:
         if not (torch.is_tensor(hands[0]) or isinstance(hands[0], dict)):
             raise HandError(f"{pair.source}: bound(batch, draws) returned {type(hands[0]).__name__}; expected a tensor "
                             "or a dict of named terms")
+        for hand in hands:
+            usable_hand(pair.source, hand)
         if pair.iwae_bound is not None:
             guarded(pair, pair.iwae_bound, "iwae_bound(batch, draws)")(batch, shaped(sets[0].draws, setup.shapes))
         if pair.exact_log_likelihood is not None:

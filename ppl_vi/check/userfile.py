@@ -109,8 +109,12 @@ def load_target(target: str):
             entries.update({k: v for k, v in chosen.items() if k in FIELDS})
         elif inspect.isfunction(chosen):
             entries["bound"] = chosen
-        else:
+        elif any(hasattr(chosen, k) for k in FIELDS) and not isinstance(chosen, (int, float, str, bytes)):
             entries.update({k: getattr(chosen, k) for k in FIELDS if hasattr(chosen, k)})
+        else:
+            raise ConfigError(f"{path}:{name} is {type(chosen).__name__} {str(chosen)[:40]!r}; FILE.py:NAME takes a "
+                              "dict of replacements (e.g. {'bound': my_slipped_bound}), a function (the bound), an "
+                              "object with such attributes, or a LatentModel subclass")
     missing = [f for f in REQUIRED if f not in entries]
     if missing and name is None:
         classes = latent_model_classes(module)
