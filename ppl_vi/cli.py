@@ -36,7 +36,7 @@ from ppl_vi.evaluate import CHECKPOINT_NAMES, describe_checkpoint, evaluate_run
 from ppl_vi.job import run_job
 from ppl_vi.models import REGISTRY
 from ppl_vi.models.base import default_make_batch, get_spec
-from ppl_vi.objectives.losses import DESCRIPTIONS, check_config
+from ppl_vi.loss_registry import DESCRIPTIONS, check_config
 from ppl_vi.report import CHECK, render_check_page, write_report
 from ppl_vi.runtime import seed_everything
 from ppl_vi.training import train

@@ -17,9 +17,10 @@ from typing import List, Optional
 
 import pydantic
 
+from ppl_vi import loss_registry
 from ppl_vi.errors import ConfigError
 
-LOSSES = ("trace", "meanfield", "enum", "stl", "renyi", "iwae", "vimco", "dreg")
+LOSSES = loss_registry.NAMES
 NAN_POLICIES = ("stop", "skip")
 ACTIVATIONS = ("softplus", "relu")
 
@@ -27,7 +28,7 @@ ACTIVATIONS = ("softplus", "relu")
 @dataclasses.dataclass
 class TrainConfig:
     model: str = "vae"  # registry name: ppl-vi list shows them
-    loss: str = "trace"  # trace | meanfield | enum | stl | renyi | iwae | vimco | dreg (ppl-vi list)
+    loss: str = "trace"  # the objective to train with (ppl-vi list describes each)
     k: int = 1  # particles per datapoint (K of IWAE; averaged for the ELBO losses)
     beta: float = 1.0  # weight of the KL term (β-VAE); 1 is the ELBO
     kl_anneal: int = 0  # steps over which β ramps linearly from 0 to `beta` (0: no annealing)

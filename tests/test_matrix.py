@@ -30,18 +30,20 @@ import warnings
 import pyro
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 
 from ppl_vi.check import check
 from ppl_vi.check.core import enumerates
 from ppl_vi.check.semisupervised import labelled_comparisons, unlabelled_comparisons
 from ppl_vi.check.suite import loss_comparisons, model_traits
+from ppl_vi.config import LOSSES as config_losses
 from ppl_vi.config import TrainConfig
 from ppl_vi.data.synthetic import default_gmm_params, default_linear_gaussian_params, sample_gmm, \
     sample_linear_gaussian
 from ppl_vi.errors import ConfigError
 from ppl_vi.models import REGISTRY
 from ppl_vi.objectives.graph_step import FastStep, SyncFreeLoss, Unsupported
-from ppl_vi.objectives.losses import LOSSES, check_combination, make_loss, supported_losses
+from ppl_vi.objectives.losses import BUILDERS, LOSSES, check_combination, make_loss, supported_losses, target_of
 
 DT = torch.float64
 K = 3  # particles: a multi-sample loss needs K >= 2
@@ -118,7 +120,7 @@ class TrainerPath:
 
     def __init__(self, loss, fast):
         self.inner, self.fast = loss, fast
-        self.target = getattr(loss, "target", None)
+        self.target = target_of(loss)
         self.enumerates = enumerates(loss)
 
     def differentiable_loss(self, model, guide, **batch):
@@ -226,6 +228,15 @@ def test_the_matrix_covers_every_loss_and_model():
     assert {name for name, _ in accepted} == set(VARIANTS)  # every model trains with some loss
     assert supported_losses(traits("gmm[marginal]"), k=K) == ["enum", "iwae", "vimco"]
     assert supported_losses(traits("gmm"), k=K) == ["trace", "enum", "vimco"]
+
+
+def test_one_registry_names_builds_and_targets_every_loss():
+    """Catches: a loss added to the registry without a builder (or the reverse), a made loss whose target is not
+    the registry's, a Pyro ELBO made elsewhere given a target it does not declare, config listing other names."""
+    assert list(BUILDERS) == list(LOSSES) == list(config_losses)
+    for name, spec in LOSSES.items():
+        assert target_of(make_loss(name, 2)) == spec.target, name
+    assert target_of(Trace_ELBO()) is None and not hasattr(make_loss("trace"), "target")
 
 
 def matrix_table() -> str:

@@ -23,7 +23,8 @@ from pyro import poutine
 
 from ppl_vi.check.preflight import deepest_plate
 from ppl_vi.check.terms import SiteTerms, read_draw_set, trace_pairs
-from ppl_vi.models.base import Batch, is_latent
+from ppl_vi.models.base import Batch
+from ppl_vi.sites import is_latent
 
 GREEK = {"loc": ("μ", r"\mu"), "scale": ("σ", r"\sigma"), "probs": ("p", "p"), "logits": ("logits", r"\mathrm{logits}"),
          "df": ("ν", r"\nu"), "concentration": ("α", r"\alpha"), "rate": ("λ", r"\lambda"),

@@ -30,7 +30,8 @@ from pyro import poutine
 from ppl_vi.check.rows import one_line
 from ppl_vi.check.terms import read_draw_set, trace_pairs
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import Batch, is_latent
+from ppl_vi.models.base import Batch
+from ppl_vi.sites import is_latent
 
 
 @dataclasses.dataclass

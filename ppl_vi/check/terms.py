@@ -37,13 +37,14 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
-from pyro.poutine.messenger import Messenger
 from torch import Tensor
-from torch.distributions.utils import _sum_rightmost
+from torch.distributions.utils import _sum_rightmost  # torch's own helper (private): sums rightmost dims
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, draws_from_trace, is_latent
+from ppl_vi.models.base import Batch, Draws, draws_from_trace
 from ppl_vi.objectives.traces import local_log_prob, run_particles
+from ppl_vi.sites import (PARTICLE_PLATE, FixValues, data_plate_dim, in_data_plate, is_latent,
+                          unscaled_log_prob)
 
 
 @dataclasses.dataclass
@@ -161,7 +162,7 @@ def site_terms(model: Callable, guide: Callable, batch: Batch, k: int, max_plate
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
             continue
-        if not any(f.dim == -max_plate_nesting for f in site["cond_indep_stack"]):
+        if not in_data_plate(site, max_plate_nesting):
             raise ConfigError(f"site {name!r} lies outside the data plate (a global latent): no per-datapoint terms")
         if not site["is_observed"] and name not in guided:
             raise ConfigError(f"the model's latent site {name!r} is not sampled by the guide: no per-site terms")
@@ -208,24 +209,6 @@ def names(value) -> List[str]:
 
 # ------------------------------------------------------------------------------------------------
 # a user's pair: the data plate by name, global latents, model-enumerated sites, particles one at a time
-
-
-class FixValues(Messenger):
-    """Give the named sample sites these values instead of sampling them (they stay latent sites)."""
-
-    def __init__(self, values: Dict[str, Tensor]):
-        super().__init__()
-        self.values = values
-
-    def _pyro_sample(self, msg):
-        if msg["name"] in self.values and not msg["is_observed"]:
-            msg["value"] = self.values[msg["name"]]
-            msg["done"] = True
-
-
-def plate_dim(site, data_plate: str) -> Optional[int]:
-    """The dim of the plate named ``data_plate`` around the site; None outside it (a global site)."""
-    return next((f.dim for f in site["cond_indep_stack"] if f.name == data_plate), None)
 
 
 def trace_pairs(model: Callable, guide: Callable, batch: Batch, k: int, nest: int, vectorized: bool,
@@ -379,18 +362,18 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
             value = fn_value(g.nodes.get(name), m.nodes[name])
             if value is None:
                 return None
-            parts.append(arrange(value, nest, vectorized, plate_dim(m.nodes[name], data_plate), k, size))
-        return cat(parts, plate_dim(model_trace.nodes[name], data_plate) is None)
+            parts.append(arrange(value, nest, vectorized, data_plate_dim(m.nodes[name], nest, data_plate), k, size))
+        return cat(parts, data_plate_dim(model_trace.nodes[name], nest, data_plate) is None)
 
-    model_lp = lambda g, m: unscaled_log_prob_masked(m)  # noqa: E731
-    guide_lp = lambda g, m: unscaled_log_prob_masked(g)  # noqa: E731
+    model_lp = lambda g, m: unscaled_log_prob(m)  # noqa: E731
+    guide_lp = lambda g, m: unscaled_log_prob(g)  # noqa: E731
     observed, prior, log_q, kl, scales, dims, jac, consts, scale_terms, norms = {}, {}, {}, {}, {}, {}, {}, [], {}, {}
     globals_, entangled = [], {}
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)) or \
                 site["infer"].get("_deterministic"):  # pyro.deterministic: a recorded value, no density
             continue
-        local = plate_dim(site, data_plate) is not None
+        local = in_data_plate(site, nest, data_plate)
         value = stacked(name, model_lp)
         base_rank = 2 if local else 1
         scales[name] = _scale(site)
@@ -463,12 +446,6 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
     scale_terms = {key: v for key, v in scale_terms.items() if key.split(":", 1)[1] not in entangled}
     return DrawSet(observed, prior, log_q, kl, scales, dims, tuple(globals_), enumerated, jac, consts, scale_terms,
                    norms, draws, pairs, k, size)
-
-
-def unscaled_log_prob_masked(site) -> Tensor:
-    """A site's log-density at its value, masked, without its scale."""
-    lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-    return lp * site["mask"] if site["mask"] is not None else lp
 
 
 def draw_sets(model: Callable, guide: Callable, batch: Batch, k: int, nest: int, data_plate: str, vectorized: bool,

@@ -30,30 +30,11 @@ from torch import Tensor, nn
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
+from ppl_vi.loss_registry import ModelTraits
+from ppl_vi.sites import PARTICLE_PLATE, is_latent
 
 Batch = Dict[str, Optional[Tensor]]
 Draws = Dict[str, Tensor]
-
-PARTICLE_PLATE = "particles"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelTraits:
-    """What decides which losses can train a model (``ppl_vi.objectives.losses.refusal``).
-
-    ``discrete_guide``: the guide samples a site without ``rsample`` (a score-function term is needed);
-    ``enumerable``: TraceEnum_ELBO has a discrete site to sum out (in the guide or the model);
-    ``model_enumerated``: a model site the guide does not sample is summed out by enumeration;
-    ``guide_latents``: the guide samples at least one latent site;
-    ``auxiliary_observed``: an observed site carries its own scale (a classifier term α'), so the
-    observed sites do not share the one minibatch scale the importance-weighted losses need.
-    """
-
-    discrete_guide: bool = False
-    enumerable: bool = False
-    model_enumerated: bool = False
-    guide_latents: bool = True
-    auxiliary_observed: bool = False
 
 
 class LatentModel(nn.Module):
@@ -191,12 +172,6 @@ def sample_draws(guide: Callable, batch: Batch, num_particles: int, max_plate_ne
     with plate:
         trace = poutine.trace(guide).get_trace(**batch)
     return draws_from_trace(trace, num_particles, max_plate_nesting, sites)
-
-
-def is_latent(site) -> bool:
-    """An unobserved sample site that is a real random variable (not a plate's subsample site)."""
-    return (site["type"] == "sample" and not site["is_observed"]
-            and type(site["fn"]).__name__ != "_Subsample")
 
 
 def draws_from_trace(trace, num_particles: int, max_plate_nesting: int, sites=None) -> Draws:

@@ -345,14 +345,11 @@ def completion_nll(model: CVAECompletion, x: Tensor, quadrants: Union[int, Tenso
     if k < 1 or (chunk is not None and chunk < 1):
         raise ConfigError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
     batch = completion_batch(x, quadrants)
-    running, done = None, 0
-    while done < k:
-        size = min(chunk or k, k - done)
+    log_mean_w = bounds.LogMeanExp()
+    for size in bounds.chunk_sizes(k, chunk):
         log_px, log_pz, log_qz = model.log_terms(batch, model.sample_draws(batch, size))
-        lse = torch.logsumexp(log_px + log_pz - log_qz, dim=0)  # (B,)
-        running = lse if running is None else torch.logaddexp(running, lse)
-        done += size
-    return -(running - math.log(k))
+        log_mean_w.add(log_px + log_pz - log_qz)  # (size, B)
+    return -log_mean_w.value()
 
 
 class CompletionBaseline(nn.Module):

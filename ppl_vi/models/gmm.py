@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import Batch, Draws, LatentModel, ModelTraits, register
+from ppl_vi.loss_registry import ModelTraits
+from ppl_vi.models.base import Batch, Draws, LatentModel, register
 
 GUIDES = ("amortised", "posterior", "prior", "marginal")
 

@@ -62,10 +62,12 @@ from torch import Tensor, nn
 from ppl_vi import bounds
 from ppl_vi import run as rundir
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, ModelTraits, register
+from ppl_vi.loss_registry import ModelTraits
+from ppl_vi.models.base import Batch, Draws, LatentModel, register
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, validate_labels
 from ppl_vi.models.ssvae import SemiSupervisedPair
 from ppl_vi.models.vae import VAE
+from ppl_vi.sites import PARTICLE_PLATE
 from ppl_vi.nets import GaussianEncoder, fresh_copy, mlp
 
 #: M1's architecture when no trained M1 is given (the ``vae`` defaults).

@@ -63,9 +63,11 @@ from torch import Tensor
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, ModelTraits, register
+from ppl_vi.loss_registry import ModelTraits
+from ppl_vi.models.base import Batch, Draws, LatentModel, register
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, one_hot, validate_labels
 from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, fresh_copy, mlp
+from ppl_vi.sites import PARTICLE_PLATE
 
 
 class SemiSupervisedPair:

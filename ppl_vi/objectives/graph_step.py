@@ -40,7 +40,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 from torch import Tensor
 
-from ppl_vi.models.base import PARTICLE_PLATE
+from ppl_vi.sites import PARTICLE_PLATE
 from ppl_vi.objectives.importance import IWAELoss
 from ppl_vi.objectives.traces import particle_terms
 

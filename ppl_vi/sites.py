@@ -1,0 +1,125 @@
+"""Reading Pyro traces: the questions every loss and every check asks of a trace site, answered once.
+
+A *site* is a node of a ``pyro.poutine.Trace`` (a dict: ``type``, ``fn``, ``value``, ``is_observed``,
+``cond_indep_stack``, ``scale``, ``mask``, ``infer``...). The objectives (:mod:`ppl_vi.objectives`),
+the models' draws (:mod:`ppl_vi.models.base`), the IWAE evaluator and the checker
+(:mod:`ppl_vi.check`) all read sites through these helpers:
+
+* :func:`is_latent`: an unobserved sample site that is a random variable (not a plate's subsample site);
+* :func:`unscaled_log_prob`: its log-density at its value, masked, without its scale;
+* :func:`in_data_plate` / :func:`data_plate_dim`: is the site inside the data plate, the plate at dim
+  ``-max_plate_nesting`` (built-in models) or the plate of a given name (a user's file)?
+  Outside it, a latent site is global (θ);
+* :func:`guide_sites`: the guide's latent sites from one run, its random draws undone;
+* :class:`FixValues`: a messenger that gives named latent sites fixed values instead of sampling them;
+* :func:`tuple_digits`: the i-th tuple of discrete values over (site, particle), mixed radix;
+* :func:`split_scales`: Pyro's site scales split into the minibatch scale c, shared by every observed
+  site, and the latent weight β = (latent scale) / c.
+
+Particles are drawn in a plate named :data:`PARTICLE_PLATE` left of the model's ``max_plate_nesting`` plates.
+Public Pyro API only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from ppl_vi.errors import ConfigError
+
+PARTICLE_PLATE = "particles"
+
+Scale = Union[float, Tensor]
+
+
+def is_latent(site) -> bool:
+    """An unobserved sample site that is a real random variable (not a plate's subsample site)."""
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+
+
+def unscaled_log_prob(site) -> Tensor:
+    """A site's log-density at its value, masked, without its scale."""
+    lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    if site["mask"] is not None:
+        lp = lp * site["mask"]
+    return lp
+
+
+def in_data_plate(site, max_plate_nesting: int, data_plate: Optional[str] = None) -> bool:
+    """Is the site inside the data plate (named ``data_plate``, else the plate at dim -max_plate_nesting)?"""
+    return data_plate_dim(site, max_plate_nesting, data_plate) is not None
+
+
+def data_plate_dim(site, max_plate_nesting: int, data_plate: Optional[str] = None) -> Optional[int]:
+    """The dim of the site's data plate (named ``data_plate``, else at dim -max_plate_nesting); None outside it."""
+    for f in site["cond_indep_stack"]:
+        if (f.name == data_plate) if data_plate is not None else (f.dim == -max_plate_nesting):
+            return f.dim
+    return None
+
+
+def guide_sites(guide: Callable, batch: dict) -> Dict[str, dict]:
+    """The guide's latent sites, ``{name: site}``, from one run without gradients; its RNG draws are undone."""
+    state = torch.get_rng_state()
+    try:
+        with torch.no_grad(), poutine.block():
+            trace = poutine.trace(guide).get_trace(**batch)
+    finally:
+        torch.set_rng_state(state)
+    return {n: s for n, s in trace.nodes.items() if is_latent(s)}
+
+
+class FixValues(Messenger):
+    """Give the named latent sample sites these values instead of sampling them (they stay latent sites)."""
+
+    def __init__(self, values: Dict[str, Tensor]):
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values and not msg["is_observed"]:
+            msg["value"] = self.values[msg["name"]]
+            msg["done"] = True
+
+
+def tuple_digits(sizes: Sequence[int], k: int, index: Union[int, Tensor]) -> Tuple[Tensor, ...]:
+    """Tuple number ``index`` of discrete values for K particles of sites with ``sizes`` support points.
+
+    Mixed radix, one digit per (site, particle), the first site's first particle least significant:
+    index = Σ_{s,k} d_sk Π_{earlier digits} size. Returns per site its digits, shape (K,) for an int
+    ``index``, (T, K) for a tensor of T indices; there are Π_s size_s^K tuples in all."""
+    out, stride = [], 1
+    for size in sizes:
+        digits = []
+        for _ in range(k):
+            digits.append(torch.as_tensor((index // stride) % size))
+            stride *= size
+        out.append(torch.stack(digits, dim=-1))
+    return tuple(out)
+
+
+def split_scales(obs_scales: Sequence[Scale], latent_scales: Sequence[Scale], check: bool = True
+                 ) -> Tuple[Scale, Scale]:
+    """(c, β) from the observed and the latent sites' scales: c the observed sites' one scale (the
+    minibatch scale), β the latent sites' one scale over c (1 without latent sites, or where c = 0).
+
+    Python floats are checked (one c, one β); with ``check=False``, tensor scales (KL annealing) are
+    taken as given, to keep a training step free of host syncs."""
+    if not obs_scales:
+        raise ConfigError("the objective needs an observed site (obs=...) in the model")
+    if any(torch.is_tensor(s) for s in list(obs_scales) + list(latent_scales)) and not check:
+        c = obs_scales[0]
+        return c, (latent_scales[0] / c if latent_scales else 1.0)
+    obs = {float(s) for s in obs_scales}
+    if len(obs) != 1:
+        raise ConfigError(f"the observed sites must share one scale (the minibatch scale), found {sorted(obs)}")
+    c = obs.pop()
+    betas = {round(float(s) / c, 12) for s in latent_scales} if c else set()
+    if len(betas) > 1:
+        raise ConfigError(f"the latent sites must share one scale β, found {sorted(betas)}")
+    return c, (betas.pop() if betas else 1.0)
