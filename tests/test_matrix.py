@@ -42,10 +42,14 @@ from ppl_vi.data.synthetic import default_gmm_params, default_linear_gaussian_pa
     sample_linear_gaussian
 from ppl_vi.errors import ConfigError
 from ppl_vi.models import REGISTRY
+from ppl_vi.models.protocols import (Classifier, ExactPosterior, FittedParameters, ImageModel, LabelConditional,
+                                     LatentEncoder, SemiSupervised, SplitsELBO)
 from ppl_vi.objectives.graph_step import FastStep, SyncFreeLoss, Unsupported
 from ppl_vi.objectives.losses import BUILDERS, LOSSES, check_combination, make_loss, supported_losses, target_of
 
 DT = torch.float64
+PROTOCOLS = (ImageModel, LatentEncoder, SplitsELBO, Classifier, LabelConditional, SemiSupervised, ExactPosterior,
+             FittedParameters)
 K = 3  # particles: a multi-sample loss needs K >= 2
 B = 4  # datapoints per batch
 SMALL = dict(hidden=[8], z_dim=2, components=3)
@@ -89,8 +93,7 @@ def build(variant: str, device: str):
     if spec.data == "mnist-semisupervised":
         batches = {"labelled": model.make_batch(x, y), "unlabelled": model.make_batch(x, None)}
     else:
-        make = getattr(model, "make_batch", None)
-        batches = {"batch": make(x, y) if make else {"x": x}}
+        batches = {"batch": model.make_batch(x, y)}
     return model, batches
 
 
@@ -237,6 +240,32 @@ def test_one_registry_names_builds_and_targets_every_loss():
     for name, spec in LOSSES.items():
         assert target_of(make_loss(name, 2)) == spec.target, name
     assert target_of(Trace_ELBO()) is None and not hasattr(make_loss("trace"), "target")
+
+
+#: the optional capabilities (ppl_vi.models.protocols) each registry model offers
+CAPABILITIES = {
+    "vae": {"ImageModel", "LatentEncoder", "SplitsELBO"},
+    "gmvae": {"ImageModel", "LatentEncoder", "SplitsELBO"},
+    "cvae": {"ImageModel", "SplitsELBO", "LabelConditional"},
+    "cvae-completion": {"SplitsELBO"},
+    "ssvae": {"ImageModel", "LatentEncoder", "SplitsELBO", "Classifier", "LabelConditional", "SemiSupervised"},
+    "m1m2": {"ImageModel", "LatentEncoder", "SplitsELBO", "Classifier", "LabelConditional", "SemiSupervised"},
+    "gmm": {"ExactPosterior", "FittedParameters"},
+    "gmm[marginal]": {"ExactPosterior", "FittedParameters"},
+    "linear-gaussian": {"ExactPosterior"},
+    "linear-gaussian[exact]": {"ExactPosterior"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_protocols_say_what_each_model_offers(variant):
+    """Catches: a hook renamed or dropped from a model (the figures, metrics or checker would silently skip it),
+    a protocol that matches a model it does not describe, traits stated apart from the model's own."""
+    model, _ = build(variant, "cpu")
+    offered = {p.__name__ for p in PROTOCOLS if isinstance(model, p)}
+    assert offered == CAPABILITIES[variant]
+    assert model.own_traits() == traits(variant)
+    assert model.latent_reparameterized == (not traits(variant).discrete_guide)
 
 
 def matrix_table() -> str:
