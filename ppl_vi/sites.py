@@ -11,13 +11,15 @@ the models' draws (:mod:`ppl_vi.models.base`), the IWAE evaluator and the checke
   ``-max_plate_nesting`` (built-in models) or the plate of a given name (a user's file)?
   Outside it, a latent site is global (θ);
 * :func:`guide_sites`: the guide's latent sites from one run, its random draws undone;
+* :func:`model_only_sites` / :func:`enumerate_dim`: the model's latent sites the guide does not sample,
+  enumerated (summed out) or not, and the dim of an enumerated one;
 * :class:`FixValues`: a messenger that gives named latent sites fixed values instead of sampling them;
 * :func:`tuple_digits`: the i-th tuple of discrete values over (site, particle), mixed radix;
 * :func:`split_scales`: Pyro's site scales split into the minibatch scale c, shared by every observed
   site, and the latent weight β = (latent scale) / c.
 
 Particles are drawn in a plate named :data:`PARTICLE_PLATE` left of the model's ``max_plate_nesting`` plates.
-Public Pyro API only.
+Public Pyro API only, but for the one key :func:`enumerate_dim` reads (said where it is read).
 """
 
 from __future__ import annotations
@@ -61,6 +63,20 @@ def data_plate_dim(site, max_plate_nesting: int, data_plate: Optional[str] = Non
         if (f.name == data_plate) if data_plate is not None else (f.dim == -max_plate_nesting):
             return f.dim
     return None
+
+
+def enumerate_dim(site) -> Optional[int]:
+    """The (negative) dim on which ``poutine.enum`` laid out the site's support; None where it is not enumerated."""
+    return site["infer"].get("_enumerate_dim")  # private Pyro key, where poutine.enum records it: no public accessor
+
+
+def model_only_sites(guide_trace, model_trace) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(enumerated, unguided): the model's latent sites that the guide does not sample, split into those
+    ``poutine.enum`` sums out and the rest (which no objective here can weigh)."""
+    guided = {n for n, s in guide_trace.nodes.items() if is_latent(s)}
+    own = [(n, s) for n, s in model_trace.nodes.items() if is_latent(s) and n not in guided]
+    return (tuple(n for n, s in own if enumerate_dim(s) is not None),
+            tuple(n for n, s in own if enumerate_dim(s) is None))
 
 
 def guide_sites(guide: Callable, batch: dict) -> Dict[str, dict]:

@@ -40,8 +40,8 @@ from pyro import poutine
 from torch import Tensor
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.sites import (PARTICLE_PLATE, FixValues, guide_sites, in_data_plate, is_latent, split_scales,
-                          tuple_digits, unscaled_log_prob)
+from ppl_vi.sites import (PARTICLE_PLATE, FixValues, enumerate_dim, guide_sites, in_data_plate, is_latent,
+                          split_scales, tuple_digits, unscaled_log_prob)
 
 TUPLES_PLATE, REPLICATES_PLATE = "_reference_tuples", "_reference_replicates"
 
@@ -134,7 +134,7 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
                 site["infer"].get("_deterministic"):  # pyro.deterministic records a value, no density
             continue
         if is_latent(site) and name not in guided:
-            if site["infer"].get("_enumerate_dim") is None:
+            if enumerate_dim(site) is None:
                 raise ConfigError(f"the model's latent site {name!r} is neither in the guide nor enumerated")
             enum_names.append(name)
         local = in_data_plate(site, nest, data_plate)

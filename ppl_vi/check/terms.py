@@ -43,7 +43,7 @@ from torch.distributions.utils import _sum_rightmost  # torch's own helper (priv
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import Batch, Draws, draws_from_trace
 from ppl_vi.objectives.traces import local_log_prob, run_particles
-from ppl_vi.sites import (PARTICLE_PLATE, FixValues, data_plate_dim, in_data_plate, is_latent,
+from ppl_vi.sites import (PARTICLE_PLATE, FixValues, data_plate_dim, in_data_plate, is_latent, model_only_sites,
                           unscaled_log_prob)
 
 
@@ -349,11 +349,11 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
     cat = lambda xs, glob: xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1 if glob else -2)  # noqa: E731
     guide_trace, model_trace = pairs[0]
     guided = {n for n, s in guide_trace.nodes.items() if is_latent(s)}
-    enum_sites = {n for n, s in model_trace.nodes.items()
-                  if is_latent(s) and n not in guided and s["infer"].get("_enumerate_dim") is not None}
-    unguided = [n for n, s in model_trace.nodes.items() if is_latent(s) and n not in guided and n not in enum_sites]
+    enumerated_sites, unguided = model_only_sites(guide_trace, model_trace)
+    enum_sites = set(enumerated_sites)
     if unguided:
-        raise ConfigError(f"the model's latent site(s) {unguided} are neither sampled by the guide nor enumerated")
+        raise ConfigError(f"the model's latent site(s) {list(unguided)} are neither sampled by the guide nor "
+                          "enumerated")
 
     def stacked(name: str, fn_value) -> Optional[Tensor]:
         """``fn_value(guide_site, model_site)`` of every run, arranged and side by side; None if it is None."""

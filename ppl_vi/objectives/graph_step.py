@@ -38,6 +38,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ppl_vi.sites import PARTICLE_PLATE
@@ -72,7 +73,7 @@ def hot_path(module=None):
 
 
 def _is_subsample(site) -> bool:
-    return type(site["fn"]).__name__ == "_Subsample"
+    return site_is_subsample(site)
 
 
 def _sample_sites(trace):
@@ -151,8 +152,8 @@ class SyncFreeLoss:
     def _elbo(self, model, guide, batch) -> Tensor:
         loss = self.loss
         if loss.max_plate_nesting == float("inf"):
-            loss._guess_max_plate_nesting(model, guide, (), batch)  # Pyro's own first-call guess
-        if loss.vectorize_particles:
+            loss._guess_max_plate_nesting(model, guide, (), batch)  # private Pyro API: its first-call guess
+        if loss.vectorize_particles:  # private Pyro API (_vectorized_num_particles): Trace_ELBO's own particle plate
             particles = [self._elbo_particle(loss._vectorized_num_particles(model),
                                              loss._vectorized_num_particles(guide), batch)]
         else:

@@ -43,7 +43,8 @@ from pyro import poutine
 from torch import Tensor
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.sites import PARTICLE_PLATE, Scale, in_data_plate, is_latent, split_scales, unscaled_log_prob
+from ppl_vi.sites import (PARTICLE_PLATE, Scale, enumerate_dim, in_data_plate, is_latent, model_only_sites,
+                          split_scales, unscaled_log_prob)
 
 
 @dataclasses.dataclass
@@ -114,15 +115,11 @@ def particle_terms(guide_trace, model_trace, k: int, max_plate_nesting: int, *, 
     ``guide_log_prob(site)`` gives a guide site's log q (DReG passes one with q's parameters held fixed).
     """
     nest = max_plate_nesting
-    guided = {n for n, s in guide_trace.nodes.items() if is_latent(s)}
-    enumerated = tuple(n for n, s in model_trace.nodes.items()
-                       if is_latent(s) and n not in guided and s["infer"].get("_enumerate_dim") is not None)
-    unguided = [n for n, s in model_trace.nodes.items() if is_latent(s) and n not in guided and n not in enumerated]
+    enumerated, unguided = model_only_sites(guide_trace, model_trace)
     if unguided:
-        raise ConfigError(f"the guide does not sample the model's latent site(s) {unguided} and they are not "
+        raise ConfigError(f"the guide does not sample the model's latent site(s) {list(unguided)} and they are not "
                           "enumerated; sample them in the guide, or mark them infer={'enumerate': 'parallel'}")
-    enum_dims = max((-s["infer"]["_enumerate_dim"] - nest - 1 for n, s in model_trace.nodes.items()
-                     if n in enumerated), default=0)
+    enum_dims = max((-enumerate_dim(model_trace.nodes[n]) - nest - 1 for n in enumerated), default=0)
     obs_scales, latent_scales = [], []
     log_lik, log_prior, global_ratio, enum_mask = 0.0, 0.0, None, None
     global_sites = []
