@@ -36,7 +36,6 @@ KNOWN_UPWARD = {
     ("ppl_vi.run", "ppl_vi"),  # reads ppl_vi.__version__ (the root package, always loaded before its modules)
 }
 KNOWN_LATE = {
-    "ppl_vi.models.base",  # get_spec imports ppl_vi.models (registers the built-in models) on first use
     "ppl_vi.config",  # build_config imports the registry late (issue 13)
     "ppl_vi",  # exports check_bound on first use (PEP 562): `import ppl_vi.errors` does not load the checker
 }

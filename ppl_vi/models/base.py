@@ -258,9 +258,10 @@ def register(name: str, *, description: str, data: str, defaults: Optional[dict]
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The registry entry for ``name``, or a ConfigError listing the valid names."""
-    import ppl_vi.models  # noqa: F401  (registers the built-in models)
+    """The registry entry for ``name``, or a ConfigError listing the valid names.
 
+    The built-in models are registered by the time this runs: importing this module imports its package
+    first, and ``ppl_vi/models/__init__.py`` imports every built-in model."""
     if name not in REGISTRY:
         raise ConfigError(f"unknown model {name!r}; expected one of: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
