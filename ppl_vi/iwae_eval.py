@@ -42,7 +42,7 @@ from ppl_vi.bounds import LogMeanExp, chunk_sizes
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import Batch
 from ppl_vi.objectives.importance import IWAELoss
-from ppl_vi.sites import PARTICLE_PLATE, is_latent
+from ppl_vi.sites import PARTICLE_PLATE, is_latent, is_variable
 
 CPU_WORKING_SET = 32 * 2**20  # bytes one CPU pass may touch (about an L3 cache)
 GPU_MEMORY_FRACTION = 0.25  # of the free device memory
@@ -79,7 +79,7 @@ def record_guide(guide: Callable, batch: Batch) -> List[SiteRecord]:
         _set_rng_state(state)
     records = []
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
+        if not is_variable(site):
             continue
         frames = tuple((f.name, f.size, f.dim) for f in site["cond_indep_stack"] if f.vectorized)
         records.append(SiteRecord(name, site["fn"], frames, site["value"] if site["is_observed"] else None))

@@ -5,8 +5,10 @@ A *site* is a node of a ``pyro.poutine.Trace`` (a dict: ``type``, ``fn``, ``valu
 the models' draws (:mod:`ppl_vi.models.base`), the IWAE evaluator and the checker
 (:mod:`ppl_vi.check`) all read sites through these helpers:
 
-* :func:`is_latent`: an unobserved sample site that is a random variable (not a plate's subsample site);
+* :func:`is_variable` / :func:`is_latent`: a sample site that is a random variable (observed or not) /
+  an unobserved one that is a random variable (not a plate's subsample site);
 * :func:`unscaled_log_prob`: its log-density at its value, masked, without its scale;
+  :func:`is_deterministic`: a ``pyro.deterministic`` value, which has none;
 * :func:`in_data_plate` / :func:`data_plate_dim`: is the site inside the data plate, the plate at dim
   ``-max_plate_nesting`` (built-in models) or the plate of a given name (a user's file)?
   Outside it, a latent site is global (θ);
@@ -19,7 +21,8 @@ the models' draws (:mod:`ppl_vi.models.base`), the IWAE evaluator and the checke
   site, and the latent weight β = (latent scale) / c.
 
 Particles are drawn in a plate named :data:`PARTICLE_PLATE` left of the model's ``max_plate_nesting`` plates.
-Public Pyro API only, but for the one key :func:`enumerate_dim` reads (said where it is read).
+Public Pyro API only, but for the two keys :func:`is_deterministic` and :func:`enumerate_dim` read
+(said where they are read).
 """
 
 from __future__ import annotations
@@ -39,9 +42,14 @@ PARTICLE_PLATE = "particles"
 Scale = Union[float, Tensor]
 
 
+def is_variable(site) -> bool:
+    """A sample site that is a random variable, observed or latent (not a plate's subsample site)."""
+    return site["type"] == "sample" and not site_is_subsample(site)
+
+
 def is_latent(site) -> bool:
     """An unobserved sample site that is a real random variable (not a plate's subsample site)."""
-    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    return is_variable(site) and not site["is_observed"]
 
 
 def unscaled_log_prob(site) -> Tensor:
@@ -63,6 +71,11 @@ def data_plate_dim(site, max_plate_nesting: int, data_plate: Optional[str] = Non
         if (f.name == data_plate) if data_plate is not None else (f.dim == -max_plate_nesting):
             return f.dim
     return None
+
+
+def is_deterministic(site) -> bool:
+    """A ``pyro.deterministic`` site: an observed value recorded in the trace, with no density of its own."""
+    return bool(site["infer"].get("_deterministic"))  # private Pyro key that pyro.deterministic sets: no public test
 
 
 def enumerate_dim(site) -> Optional[int]:

@@ -40,8 +40,8 @@ from pyro import poutine
 from torch import Tensor
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.sites import (PARTICLE_PLATE, FixValues, enumerate_dim, guide_sites, in_data_plate, is_latent,
-                          split_scales, tuple_digits, unscaled_log_prob)
+from ppl_vi.sites import (PARTICLE_PLATE, FixValues, enumerate_dim, guide_sites, in_data_plate, is_deterministic,
+                          is_latent, is_variable, split_scales, tuple_digits, unscaled_log_prob)
 
 TUPLES_PLATE, REPLICATES_PLATE = "_reference_tuples", "_reference_replicates"
 
@@ -130,8 +130,7 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
     if global_sites and discrete:
         raise ConfigError("the reference cannot enumerate discrete sites together with global latents")
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)) or \
-                site["infer"].get("_deterministic"):  # pyro.deterministic records a value, no density
+        if not is_variable(site) or is_deterministic(site):
             continue
         if is_latent(site) and name not in guided:
             if enumerate_dim(site) is None:

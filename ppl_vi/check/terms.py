@@ -43,8 +43,8 @@ from torch.distributions.utils import _sum_rightmost  # torch's own helper (priv
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import Batch, Draws, draws_from_trace
 from ppl_vi.objectives.traces import local_log_prob, run_particles
-from ppl_vi.sites import (PARTICLE_PLATE, FixValues, data_plate_dim, in_data_plate, is_latent, model_only_sites,
-                          unscaled_log_prob)
+from ppl_vi.sites import (PARTICLE_PLATE, FixValues, data_plate_dim, in_data_plate, is_deterministic, is_latent,
+                          is_variable, model_only_sites, unscaled_log_prob)
 
 
 @dataclasses.dataclass
@@ -160,7 +160,7 @@ def site_terms(model: Callable, guide: Callable, batch: Batch, k: int, max_plate
     guided = {n: s for n, s in guide_trace.nodes.items() if is_latent(s)}
     observed, prior, log_q, kl, scales, dims = {}, {}, {}, {}, {}, {}
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
+        if not is_variable(site):
             continue
         if not in_data_plate(site, max_plate_nesting):
             raise ConfigError(f"site {name!r} lies outside the data plate (a global latent): no per-datapoint terms")
@@ -370,8 +370,7 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
     observed, prior, log_q, kl, scales, dims, jac, consts, scale_terms, norms = {}, {}, {}, {}, {}, {}, {}, [], {}, {}
     globals_, entangled = [], {}
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)) or \
-                site["infer"].get("_deterministic"):  # pyro.deterministic: a recorded value, no density
+        if not is_variable(site) or is_deterministic(site):
             continue
         local = in_data_plate(site, nest, data_plate)
         value = stacked(name, model_lp)

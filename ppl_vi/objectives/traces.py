@@ -43,8 +43,8 @@ from pyro import poutine
 from torch import Tensor
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.sites import (PARTICLE_PLATE, Scale, enumerate_dim, in_data_plate, is_latent, model_only_sites,
-                          split_scales, unscaled_log_prob)
+from ppl_vi.sites import (PARTICLE_PLATE, Scale, enumerate_dim, in_data_plate, is_latent, is_variable,
+                          model_only_sites, split_scales, unscaled_log_prob)
 
 
 @dataclasses.dataclass
@@ -124,7 +124,7 @@ def particle_terms(guide_trace, model_trace, k: int, max_plate_nesting: int, *, 
     log_lik, log_prior, global_ratio, enum_mask = 0.0, 0.0, None, None
     global_sites = []
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
+        if not is_variable(site):
             continue
         if name in enumerated:  # summed out unmasked; a mask then drops the datapoint's whole marginal
             lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
