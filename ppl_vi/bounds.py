@@ -10,7 +10,6 @@ K the number of particles (samples from the guide).
 """
 
 import math
-from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -84,32 +83,6 @@ def log_mean_exp(x: Tensor, dim: int = 0) -> Tensor:
         log (1/K) Σ_k e^{x_k} = logsumexp_k x_k - log K
     """
     return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
-
-
-def chunk_sizes(total: int, chunk: Optional[int]) -> List[int]:
-    """``total`` particles split into chunks of at most ``chunk`` (all at once for None): [chunk, ..., rest]."""
-    step = chunk or total
-    return [min(step, total - done) for done in range(0, total, step)]
-
-
-class LogMeanExp:
-    """:func:`log_mean_exp` over chunks of particles, so a large K fits in memory:
-
-        log (1/K) Σ_k e^{x_k} = logaddexp_chunks [ logsumexp_{k in chunk} x_k ] - log K
-
-    ``add(x)`` takes one chunk (its particles along dim 0); :meth:`value` is the log-mean-exp so far."""
-
-    def __init__(self):
-        self.lse: Optional[Tensor] = None
-        self.count = 0
-
-    def add(self, x: Tensor) -> None:
-        lse = torch.logsumexp(x, dim=0)
-        self.lse = lse if self.lse is None else torch.logaddexp(self.lse, lse)
-        self.count += x.shape[0]
-
-    def value(self) -> Tensor:
-        return self.lse - math.log(self.count)
 
 
 def elbo_mc(log_px_given_z: Tensor, log_pz: Tensor, log_qz: Tensor) -> Tensor:

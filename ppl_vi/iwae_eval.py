@@ -38,11 +38,10 @@ import torch
 from pyro import poutine
 from torch import Tensor, nn
 
-from ppl_vi.bounds import LogMeanExp, chunk_sizes
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import Batch
 from ppl_vi.objectives.importance import IWAELoss
-from ppl_vi.sites import PARTICLE_PLATE, is_latent, is_variable
+from ppl_vi.sites import PARTICLE_PLATE, LogMeanExp, chunk_sizes, is_latent, is_variable
 
 CPU_WORKING_SET = 32 * 2**20  # bytes one CPU pass may touch (about an L3 cache)
 GPU_MEMORY_FRACTION = 0.25  # of the free device memory

@@ -18,7 +18,9 @@ the models' draws (:mod:`ppl_vi.models.base`), the IWAE evaluator and the checke
 * :class:`FixValues`: a messenger that gives named latent sites fixed values instead of sampling them;
 * :func:`tuple_digits`: the i-th tuple of discrete values over (site, particle), mixed radix;
 * :func:`split_scales`: Pyro's site scales split into the minibatch scale c, shared by every observed
-  site, and the latent weight β = (latent scale) / c.
+  site, and the latent weight β = (latent scale) / c;
+* :class:`LogMeanExp` with :func:`chunk_sizes`: the log-mean-exp of K particles' log-weights drawn in
+  chunks (a running logsumexp), for the IWAE bound at large K.
 
 Particles are drawn in a plate named :data:`PARTICLE_PLATE` left of the model's ``max_plate_nesting`` plates.
 Public Pyro API only, but for the two keys :func:`is_deterministic` and :func:`enumerate_dim` read
@@ -27,7 +29,8 @@ Public Pyro API only, but for the two keys :func:`is_deterministic` and :func:`e
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from pyro import poutine
@@ -152,3 +155,29 @@ def split_scales(obs_scales: Sequence[Scale], latent_scales: Sequence[Scale], ch
     if len(betas) > 1:
         raise ConfigError(f"the latent sites must share one scale β, found {sorted(betas)}")
     return c, (betas.pop() if betas else 1.0)
+
+
+def chunk_sizes(total: int, chunk: Optional[int]) -> List[int]:
+    """``total`` particles split into chunks of at most ``chunk`` (all at once for None): [chunk, ..., rest]."""
+    step = chunk or total
+    return [min(step, total - done) for done in range(0, total, step)]
+
+
+class LogMeanExp:
+    """:func:`ppl_vi.bounds.log_mean_exp` over chunks of particles, so a large K fits in memory:
+
+        log (1/K) Σ_k e^{x_k} = logaddexp_chunks [ logsumexp_{k in chunk} x_k ] - log K
+
+    ``add(x)`` takes one chunk (its particles along dim 0); :meth:`value` is the log-mean-exp so far."""
+
+    def __init__(self):
+        self.lse: Optional[Tensor] = None
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        lse = torch.logsumexp(x, dim=0)
+        self.lse = lse if self.lse is None else torch.logaddexp(self.lse, lse)
+        self.count += x.shape[0]
+
+    def value(self) -> Tensor:
+        return self.lse - math.log(self.count)

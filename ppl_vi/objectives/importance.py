@@ -39,9 +39,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ppl_vi.bounds import LogMeanExp, chunk_sizes
 from ppl_vi.errors import ConfigError
 from ppl_vi.objectives.traces import ParticleTerms, particle_terms, run_particles
+from ppl_vi.sites import LogMeanExp, chunk_sizes
 
 
 def refuse_score_sites(terms: ParticleTerms, loss_name: str, instead: str) -> None:
