@@ -59,9 +59,8 @@ def validate_eval_inputs(model, x, y: Optional[Tensor] = None, ks: Sequence[int]
         raise DataError(f"x has shape {tuple(x.shape)} and dtype {x.dtype}; {expected}")
     elif not torch.isfinite(x).all():
         raise DataError(f"x contains NaN or inf; {expected} with finite values")
-    x_dim = getattr(model, "x_dim", None)
-    if x_dim is not None and x.shape[1] != x_dim:
-        raise DataError(f"x has {x.shape[1]} columns but the model expects D = {x_dim}")
+    if model.x_dim is not None and x.shape[1] != model.x_dim:
+        raise DataError(f"x has {x.shape[1]} columns but the model expects D = {model.x_dim}")
     if param is not None and x.dtype != param.dtype:
         raise DataError(f"x has dtype {x.dtype} but the model's parameters are {param.dtype}; convert with "
                         f"x.to({param.dtype})")

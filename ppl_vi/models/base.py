@@ -54,6 +54,8 @@ class LatentModel(nn.Module):
     max_plate_nesting: int = 1
     #: names of the guide's latent sample sites, in the order the guide draws them.
     latent_sites: tuple = ("z",)
+    #: the data's dimension D (columns of x), where the model fixes it; evaluation checks x against it.
+    x_dim: Optional[int] = None
     #: whether KL(q(z|x) || p(z)) has a closed form (:meth:`kl_to_prior`; TraceMeanField_ELBO).
     has_analytic_kl: bool = False
     #: what decides which losses can train the model: the one statement of its traits (a model whose
