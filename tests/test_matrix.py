@@ -164,6 +164,7 @@ def test_accepted_combination_is_proven(name, loss, fast, device):
     assert model_traits(model) == traits(name)
     spec = LOSSES[loss]
     loss_object = make_loss(loss, K if spec.target == "iwae" else K, model.max_plate_nesting)
+    assert target_of(loss_object) == spec.target  # else the expected-gradient rows would be skipped, not run
     fast_step = FastStep(_TrainerParts(model, loss_object, device), quiet=True) if fast else None
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params, names = [p for _, p in named], [n for n, _ in named]
