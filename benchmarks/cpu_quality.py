@@ -59,10 +59,11 @@ from pyro.optim import Adam  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from ppl_vi import bounds  # noqa: E402
-from ppl_vi.config import build_config  # noqa: E402
+from ppl_vi.config import Schedule  # noqa: E402
+from ppl_vi.models.configure import build_config  # noqa: E402
 from ppl_vi.data import mnist  # noqa: E402
 from ppl_vi.job import PROFILES  # noqa: E402
-from ppl_vi.objectives.graph_step import fast_note  # noqa: E402
+from ppl_vi.training.graph_step import fast_note  # noqa: E402
 from ppl_vi.runtime import device_name  # noqa: E402
 from ppl_vi.training import Trainer  # noqa: E402
 
@@ -182,7 +183,7 @@ class PplVi(Contender):
         self.batch_size = self.trainer.config.batch_size
         self.budget, self.steps, self.epoch_seconds = budget, 0, None
         self._epoch = iter(self.trainer.batches())
-        self.note = fast_note(self.trainer)
+        self.note = fast_note(self.trainer.stepper)
         self.describe = (f"hidden {self.trainer.config.hidden}, z {self.trainer.config.z_dim}, batch {self.batch_size}, "
                          f"lr {self.trainer.config.lr:g} -> {self.lr_final:g} over the epochs that fit "
                          f"{budget / 60:g} min")
@@ -192,16 +193,14 @@ class PplVi(Contender):
         while clock.seconds() < seconds:
             batches = next(self._epoch, None)
             if batches is None:  # an epoch ends: the schedule (fitted to the budget after the first) steps
-                t.epoch += 1
+                t.state.end_epoch()
                 if t.epoch == 1:
                     self.epoch_seconds = clock.seconds()
-                    epochs = max(1, math.floor(self.budget / self.epoch_seconds))
-                    t.scheduler.gamma = (self.lr_final / t.config.lr) ** (1 / (epochs - 1)) if epochs > 1 else 1.0
+                    t.state.replan(Schedule.fitting(t.config, self.budget, self.epoch_seconds, 2**62, self.lr_final))
                 t.scheduler.step()
                 self._epoch = iter(t.batches())
                 continue
-            t.train_step(batches)
-            t.step += 1
+            t.train_step(batches)  # counted in t.state
             self.steps += 1
 
     def model_copy(self):

@@ -80,7 +80,7 @@ def gemm_flops_per_second(device: torch.device, rows: int, inner: int, out: int,
 
 @torch.no_grad()
 def per_k_previous(model, x, ks, batch_size: int, max_rows: int = 200_000) -> Dict[int, float]:
-    """The evaluator before issue 14: one IWAELoss per k, the guide re-run per chunk."""
+    """The evaluator before the chunked one (kept to time against it): one IWAELoss per k, the guide re-run per chunk."""
     out = {k: [] for k in ks}
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size]

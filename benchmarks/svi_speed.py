@@ -61,7 +61,7 @@ from ppl_vi.config import TrainConfig  # noqa: E402
 from ppl_vi.data import mnist  # noqa: E402
 from ppl_vi.iwae_eval import iwae_bounds  # noqa: E402
 from ppl_vi.models.vae import VAE  # noqa: E402
-from ppl_vi.objectives.graph_step import fast_note  # noqa: E402
+from ppl_vi.training.graph_step import fast_note  # noqa: E402
 from ppl_vi.training import Trainer  # noqa: E402
 
 X_DIM, Z_DIM, HIDDEN, LR, TRAIN_SIZE = 784, 50, [400], 1e-3, 60_000
@@ -190,7 +190,7 @@ class PplviStep:
 
     @property
     def note(self) -> str:
-        return fast_note(self.trainer)
+        return fast_note(self.trainer.stepper)
 
 
 # ---- timing -----------------------------------------------------------------------------------------

@@ -46,11 +46,11 @@ from torch import Tensor, nn
 from ppl_vi import bounds
 from ppl_vi import run as rundir
 from ppl_vi.check import check_model
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.evaluate import evaluate_run, load_trained
 from ppl_vi.models.base import Batch, Draws, LatentModel, register
 from ppl_vi.report import CHECK, write_report
-from ppl_vi.training import train
+from ppl_vi.job import train
 
 NAME = "student-t-fa"
 

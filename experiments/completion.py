@@ -1,4 +1,4 @@
-"""CVAE image completion on MNIST quadrants (Sohn et al. 2015; Pyro's examples/cvae), issue 4.
+"""CVAE image completion on MNIST quadrants (Sohn et al. 2015; Pyro's examples/cvae).
 
 One ``cvae-completion`` model is trained through the library (``ppl_vi.training.train``: a run
 directory with config, checkpoints, history and figures), with 1, 2 or 3 given quadrants drawn
@@ -18,7 +18,7 @@ the fixed-binarised MNIST test set and for 1, 2 and 3 given quadrants (bottom-le
 Each is a mean over the test images ± its standard error over images. Written: ``RUN/completion.json``,
 ``RUN/completion.md`` (the table), ``RUN/figures/completions.png`` (per quadrant count: given
 quadrants / baseline / CVAE samples / truth), ``experiments/completion.json`` and the section
-"## Semi-supervised and conditional VAEs (issue 4)" of ``experiments/RESULTS.md`` (rendered by
+``semi_supervised.SECTION`` of ``experiments/RESULTS.md`` (rendered by
 ``experiments/semi_supervised.py``, together with the SSVAE rows).
 
 Usage::
@@ -42,10 +42,12 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # ppl_vi without installing it
 import runner  # noqa: E402  (device names, portable paths, results files)
-import semi_supervised as issue4  # noqa: E402  (the RESULTS.md section, rendered with the SSVAE rows)
+import semi_supervised  # noqa: E402  (the RESULTS.md section, rendered with the SSVAE rows)
 from runner import REPO  # noqa: E402
+from stats import mean_se  # noqa: E402
+from targets import PYRO_BASELINE, PYRO_CVAE  # noqa: E402
 
-RESULTS_JSON = issue4.COMPLETION_JSON
+RESULTS_JSON = semi_supervised.COMPLETION_JSON
 FULL_K = [1, 10, 100, 1000]
 QUICK_K = [1, 10]
 NELBO_PARTICLES = 10  # Pyro's num_particles default in examples/cvae
@@ -75,9 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=3, help="CVAE samples per image in the figure")
     p.add_argument("--data-dir", default=None, help="MNIST root (default $PPL_VI_DATA)")
     p.add_argument("--out-dir", default=str(REPO / "experiments" / "runs"), help="run directories (gitignored)")
-    p.add_argument("--results-md", default=str(issue4.RESULTS_MD))
+    p.add_argument("--results-md", default=str(semi_supervised.RESULTS_MD))
     p.add_argument("--results-json", default=str(RESULTS_JSON))
-    p.add_argument("--ssl-json", default=str(issue4.RESULTS_JSON), help="read only: the SSVAE rows of the section")
+    p.add_argument("--ssl-json", default=str(semi_supervised.RESULTS_JSON), help="read only: the SSVAE rows of the section")
     opts = p.parse_args(argv)
     if opts.device not in ("cpu", "cuda") and not opts.device.startswith("cuda:"):
         p.error("--device must be cpu or cuda")
@@ -108,8 +110,8 @@ def parse_args(argv=None):
 def train_cvae(opts, run_dir: Path):
     """``cvae-completion`` through the library; returns the trainer with its best checkpoint loaded."""
     from ppl_vi import run as rundir
-    from ppl_vi.config import build_config
-    from ppl_vi.training import train
+    from ppl_vi.models.configure import build_config
+    from ppl_vi.job import train
 
     overrides = dict(device=opts.device, seed=opts.seed, hidden=opts.hidden_list, z_dim=opts.z_dim, lr=opts.lr,
                      batch_size=opts.batch_size, train_subset=opts.train_subset, data_dir=opts.data_dir,
@@ -177,12 +179,6 @@ def train_baseline(data, opts, epochs: int, device):
 # ---- evaluation ----------------------------------------------------------------------------------------
 
 
-def mean_se(values) -> Dict[str, float]:
-    values = values.double()
-    se = values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else math.nan
-    return {"mean": values.mean().item(), "se": se}
-
-
 def evaluate(model, baseline, x, ks: List[int], batch_size: int, seed: int) -> Dict[str, dict]:
     """Per number of given quadrants: baseline exact NLL, CVAE -ELBO (10 draws) and -L_K for each K."""
     import pyro
@@ -205,8 +201,9 @@ def evaluate(model, baseline, x, ks: List[int], batch_size: int, seed: int) -> D
                 chunk = max(1, rows_budget // xb.shape[0])
                 for k in ks:
                     iw[k].append(completion_nll(model, xb, q, k=k, chunk=min(k, chunk)).cpu())
-            out[str(q)] = {"baseline": mean_se(torch.cat(base)), "cvae_nelbo": mean_se(torch.cat(nelbo)),
-                           "cvae_is": {str(k): mean_se(torch.cat(v)) for k, v in iw.items()}}
+            per_image = lambda parts: torch.cat(parts).double().tolist()  # noqa: E731
+            out[str(q)] = {"baseline": mean_se(per_image(base)), "cvae_nelbo": mean_se(per_image(nelbo)),
+                           "cvae_is": {str(k): mean_se(per_image(v)) for k, v in iw.items()}}
     return out
 
 
@@ -289,21 +286,21 @@ def main(argv=None) -> int:
         train_subset=opts.train_subset, cvae_epochs=epochs, cvae_train_s=round(cvae_train_s, 1),
         cvae_final_val_loss=trainer.metrics.get("final_val_loss"), baseline_epochs=len(base_history),
         baseline_train_s=round(baseline_train_s, 1), baseline_history=base_history, eval_s=round(eval_s, 1),
-        quadrants=quadrants, pyro_cvae=issue4.PYRO_CVAE, pyro_baseline=issue4.PYRO_BASELINE,
+        quadrants=quadrants, pyro_cvae=PYRO_CVAE, pyro_baseline=PYRO_BASELINE,
         figures=[runner.portable(figure), *(runner.portable(p) for p in sorted((run_dir / "figures").glob("*.png"))
                                             if p.name != figure.name)],
         environment={k: v for k, v in json.loads((run_dir / "config.json").read_text())["environment"].items()
                      if k in runner.ENVIRONMENT_KEYS},
         finished=runner.now())
     (run_dir / "completion.json").write_text(json.dumps(record, indent=2) + "\n")
-    table = "\n".join(issue4.completion_table(record)) + "\n"
+    table = "\n".join(semi_supervised.completion_table(record)) + "\n"
     (run_dir / "completion.md").write_text(
         f"# CVAE completion ({record['mode']}, {dev_name})\n\n`{command}`\n\n{table}\n"
         "Nats per test image, mean ± SE over images. CVAE -L_K: importance sampling with K draws from q(z|x,c); "
         f"CVAE -ELBO: {NELBO_PARTICLES} draws, closed-form KL (Pyro's reported quantity).\n")
     results_json = Path(opts.results_json)
-    runner.save_rows(results_json, issue4.COMPLETION_ABOUT, {issue4.completion_key(record): record})
-    issue4.update_results_md(Path(opts.results_md), Path(opts.ssl_json), results_json)
+    runner.save_rows(results_json, semi_supervised.COMPLETION_ABOUT, {semi_supervised.completion_key(record): record})
+    semi_supervised.update_results_md(Path(opts.results_md), Path(opts.ssl_json), results_json)
     print(table, end="")
     print(f"written: {run_dir / 'completion.json'}, {run_dir / 'completion.md'}, {figure}, {results_json}, "
           f"{opts.results_md}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import statistics
 import subprocess
@@ -31,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+import runner  # child environments, threads per run
+from runner import REPO
+
 WORKER = Path(__file__).resolve().parent / "probe_worker.py"
 CHUNK = 20  # steps between device synchronisations in a timed window (probe_worker.CHUNK)
 SUSTAIN = 0.8  # a level is "sustained" while each run keeps >= 80 % of the solo steps/s
@@ -96,9 +97,7 @@ def run_probe(levels: Sequence[int], device: str, window: float, deadline: float
     levels = sorted(set(int(v) for v in levels))
     n = levels[-1]
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    env = runner.child_env(OMP_NUM_THREADS=str(runner.threads_per_run(n)))
     argv = [python, str(WORKER), "--device", device, "--train-subset",
             str(train_subset), "--hidden", ",".join(map(str, hidden))]
     result = {"device": device, "window_s": window, "levels": [], "status": "ok", "model": "vae z=50, batch 128",

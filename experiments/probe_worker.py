@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ppl_vi without i
 import torch  # noqa: E402
 
 from ppl_vi.config import TrainConfig  # noqa: E402
-from ppl_vi.objectives.graph_step import fast_note  # noqa: E402
+from ppl_vi.training.graph_step import fast_note  # noqa: E402
 from ppl_vi.training import Trainer  # noqa: E402
 
 CHUNK = 20  # steps between device synchronisations in a timed window
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     for _ in range(WARMUP):
         trainer.train_step(next(stream))
     sync()
-    print(json.dumps({"ready": True, "mode": fast_note(trainer), "device": str(trainer.device)}), flush=True)
+    print(json.dumps({"ready": True, "mode": fast_note(trainer.stepper), "device": str(trainer.device)}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         if command.get("quit"):

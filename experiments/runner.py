@@ -39,8 +39,16 @@ Stages = Sequence[Tuple[str, List[str]]]
 
 
 def device_name(device: str) -> str:
-    """A human name for the device the runs use (the GPU's, or the CPU model and core count)."""
+    """A human name for the device the runs use: the GPU's (from ``nvidia-smi``, so that asking does
+    not start CUDA in this process; else from torch), or the CPU model and core count."""
     if device.startswith("cuda"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         try:
             import torch
 
@@ -109,6 +117,15 @@ def cuda_missing(device: str, dry_run: bool = False) -> bool:
     return not torch.cuda.is_available()
 
 
+def child_env(**extra: str) -> dict:
+    """This process's environment for a child run in the repository root: the repository first on
+    ``PYTHONPATH`` (so ``ppl_vi`` is this checkout's), then ``extra``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(extra)
+    return env
+
+
 def check_run_options(parser, opts) -> None:
     """The checks of the options every row-running script takes (``--parallel``, ``--minutes``,
     ``--device``): ``parser.error`` (exit status 2) on the first bad one."""
@@ -135,8 +152,7 @@ def run_stages(name: str, stages: Stages, record: dict, out_dir: Path, threads: 
     last lines, or "STAGE killed at the deadline ..." / "STAGE not started: ..." under
     ``$PPL_VI_DEADLINE``) and, per stage run, ``STAGE_wall_s`` and ``STAGE_log``. Returns ``record``."""
     deadline = float(os.environ[DEADLINE_ENV]) if os.environ.get(DEADLINE_ENV) else None
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env = child_env()
     env.setdefault("OMP_NUM_THREADS", str(threads))
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,9 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runner  # noqa: E402  (running rows, records, results files: shared with vae_family.py, completion.py)
 from runner import REPO, ROW_FILE  # noqa: E402
+from stats import mean_sd  # noqa: E402
+import targets  # noqa: E402  (the targets, as data, and their judgements: shared with reproduce.py)
+from targets import PYRO_BASELINE, PYRO_CVAE, SSL_ACCURACY, SSL_GAIN  # noqa: E402
 
 SECTION = "## Semi-supervised and conditional VAEs (issue 4)"
 RESULTS_JSON = REPO / "experiments" / "semi_supervised.json"
@@ -60,12 +63,7 @@ QUICK_TRAIN = ["--epochs", "1", "--max-minutes", "0.2", "--train-subset", "2000"
                "--hidden", "128", "--z-dim", "16", "--baseline-steps", "50"]
 QUICK_M1 = ["--epochs", "1", "--max-minutes", "0.2", "--train-subset", "2000", "--val-size", "1000",
             "--hidden", "128", "--z-dim", "16"]
-ACCURACY_TARGET = 0.96  # M1+M2 (Kingma et al. 2014: 96.67 %)
-GAIN_TARGET = 0.10  # M2 over its supervised-only baseline, mean over the seeds
 KINDS = ("ssvae", "m1m2")
-#: Pyro's examples/cvae tutorial table (tutorial/source/cvae.ipynb): -ELBO, K = 10, grayscale targets.
-PYRO_CVAE = {1: 71.8, 2: 51.0, 3: 24.2}
-PYRO_BASELINE = {1: 100.4, 2: 61.9, 3: 25.4}
 SSL_GPU_COMMAND = "python experiments/semi_supervised.py --device cuda --parallel 3 --minutes 8"
 #: the CPU result as measured (issue 11): M1 trained beforehand (see the M1 line in RESULTS.md), then 10 minutes
 #: of training per M2 / M1+M2 run, one run at a time on a 2-core machine shared with other jobs
@@ -77,14 +75,6 @@ COMPLETION_ABOUT = "ppl_vi issue 4, CVAE image completion; written by experiment
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def mean_sd(values: List[float]) -> tuple:
-    """Mean and sample standard deviation (ddof = 1; NaN for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return mean, sd
 
 
 def load_average() -> Optional[float]:
@@ -341,7 +331,7 @@ def verdicts(records: List[dict]) -> List[str]:
                    f"{g['seeds']}; per seed {', '.join(f'{100 * v:+.2f}' for v in g['values'])}); target +10 points.")
     if m1m2["n"]:
         out.append(f"- **M1+M2: {100 * m1m2['mean']:.2f} %** against the 96 % goal (Kingma et al. 2014: 96.67 %, "
-                   f"error 3.33 ± 0.14 %): {'reached' if m1m2['mean'] >= ACCURACY_TARGET else 'short by ' + format(100 * (ACCURACY_TARGET - m1m2['mean']), '.2f') + ' points'}.")
+                   f"error 3.33 ± 0.14 %): {'reached' if m1m2['mean'] >= SSL_ACCURACY.bound else 'short by ' + format(100 * (SSL_ACCURACY.bound - m1m2['mean']), '.2f') + ' points'}.")
     out += budget_lines(records)
     for r in records:
         if kind_of(r) == "m1" and r.get("status") == "ok":
@@ -480,31 +470,16 @@ def _full(rows: Dict[str, dict], device_kind: str) -> List[dict]:
 
 def judge_ssl(rows: Dict[str, dict], device_kind: str = "cuda") -> tuple:
     """M1+M2 with 100 labels: mean test accuracy over 3 seeds ≥ 96 %, on ``device_kind``'s full rows."""
-    s = summary(_full(rows, device_kind), "m1m2")
-    if s["n"] < 3:
-        return "owed", f"{s['n']} of 3 seeds done" if s["n"] else ""
-    detail = f"{100 * s['mean']:.2f} ± {100 * s['sd']:.2f} % over seeds {s['seeds']}"
-    return ("met" if s["mean"] >= ACCURACY_TARGET else "NOT met"), detail
+    return targets.judge_ssl(SSL_ACCURACY, [r for r in _full(rows, device_kind) if kind_of(r) == "m1m2"])
 
 
 def judge_gain(rows: Dict[str, dict], device_kind: str = "cpu") -> tuple:
     """M2 beats its supervised-only baseline by ≥ 10 points of test accuracy, mean over 3 seeds."""
-    g = gain(_full(rows, device_kind))
-    if g["n"] < 3:
-        return "owed", f"{g['n']} of 3 seeds done" if g["n"] else ""
-    detail = f"{100 * g['mean']:+.2f} ± {100 * g['sd']:.2f} points over seeds {g['seeds']}"
-    return ("met" if g["mean"] >= GAIN_TARGET else "NOT met"), detail
+    return targets.judge_ssl(SSL_GAIN, [r for r in _full(rows, device_kind) if kind_of(r) == "ssvae"])
 
 
 def judge_completion(completion: dict) -> tuple:
-    record = completion.get("rows", {}).get("full/cuda")
-    if not record:
-        return "owed", ""
-    k = str(max(record["ks"]))
-    values = {q: record["quadrants"][str(q)]["cvae_is"][k]["mean"] for q in (1, 2, 3)}
-    ok = all(values[q] < PYRO_CVAE[q] for q in (1, 2, 3))
-    detail = " / ".join(f"{values[q]:.1f}" for q in (1, 2, 3)) + f" (-L_{k}; Pyro 71.8 / 51.0 / 24.2)"
-    return ("met" if ok else "NOT met"), detail
+    return targets.judge_completion(completion.get("rows", {}).get("full/cuda"))
 
 
 EXPLAIN_SSL = (

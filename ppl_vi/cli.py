@@ -27,20 +27,20 @@ from ppl_vi.check.semisupervised import batches_from_data, check_semisupervised
 from ppl_vi.check.userfile import UserPair, check_pair, load_target
 from ppl_vi.check.rows import one_line
 from ppl_vi.check.usercheck import pair_formula
-from ppl_vi.config import FIELDS, TrainConfig, build_config, parse_int_list, read_config_file
+from ppl_vi.config import FIELDS, TrainConfig, parse_int_list, read_config_file
+from ppl_vi.models.configure import build_config
 from ppl_vi.data.mnist import fixed_binarization, validate_bernoulli_data
 from ppl_vi.data.sources import load_data
 from ppl_vi.distributed import is_main_process
 from ppl_vi.errors import ConfigError, PplViError, Terminated
 from ppl_vi.evaluate import CHECKPOINT_NAMES, describe_checkpoint, evaluate_run
-from ppl_vi.job import run_job
+from ppl_vi.job import run_job, train
 from ppl_vi.models import REGISTRY
+from ppl_vi.loss_registry import DESCRIPTIONS
 from ppl_vi.models.base import get_spec
 from ppl_vi.models.protocols import SemiSupervised
-from ppl_vi.loss_registry import DESCRIPTIONS, check_config
 from ppl_vi.report import CHECK, render_check_page, write_report
 from ppl_vi.runtime import seed_everything
-from ppl_vi.training import train
 
 EXAMPLES = """examples:
   ppl-vi run                                   # the main job: a VAE trained, tested and reported, sized to this machine
@@ -94,7 +94,7 @@ def _flag(name: str) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, only_for: Optional[str] = None) -> None:
-    """One flag per TrainConfig field, its help from the field's comment (ppl_vi.fields), with the default,
+    """One flag per TrainConfig field, its help declared with the field (ppl_vi.fields), with the default,
     each model's own default and the models it applies to. Defaults stay None here: the model's then apply.
     ``only_for``: just the fields that model reads."""
     model_defaults = {name: spec.defaults for name, spec in REGISTRY.items()}
@@ -190,13 +190,13 @@ def cmd_train(args) -> int:
     overrides = {name: getattr(args, name) for name in FIELDS if name != "model" and getattr(args, name, None) is not None}
     if args.resume:
         run_dir = rundir.prepare_run_dir(args.resume, resume=True)
-        config = build_config(None, rundir.load_config_dict(run_dir), overrides)
-        fields.refuse_inapplicable(overrides, config.model, get_spec(config.model).data)
+        file_values = rundir.load_config_dict(run_dir)
     else:
         file_values = read_config_file(args.config_file) if args.config_file else {}
-        config = build_config(args.model, file_values, overrides)
-        fields.refuse_inapplicable(overrides, config.model, get_spec(config.model).data)
-        check_config(config, get_spec(config.model))  # a model x loss combination that cannot train: one line
+    # every source merged and validated once: flags the model does not read and a model x loss combination
+    # that cannot train are refused here, in one line, before any data load
+    config = build_config(None if args.resume else args.model, file_values, overrides, strict=True)
+    if not args.resume:
         # checked here, created by train() only once the data have loaded (no half-made run directory);
         # under torchrun only rank 0 creates (or clears) the run directory; the others never write it
         if is_main_process():

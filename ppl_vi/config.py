@@ -1,7 +1,11 @@
 """One configuration dataclass for every model, loadable from JSON, TOML or YAML with overrides.
 
-The registry gives each model its own defaults (``ModelSpec.defaults``); the resolved config is
-saved in every run directory as ``config.json`` and reproduces the run with
+Each field is declared once, with its default and help text (:class:`TrainConfig`); :data:`SCOPE`
+says which models read the fields not every model reads. :func:`resolve` merges every source
+(defaults, the model's registry defaults, a job profile, a file, flags) and validates them once;
+the caller passes the registry (``ppl_vi.models.configure.build_config`` does), so nothing here
+knows a model. A time budget yields a :class:`Schedule`; the config itself is frozen. The resolved
+config is saved in every run directory as ``config.json`` and reproduces the run with
 ``ppl-vi train --config RUN_DIR/config.json``.
 """
 
@@ -9,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import reprlib
 import typing
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import pydantic
 
@@ -25,53 +30,73 @@ NAN_POLICIES = ("stop", "skip")
 ACTIVATIONS = ("softplus", "relu")
 
 
-@dataclasses.dataclass
+def _field(default=None, help: str = "", factory=None):
+    """A config field: its default (or ``factory`` for a list) and its help text, the one source of
+    ``ppl-vi train --help`` (:func:`ppl_vi.fields.help_text`) and of the report's configuration table."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: str = "vae"  # registry name: ppl-vi list shows them
-    loss: str = "trace"  # the objective to train with (ppl-vi list describes each)
-    k: int = 1  # particles per datapoint (K of IWAE; averaged for the ELBO losses)
-    beta: float = 1.0  # weight of the KL term (β-VAE); 1 is the ELBO
-    kl_anneal: int = 0  # steps over which β ramps linearly from 0 to `beta` (0: no annealing)
-    z_dim: int = 50  # latent dimension
-    hidden: List[int] = dataclasses.field(default_factory=lambda: [500, 500])  # hidden layer widths
-    activation: str = "softplus"  # softplus | relu: the nonlinearity between hidden layers (VAE, GMVAE)
-    components: int = 3  # mixture components (GMM, GMVAE prior)
-    guide: Optional[str] = None  # model-specific guide (gmm: amortised|posterior|prior|marginal; linear-gaussian: amortised|exact)
-    epochs: int = 10  # passes over the training set
-    batch_size: int = 128  # datapoints per SVI step
-    lr: float = 1e-3  # Adam learning rate
-    lr_decay: float = 1.0  # learning rate multiplied by this at the end of every epoch
-    device: str = "auto"  # cpu | cuda | auto (cuda when available)
-    seed: int = 0  # seeds torch, Python and the data order
-    data_dir: Optional[str] = None  # MNIST root (holds MNIST/raw); else $PPL_VI_DATA, else download
-    val_size: int = 5000  # MNIST: training images held out for validation (0: train on all 60k)
-    train_subset: int = 0  # MNIST: train on only the first N training images after the split (0: all)
-    n_train: int = 5000  # synthetic data sets: training points
-    n_test: int = 2000  # synthetic data sets: test points
-    labels: int = 100  # semi-supervised: labelled training images, class-balanced
-    alpha: float = 0.1  # semi-supervised: weight of the classifier term, times the data size
-    labelled_every: int = 1  # semi-supervised: a labelled batch every k-th step (1: every step; 0: once per epoch)
-    labelled_batch_size: int = 0  # semi-supervised: images per labelled batch (0: all labels, at most batch_size)
-    baseline_steps: int = 1000  # semi-supervised: Adam steps of the supervised-only baseline classifier (0: none)
-    m1: Optional[str] = None  # m1m2: run directory of a trained vae (M1), loaded and frozen (None: trained jointly)
-    eval_every: int = 1  # epochs between validation passes
-    eval_k: List[int] = dataclasses.field(default_factory=lambda: [1, 10, 100, 1000, 5000])  # IWAE ks at eval
-    eval_images: int = 0  # test images IWAE-k is computed on at eval (0: all); the NELBO always uses all
-    checkpoint_every: int = 1  # epochs between checkpoints
-    checkpoint_every_steps: int = 0  # also checkpoint every N steps, mid-epoch (0: off); resumes exactly
-    log_every: int = 50  # steps between loss read-backs (each is a host sync)
-    max_minutes: Optional[float] = None  # training-time budget (resumes included); stops after the epoch that passes it
-    nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
-    fast: bool = True  # compiled / graph-captured step where possible (falls back to eager)
-    tensorboard: bool = False  # also log scalars (losses, β, lr) to RUN_DIR/tensorboard (needs `pip install tensorboard`)
+    """One run's settings: every field's default and help text is declared here; :func:`resolve` merges
+    the sources and validates them once. Frozen: a run's plan changes through a
+    :class:`Schedule`, never by assigning to its config."""
+
+    model: str = _field("vae", "registry name: ppl-vi list shows them")
+    loss: str = _field("trace", "the objective to train with (ppl-vi list describes each)")
+    k: int = _field(1, "particles per datapoint (K of IWAE; averaged for the ELBO losses)")
+    beta: float = _field(1.0, "weight of the KL term (β-VAE); 1 is the ELBO")
+    kl_anneal: int = _field(0, "steps over which β ramps linearly from 0 to `beta` (0: no annealing)")
+    z_dim: int = _field(50, "latent dimension")
+    hidden: List[int] = _field(help="hidden layer widths", factory=lambda: [500, 500])
+    activation: str = _field("softplus", "softplus | relu: the nonlinearity between hidden layers (VAE, GMVAE)")
+    components: int = _field(3, "mixture components (GMM, GMVAE prior)")
+    guide: Optional[str] = _field(
+        None, "model-specific guide (gmm: amortised|posterior|prior|marginal; linear-gaussian: amortised|exact)")
+    epochs: int = _field(10, "passes over the training set")
+    batch_size: int = _field(128, "datapoints per SVI step")
+    lr: float = _field(1e-3, "Adam learning rate")
+    lr_decay: float = _field(1.0, "learning rate multiplied by this at the end of every epoch")
+    device: str = _field("auto", "cpu | cuda | auto (cuda when available)")
+    seed: int = _field(0, "seeds torch, Python and the data order")
+    data_dir: Optional[str] = _field(None, "MNIST root (holds MNIST/raw); else $PPL_VI_DATA, else download")
+    val_size: int = _field(5000, "MNIST: training images held out for validation (0: train on all 60k)")
+    train_subset: int = _field(0, "MNIST: train on only the first N training images after the split (0: all)")
+    n_train: int = _field(5000, "synthetic data sets: training points")
+    n_test: int = _field(2000, "synthetic data sets: test points")
+    labels: int = _field(100, "semi-supervised: labelled training images, class-balanced")
+    alpha: float = _field(0.1, "semi-supervised: weight of the classifier term, times the data size")
+    labelled_every: int = _field(
+        1, "semi-supervised: a labelled batch every k-th step (1: every step; 0: once per epoch)")
+    labelled_batch_size: int = _field(
+        0, "semi-supervised: images per labelled batch (0: all labels, at most batch_size)")
+    baseline_steps: int = _field(
+        1000, "semi-supervised: Adam steps of the supervised-only baseline classifier (0: none)")
+    m1: Optional[str] = _field(
+        None, "m1m2: run directory of a trained vae (M1), loaded and frozen (None: trained jointly)")
+    eval_every: int = _field(1, "epochs between validation passes")
+    eval_k: List[int] = _field(help="IWAE ks at eval", factory=lambda: [1, 10, 100, 1000, 5000])
+    eval_images: int = _field(0, "test images IWAE-k is computed on at eval (0: all); the NELBO always uses all")
+    checkpoint_every: int = _field(1, "epochs between checkpoints")
+    checkpoint_every_steps: int = _field(0, "also checkpoint every N steps, mid-epoch (0: off); resumes exactly")
+    log_every: int = _field(50, "steps between loss read-backs (each is a host sync)")
+    max_minutes: Optional[float] = _field(
+        None, "training-time budget (resumes included); stops after the epoch that passes it")
+    nan_policy: str = _field("stop", "stop | skip: what a NaN/inf loss does")
+    fast: bool = _field(True, "compiled / graph-captured step where possible (falls back to eager)")
+    tensorboard: bool = _field(
+        False, "also log scalars (losses, β, lr) to RUN_DIR/tensorboard (needs `pip install tensorboard`)")
 
     def __post_init__(self):
+        # frozen: the dataclass's own initialisation is the one place a field is set
         if isinstance(self.hidden, (int, str)) and not isinstance(self.hidden, bool):
-            self.hidden = parse_int_list(self.hidden, "hidden")
+            object.__setattr__(self, "hidden", parse_int_list(self.hidden, "hidden"))
         if isinstance(self.eval_k, (int, str)) and not isinstance(self.eval_k, bool):
-            self.eval_k = parse_int_list(self.eval_k, "eval_k")
+            object.__setattr__(self, "eval_k", parse_int_list(self.eval_k, "eval_k"))
         for name, value in typed_values(self).items():
-            setattr(self, name, value)  # ints given for floats become floats
+            object.__setattr__(self, name, value)  # ints given for floats become floats
         self.validate()
 
     def validate(self) -> None:
@@ -110,6 +135,39 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How long a run trains and how its learning rate falls: ``epochs`` epochs, the learning rate
+    ``lr`` × ``lr_decay``^epoch (Adam's rate during epoch e + 1, e = 0, 1, ...).
+
+    A config gives one (:meth:`of`); a time budget gives another once the first epoch has been timed
+    (:meth:`fitting`). The config itself never changes.
+    """
+
+    epochs: int
+    lr: float
+    lr_decay: float
+
+    @classmethod
+    def of(cls, config: "TrainConfig") -> "Schedule":
+        return cls(config.epochs, config.lr, config.lr_decay)
+
+    @classmethod
+    def fitting(cls, config: "TrainConfig", budget_seconds: float, epoch_seconds: float, max_epochs: int,
+                lr_final: Optional[float] = None) -> "Schedule":
+        """The epochs that fit ``budget_seconds`` at ``epoch_seconds`` each (1 to ``max_epochs``), with the
+        learning rate decayed geometrically from ``config.lr`` at the first epoch to ``lr_final`` at the
+        last: lr_decay = (lr_final / lr)^(1 / (epochs - 1)) (1: no ``lr_final``, or a single epoch)."""
+        epochs = int(max(1, min(max_epochs, math.floor(budget_seconds / epoch_seconds))))
+        final = lr_final or config.lr
+        decay = (final / config.lr) ** (1 / (epochs - 1)) if epochs > 1 else 1.0
+        return cls(epochs, config.lr, decay)
+
+    def applied_to(self, config: "TrainConfig") -> "TrainConfig":
+        """``config`` as a run with this schedule would have been configured (what config.json records)."""
+        return dataclasses.replace(config, epochs=self.epochs, lr=self.lr, lr_decay=self.lr_decay)
 
 INT_MAX = 2**31 - 1  # counts and sizes fit a C int: no silent overflow inside torch
 MAX_WIDTH = 16384  # hidden widths, z_dim, components: 16384 x 16384 weights are 1 GiB in float32
@@ -237,25 +295,86 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-def build_config(model: Optional[str] = None, file_values: Optional[dict] = None, overrides: Optional[dict] = None
-                 ) -> TrainConfig:
-    """Defaults <- the model's registry defaults <- a config file <- command-line overrides."""
-    from ppl_vi.models.base import get_spec
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """The models a field applies to: by data kind (prefix match) or by model name."""
 
-    file_values = dict(file_values or {})
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    for source in (file_values, overrides):
+    label: str  # said in --help: "(MNIST models)"
+    data: Tuple[str, ...] = ()  # data kinds, prefix-matched: "mnist" covers "mnist-labelled", ...
+    models: Tuple[str, ...] = ()  # model names
+    all_but: Tuple[str, ...] = ()  # every model except these
+
+    def covers(self, model: str, data_kind: str) -> bool:
+        if self.all_but:
+            return model not in self.all_but
+        return model in self.models or any(data_kind.startswith(d) for d in self.data)
+
+
+_MNIST = Scope("MNIST models", data=("mnist",))
+_SYNTHETIC = Scope("gmm, linear-gaussian", data=("gmm", "linear-gaussian"))
+_SEMI = Scope("ssvae, m1m2", data=("mnist-semisupervised",))
+
+#: fields that only some models read; every other field applies to every model
+SCOPE: Dict[str, Scope] = {
+    "z_dim": Scope("every model but gmm", all_but=("gmm",)),
+    "hidden": Scope("every model but linear-gaussian", all_but=("linear-gaussian",)),
+    "components": Scope("gmm, gmvae", models=("gmm", "gmvae")),
+    "activation": Scope("vae, gmvae", models=("vae", "gmvae")),
+    "guide": Scope("gmm, linear-gaussian", models=("gmm", "linear-gaussian")),
+    "data_dir": _MNIST, "val_size": _MNIST, "train_subset": _MNIST,
+    "n_train": _SYNTHETIC, "n_test": _SYNTHETIC,
+    "labels": _SEMI, "alpha": _SEMI, "labelled_every": _SEMI, "labelled_batch_size": _SEMI, "baseline_steps": _SEMI,
+    "m1": Scope("m1m2", models=("m1m2",)),
+}
+
+
+def applies(name: str, model: str, data_kind: str) -> bool:
+    """Does field ``name`` matter to ``model`` (trained on ``data_kind``)?"""
+    scope = SCOPE.get(name)
+    return scope is None or scope.covers(model, data_kind)
+
+
+def refuse_inapplicable(given, model: str, data_kind: str) -> None:
+    """A one-line ConfigError for the first field in ``given`` (flags set on the command line) that
+    ``model`` does not read: a flag that would do nothing is refused, not ignored."""
+    for name in given:
+        if not applies(name, model, data_kind):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} does not apply to {model} (it applies to: {SCOPE[name].label}); drop it")
+
+
+def resolve(models: Mapping[str, Any], model: Optional[str] = None, *, file_values: Optional[dict] = None,
+            flags: Optional[dict] = None, profile: Optional[dict] = None, strict: bool = False,
+            check: Optional[Callable[[TrainConfig, Any], None]] = None) -> TrainConfig:
+    """The one resolution of a run's config: TrainConfig's defaults <- the model's registry defaults <-
+    a job ``profile`` <- a config file (``file_values``) <- ``flags`` (None values dropped), validated once.
+
+    ``models`` maps each model name to its registry entry (its ``defaults`` and ``data`` kind): the
+    caller passes the registry, so the config knows no model. Unknown keys, an unknown or non-string
+    model name, and every field's type and range are refused with one ConfigError. ``strict`` (the
+    command line) also refuses flags the model does not read (:data:`SCOPE`), and ``check(config,
+    entry)`` a model x loss combination that cannot train. The result is frozen.
+    """
+    file_values, profile = dict(file_values or {}), dict(profile or {})
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    for source in (profile, file_values, flags):
         unknown = sorted(str(key) for key in set(source) - set(FIELDS))
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(FIELDS)}")
-    name = overrides.get("model") or model or file_values.get("model")
+    name = flags.get("model") or model or file_values.get("model") or profile.get("model")
     if not name:
         raise ConfigError("no model given; name one (ppl-vi list shows them)")
     if not isinstance(name, str):
         raise ConfigError(f"config field model must be a string (a name from ppl-vi list), got {_short(name)}")
-    spec = get_spec(name)
-    values = {**spec.defaults, **file_values, **overrides, "model": name}
+    if name not in models:
+        raise ConfigError(f"unknown model {name!r}; expected one of: {', '.join(sorted(models))}")
+    entry = models[name]
     try:
-        return TrainConfig(**values)
+        config = TrainConfig(**{**entry.defaults, **profile, **file_values, **flags, "model": name})
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
+    if strict:
+        refuse_inapplicable([k for k in flags if k != "model"], name, entry.data)
+    if check is not None:
+        check(config, entry)
+    return config

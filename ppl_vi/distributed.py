@@ -74,19 +74,6 @@ class DistInfo:
 SINGLE = DistInfo()
 
 
-class Step(list):
-    """The batches of one SVI step (their losses are summed), and ``global_count``: the datapoints
-    of the whole step over all ranks, the divisor that makes per-rank losses sum to the global mean.
-
-    ``scales`` (one per batch, default all 1) multiply each batch's loss through ``poutine.scale``
-    on model and guide: the weight of a labelled batch in the semi-supervised schedule."""
-
-    def __init__(self, batches=(), global_count: Optional[int] = None, scales: Optional[list] = None):
-        super().__init__(batches)
-        self.global_count = global_count
-        self.scales = list(scales) if scales is not None else [1.0] * len(self)
-
-
 def launched_by_torchrun() -> bool:
     """Whether this process was started with RANK and WORLD_SIZE in its environment."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

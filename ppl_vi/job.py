@@ -21,15 +21,16 @@ RUN/config.json`` retrains the same model. Command-line flags override a profile
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ppl_vi import plots
 from ppl_vi import run as rundir
-from ppl_vi.config import build_config
+from ppl_vi.config import Schedule, TrainConfig
+from ppl_vi.models.configure import build_config
 from ppl_vi.errors import ConfigError
 from ppl_vi.evaluate import describe_checkpoint, evaluate_run
 from ppl_vi.iwae_eval import iwae_bounds, rows_per_pass
@@ -37,9 +38,27 @@ from ppl_vi.progress import Phase, RunProgress
 from ppl_vi.report import write_report
 from ppl_vi.runtime import resolve_device
 from ppl_vi.training import Trainer
+from ppl_vi.training import workflow
 from ppl_vi.training.workflow import run_training
 
 Log = Callable[[str], None]
+
+
+def write_outputs(trainer: Trainer, figures: bool = True) -> None:
+    """A trained run's figures (``figures``) and report.html, on the rank that writes the run directory."""
+    if trainer.run_dir is None:
+        return
+    if figures:
+        plots.training_figures(trainer.run_dir, trainer.model, trainer.data, trainer.history, trainer.metrics)
+    write_report(trainer.run_dir)
+
+
+def train(config: TrainConfig, run_dir: Optional[Path] = None, *, resume: bool = False, progress: bool = True,
+          figures: bool = True, overwrite: bool = False, log: Log = print) -> Trainer:
+    """:func:`ppl_vi.training.train`, then the run's figures and report.html: what ``ppl-vi train`` does."""
+    trainer = workflow.train(config, run_dir, resume=resume, progress=progress, overwrite=overwrite, log=log)
+    write_outputs(trainer, figures)
+    return trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +111,8 @@ def probe_eval_seconds_per_row(trainer: Trainer) -> float:
 
 
 class BudgetHook:
-    """After the first epoch: the epochs that fit the training budget, and the learning-rate decay
-    from ``lr`` to ``lr_final`` over them; written into the run's config.json at once."""
+    """After the first epoch: the schedule that fits the training budget (the epochs, and the
+    learning-rate decay from ``lr`` to ``lr_final`` over them); written into the run's config.json at once."""
 
     def __init__(self, profile: Profile, progress: RunProgress, log: Log):
         self.profile, self.progress, self.log = profile, progress, log
@@ -101,18 +120,16 @@ class BudgetHook:
     def __call__(self, trainer: Trainer, record: dict) -> None:
         if trainer.epoch != 1:
             return
-        cfg, budget = trainer.config, 60 * self.profile.train_minutes
+        cfg = trainer.config
         seconds = trainer.train_seconds()  # the first epoch with its validation pass
-        epochs = int(max(1, min(self.profile.max_epochs, math.floor(budget / seconds))))
-        final = self.profile.lr_final or cfg.lr  # no lr_final: no decay
-        gamma = (final / cfg.lr) ** (1 / (epochs - 1)) if epochs > 1 else 1.0
-        cfg.epochs, cfg.lr_decay = epochs, gamma
-        trainer.scheduler.gamma = gamma
+        plan = Schedule.fitting(cfg, 60 * self.profile.train_minutes, seconds, self.profile.max_epochs,
+                                self.profile.lr_final)
+        trainer.state.replan(plan)
         if trainer.run_dir is not None:
-            rundir.save_config(trainer.run_dir, cfg.to_dict(), rundir.environment(trainer.device))
-        self.progress.set_units("train", epochs * trainer.steps_per_epoch())
-        self.log(f"{epochs} epochs fit the {self.profile.train_minutes:g}-minute training budget here (epoch 1 took "
-                 f"{seconds:.1f} s); learning rate {cfg.lr:g} -> {final:g}")
+            rundir.save_config(trainer.run_dir, plan.applied_to(cfg).to_dict(), rundir.environment(trainer.device))
+        self.progress.set_units("train", plan.epochs * trainer.steps_per_epoch())
+        self.log(f"{plan.epochs} epochs fit the {self.profile.train_minutes:g}-minute training budget here (epoch 1 "
+                 f"took {seconds:.1f} s); learning rate {cfg.lr:g} -> {self.profile.lr_final or cfg.lr:g}")
 
 
 def decoder_macs(config, x_dim: int = 784) -> int:
@@ -162,6 +179,19 @@ def plan_lines(profile: Profile, config, full, device: torch.device, run_dir: Pa
     return lines
 
 
+def announce_plan(write: Log, profile: Profile, config, device: torch.device, run_dir: Path, n_test: int,
+                  row_seconds: float, budget: Optional[float]) -> List[str]:
+    """Say what the job will do before it starts (:func:`plan_lines`); returns what it scales down."""
+    notes = scaled_down(profile, config, n_test, budget)
+    full = build_config(config.model, PROFILES["full"].config)
+    # the full protocol's IWAE on its own network: this network's row time scaled by the decoders' FLOPs
+    full_row_seconds = row_seconds * decoder_macs(full) / decoder_macs(config)
+    full_eval = n_test * (max(full.eval_k) + 1) * full_row_seconds
+    for line in plan_lines(profile, config, full, device, run_dir, n_test, full_eval, budget, notes):
+        write(line)
+    return notes
+
+
 def record_job(run_dir: Path, job: dict) -> None:
     """The job's profile and what it scales down, in config.json (``job``) and metrics.json."""
     saved = rundir.read_json(run_dir / rundir.CONFIG)
@@ -184,43 +214,38 @@ def run_job(model: str, out: Optional[str], *, full: bool = False, overrides: Op
         if not 0 < train_minutes < float("inf"):
             raise ConfigError(f"--train-minutes must be > 0, got {train_minutes}")
         profile = dataclasses.replace(profile, train_minutes=train_minutes)
-    config = build_config(model, profile.config, overrides)
+    config = build_config(model, None, overrides, profile=profile.config)
     run_dir = rundir.check_run_dir(out or rundir.default_run_dir(config.model))
     start = time.perf_counter()
     # the budget decides the epochs, unless they (or a time limit) were given on the command line
     explicit = "epochs" in overrides or "max_minutes" in overrides
     budget = 60 * profile.train_minutes if profile.train_minutes and not explicit else None
     # the bar first, so that it covers the data load; estimates are refined as soon as they are measured
-    bar = RunProgress([Phase("load", 1, LOAD_SECONDS), Phase("train", 1, budget or 60.0),
+    bar = RunProgress([Phase("load", 1, LOAD_SECONDS), Phase("train", 1, budget or 60.0, budget=budget),
                        Phase("eval", 1, 30.0), Phase("report", 1, REPORT_SECONDS)],
                       desc=f"ppl-vi run {config.model}", enabled=progress)
     bar.begin("load")
-    trainer = Trainer(config, run_dir, progress=progress)  # the data load first: a bad folder leaves nothing behind
+    job = {"profile": profile.name, "scaled_down": [], "run_directory": str(run_dir)}  # scaled_down: below
+    hooks = [lambda t, _: record_job(run_dir, job) if t.epoch == 1 else None]
+    if budget:
+        hooks.append(BudgetHook(profile, bar, bar.write))
+    # the data load first: a bad folder leaves nothing behind
+    trainer = Trainer(config, run_dir, progress=progress, tracker=bar, epoch_hooks=hooks)
     n_test = trainer.data.test_x.shape[0]
     row_seconds = probe_eval_seconds_per_row(trainer)
     n_iwae = config.eval_images or n_test
     steps = trainer.steps_per_epoch()
-    if budget:  # until the first epoch has said how many fit: the budget's remaining seconds
-        bar.phases["train"].budget = budget
-    else:  # the configured epochs, a step first estimated at 3 passes of a batch
+    # with a budget, the train phase counts the budget's remaining seconds until the first epoch has said
+    # how many epochs fit; without, the configured epochs, a step first estimated at 3 passes of a batch
+    if not budget:
         bar.set_units("train", config.epochs * steps)
         bar.set_estimate("train", 3 * row_seconds * config.batch_size)
     bar.set_units("eval", n_test + n_iwae * max(config.eval_k))
     bar.set_estimate("eval", row_seconds)
-    notes = scaled_down(profile, config, n_test, budget)
-    full = build_config(config.model, PROFILES["full"].config)
-    # the full protocol's IWAE on its own network: this network's row time scaled by the decoders' FLOPs
-    full_row_seconds = row_seconds * decoder_macs(full) / decoder_macs(config)
-    full_eval = n_test * (max(full.eval_k) + 1) * full_row_seconds
-    for line in plan_lines(profile, config, full, device, run_dir, n_test, full_eval, budget, notes):
-        bar.write(line)
-    job = {"profile": profile.name, "scaled_down": notes, "run_directory": str(run_dir)}
-    trainer.tracker = bar
-    trainer.epoch_hooks.append(lambda t, _: record_job(run_dir, job) if t.epoch == 1 else None)
-    if budget:
-        trainer.epoch_hooks.append(BudgetHook(profile, bar, bar.write))
+    job["scaled_down"] = announce_plan(bar.write, profile, config, device, run_dir, n_test, row_seconds, budget)
     with rundir.locked(run_dir, create=True):  # the whole job: no other process trains or scores it meanwhile
         run_training(trainer, run_dir, log=bar.write)
+        write_outputs(trainer)
         bar.begin("eval")
         metrics = evaluate_run(run_dir, config.eval_k, progress=lambda n: bar.advance("eval", n), log=bar.write,
                                data=trainer.data)

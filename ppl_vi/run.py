@@ -28,7 +28,8 @@
   ``filelock`` package) while a process writes the directory; another process is refused with a
   line naming the holder. The kernel drops the lock when its process dies, however it dies.
 * **Safe loading.** Checkpoints are read with ``torch.load(weights_only=True)``, so a file from
-  someone else cannot run code when loaded, and their contents are checked before use.
+  someone else cannot run code when loaded; what a checkpoint must hold to resume is checked by
+  :class:`ppl_vi.training.state.TrainState` (its format lives there).
 
 Disk-full, read-only and permission errors become a one-line :class:`~ppl_vi.errors.RunDirError`.
 """
@@ -553,65 +554,6 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"cannot load checkpoint {path}: its model state is not a mapping of names to "
                               "tensors (not written by ppl-vi train)")
     return state
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _byte_state(value, size: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == (size,)
-
-
-def check_resume_state(state: dict, path: Path) -> None:
-    """Refuse, in one line, a checkpoint whose resume fields are not what ppl-vi train writes.
-
-    A foreign file can pass :func:`load_checkpoint` (a dict of tensors) and still hold an epoch
-    stored as a string, a short RNG state or a list where a state dict belongs; each would fail
-    deep inside torch or the training loop. Checked: the optimiser and scheduler states are
-    mappings; epoch, step, step_in_epoch and skipped_steps are integers >= 0; best_val a number;
-    epoch_losses a 1-D tensor of step_in_epoch values; the torch and data-order generator states
-    byte tensors of the length this torch uses; Python's state 625 integers and a position.
-    """
-    torch_size = torch.get_rng_state().numel()
-    generator_size = torch.Generator().get_state().numel()
-    rng = state.get("rng")
-    problems = []
-    for key in ("optimizer", "scheduler"):
-        if not isinstance(state.get(key), dict):
-            problems.append(f"{key} is not a mapping")
-    for key in ("epoch", "step"):
-        if not _is_int(state.get(key)) or state[key] < 0:
-            problems.append(f"{key} is {state.get(key)!r}, not an integer >= 0")
-    for key in ("step_in_epoch", "skipped_steps"):
-        if key in state and (not _is_int(state[key]) or state[key] < 0):
-            problems.append(f"{key} is {state[key]!r}, not an integer >= 0")
-    if not isinstance(state.get("best_val"), (int, float)) or isinstance(state.get("best_val"), bool):
-        problems.append(f"best_val is {type(state.get('best_val')).__name__}, not a number")
-    steps = state.get("step_in_epoch", 0)
-    losses = state.get("epoch_losses")
-    if _is_int(steps) and steps and not (isinstance(losses, torch.Tensor) and losses.shape == (steps,)):
-        problems.append(f"epoch_losses does not hold the {steps} losses of the epoch so far")
-    if not isinstance(rng, dict):
-        problems.append("rng is not a mapping")
-    else:
-        if not _byte_state(rng.get("torch"), torch_size):
-            problems.append(f"rng.torch is not a {torch_size}-byte generator state")
-        for key in ("data", "data_epoch_start"):
-            if not _byte_state(rng.get(key), generator_size):
-                problems.append(f"rng.{key} is not a {generator_size}-byte generator state")
-        python = rng.get("python")
-        gauss = rng.get("python_pos")  # random.getstate()[2]: the cached Gaussian, None or a float
-        if not (isinstance(python, (list, tuple)) and len(python) == 625 and all(_is_int(v) for v in python)
-                and (gauss is None or isinstance(gauss, float))):
-            problems.append("rng.python is not Python's 625-integer random state")
-        cuda = rng.get("cuda", [])
-        if not (isinstance(cuda, (list, tuple)) and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8
-                                                        for s in cuda)):
-            problems.append("rng.cuda is not a list of generator states")
-    if problems:
-        raise CheckpointError(f"cannot resume from {path}: it is incomplete or foreign ({'; '.join(problems[:3])}"
-                              f"{'; ...' if len(problems) > 3 else ''}); expected a checkpoint written by ppl-vi train")
 
 
 def default_run_dir(model: str, root: Path = Path("runs"), now: Optional[datetime.datetime] = None) -> Path:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from ppl_vi import run as rundir
 from ppl_vi.cli import main
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.data.mnist import labelled_subset, validate_bernoulli_data
 from ppl_vi.errors import CheckpointError, ConfigError, DataError, PplViError
 from ppl_vi.evaluate import bound_metrics

@@ -1,4 +1,4 @@
-"""The issue-14 benchmark scripts run end to end at tiny sizes (the real tables come from full runs)."""
+"""The CPU benchmark scripts run end to end at tiny sizes (the real tables come from full runs)."""
 
 from __future__ import annotations
 
@@ -73,3 +73,14 @@ def test_iwae_eval_speed_quick(tmp_path):
     assert r["flop_bound_s"] == pytest.approx(r["flops"] / (r["gemm_gflops"] * 1e9))
     assert r["ppl_vi"]["path"] == "encoder once per batch" and set(r["ppl_vi"]["iwae"]) == {"1", "10", "50"}
     assert set(r["per_k_previous"]["iwae"]) == {"1", "10", "50"}
+
+
+def test_check_calibration_quick(tmp_path):
+    """The calibration script resamples a right estimator (no false alarm in 20 at 5 seeds on the
+    linear-Gaussian model) and sees a gradient 50 % too long every time."""
+    out = tmp_path / "c.json"
+    assert _load("check_calibration").main(["--quick", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    right, biased = (next(r for r in results if r["bias"] == b) for b in (0.0, 0.5))
+    assert right["resamples"] == 20 and right["failed"] == 0 and right["upper95"] == pytest.approx(1 - 0.05 ** (1 / 20))
+    assert biased["failed"] == 20 and "along r" in biased["tests"]

@@ -20,7 +20,7 @@ from ppl_vi.cli import main
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CHEAP = ["--repeats", "4", "--gradient-seeds", "2"]
 
-# the issue's file: Normal-Normal, a guide with per-datapoint parameters of width 16, a bound equal to
+# a user's file as reported: Normal-Normal, a guide with per-datapoint parameters of width 16, a bound equal to
 # Trace_ELBO at every datapoint
 NORMAL_NORMAL = '''
 import math
@@ -77,7 +77,7 @@ def assert_clean(out: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# the issue's file
+# the reported user's file
 
 
 def test_the_issues_per_datapoint_guide_passes_on_the_whole_batch(tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_the_issues_per_datapoint_guide_passes_on_the_whole_batch(tmp_path, caps
     ("SIGN, CONST = 1.0, -0.5 * math.log(2 * math.pi)", "constant", ["½·log 2π·D, D = 1", "the gradients agree"]),
 ])
 def test_the_issues_file_with_a_slip_fails_with_the_slip_named(tmp_path, capsys, edit, keyword, words):
-    """Catches: a slip in the issue's file not failing, or failing without the slip named."""
+    """Catches: a slip in the reported user's file not failing, or failing without the slip named."""
     code, out, _ = run(user_file(tmp_path, NORMAL_NORMAL.replace("SIGN, CONST = 1.0, 0.0", edit)), capsys)
     assert code == 1
     diagnoses = [line for line in out.splitlines() if line.startswith("diagnosis:")]
@@ -362,7 +362,7 @@ def test_unusable_files_fail_in_one_line_with_exit_2(tmp_path, capsys, edit, wor
 
 
 def test_check_bound_is_the_python_entry_point():
-    """Catches: the one-call API disagreeing with the file checker (issue 22 builds on it)."""
+    """Catches: the one-call API (check_bound) disagreeing with the file checker it is built on."""
     import math
 
     import pyro

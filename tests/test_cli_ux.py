@@ -1,4 +1,4 @@
-"""A newcomer's friction list (issue 14): --help, a default run directory, resume, eval's checkpoint,
+"""A newcomer's friction list: --help, a default run directory, resume, eval's checkpoint,
 --epochs 0, and what the report shows. Tiny synthetic runs (gmm / linear-gaussian), a few seconds each."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from ppl_vi import fields, plots
 from ppl_vi import run as rundir
 from ppl_vi.cli import build_parser, main
-from ppl_vi.config import TrainConfig, build_config
+from ppl_vi.config import TrainConfig
+from ppl_vi.models.configure import build_config
 from ppl_vi.models import REGISTRY
 from ppl_vi.training import Trainer
 from ppl_vi.training.workflow import resume_message
@@ -40,16 +41,16 @@ def _train_parser():
     return sub.choices["train"]
 
 
-def test_every_config_field_has_a_commented_help_line():
+def test_every_config_field_has_its_help_line():
     names = [f.name for f in dataclasses.fields(TrainConfig)]
-    assert set(fields.comments()) == set(names)  # every field has its comment in config.py
+    assert set(fields.help_texts()) == set(names) and all(fields.help_texts().values())  # declared with the field
     by_dest = {a.dest: a for a in _train_parser()._actions}
     for name in names:
         if name == "model":
             continue
         action = by_dest[name]
         assert action.help and "default:" in action.help, name
-        assert fields.comments()[name] in action.help, name  # the comment is the help: one source
+        assert fields.help_texts()[name] in action.help, name  # the field's help is --help's: one source
 
 
 def test_help_shows_defaults_choices_and_scope(capsys):
@@ -123,11 +124,12 @@ def test_resume_says_where_it_continues_and_keeps_cumulative_time(tmp_path, caps
 def test_resume_message_mid_epoch_and_when_done():
     trainer = Trainer(build_config("linear-gaussian", overrides={"device": "cpu", "n_train": 100, "n_test": 50,
                                                                  "batch_size": 10, "epochs": 4}), progress=False)
-    trainer.epoch, trainer.step, trainer.step_in_epoch, trainer.seconds_before = 2, 25, 5, 90.0
+    state = trainer.state
+    state.epoch, state.step, state.step_in_epoch, state.seconds_before = 2, 25, 5, 90.0
     message = resume_message(trainer, Path("R/checkpoints/last.pt"))
     assert message == ("resuming from R/checkpoints/last.pt (epoch 2 of 4 done, step 25, 1.5 min trained): "
                        "continuing epoch 3 at step 6 of 10 (the 5 steps before it are not redone)")
-    trainer.epoch, trainer.step_in_epoch = 4, 0
+    state.epoch, state.step_in_epoch = 4, 0
     assert "nothing left to train; pass --epochs N (> 4)" in resume_message(trainer, Path("x"))
 
 

@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from ppl_vi.cli import main
-from ppl_vi.distributed import DistInfo, Step, all_reduce_gradients
+from ppl_vi.distributed import DistInfo, all_reduce_gradients
+from ppl_vi.training.batches import Step
 
 ROOT = Path(__file__).resolve().parents[1]
 

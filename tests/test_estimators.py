@@ -1,4 +1,4 @@
-"""DReG and VIMCO pinned down where their defining choices matter (issue 23, items 2 and 3).
+"""DReG and VIMCO pinned down where their defining choices matter.
 
 * DReG's gradient against a plain-torch DReG written here from the paper's formula, on the same
   draws, at an amortised guide far from the posterior (a random encoder: there w̃ and w̃² differ by

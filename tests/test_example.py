@@ -39,7 +39,7 @@ def test_example_checks_trains_and_reports(example, tmp_path, capsys):
 
 
 def test_example_model_is_registered(example):
-    from ppl_vi.config import build_config
+    from ppl_vi.models.configure import build_config
     from ppl_vi.models.base import get_spec
 
     spec = get_spec("student-t-fa")

@@ -1,5 +1,5 @@
-"""Issue 4 on the CPU, tiny: the SSVAE and CVAE through the CLI, the completion experiment's
-``--quick`` main(), and bad input (one line on stderr, exit status 2).
+"""The semi-supervised and completion experiments on the CPU, tiny: the SSVAE and CVAE through the
+CLI, the completion experiment's ``--quick`` main(), and bad input (one line on stderr, exit status 2).
 
 What is tested is the pipeline (run directories, metrics, figures, the estimator's ordering in K,
 the error paths), not the quality of the fits: every run is a few hundred images for one epoch.
@@ -25,7 +25,7 @@ MNIST_TEST_SIZE = 10_000
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"issue4_{name}", EXPERIMENTS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,4 @@
-"""The trainer's fast path (``ppl_vi.objectives.graph_step``) computes what the plain path computes.
+"""The trainer's fast path (``ppl_vi.training.graph_step``) computes what the plain path computes.
 
 * the sync-free loss gives the same loss and gradients as ``Trace_ELBO.differentiable_loss`` and
   ``IWAELoss.differentiable_loss`` on the same seed (float64, CPU), β-scaled sites included;
@@ -20,7 +20,7 @@ from pyro.infer import Trace_ELBO
 from ppl_vi.config import TrainConfig
 from ppl_vi.models.base import scale_sites
 from ppl_vi.models.vae import VAE
-from ppl_vi.objectives.graph_step import FastStep, SyncFreeLoss, hot_path
+from ppl_vi.training.graph_step import FastLoss, SyncFreeLoss, hot_path
 from ppl_vi.objectives.importance import IWAELoss
 from ppl_vi.training import Trainer
 
@@ -148,16 +148,15 @@ def test_unsupported_guide_falls_back_without_changing_the_random_stream():
             with pyro.plate("data2", x.shape[0], dim=-1):
                 pyro.sample("c", pyro.distributions.Bernoulli(logits=x.new_zeros(x.shape[0])))
 
-    class _T:  # the parts of a Trainer FastStep reads
+    class _T:  # a model and its loss
         def __init__(self):
             self.model, self.x = _vae64()
             self.model.__class__ = DiscreteGuideVAE
             self.model_fn, self.guide_fn = self.model.model, self.model.guide
             self.loss = Trace_ELBO(max_plate_nesting=1, vectorize_particles=True)
-            self.device, self.config = torch.device("cpu"), TrainConfig()
 
     t = _T()
-    fast = FastStep(t, quiet=True)
+    fast = FastLoss(t.loss, t.model, "cpu", quiet=True)
     pyro.set_rng_seed(5)
     a = fast.differentiable_loss(t.model_fn, t.guide_fn, x=t.x)
     assert fast.mode == "eager" and "not reparameterised" in fast.notes[-1]
@@ -172,7 +171,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capt
 def _captured(config, steps: int = 5):
     """A Trainer whose fast path has captured its CUDA graph, and the next step's batches."""
     trainer, _ = _train_steps(config, steps)
-    assert trainer.fast.mode == "cuda-graph", trainer.fast.notes
+    assert trainer.stepper.mode == "cuda-graph", trainer.stepper.notes
     batches = next(iter(trainer.batches()))
     return trainer, batches
 
@@ -183,7 +182,7 @@ def _graph_vs_eager(trainer, batches):
     params = list(trainer.model.parameters())
     before = [p.detach().clone() for p in params]
     state = torch.cuda.get_rng_state(trainer.device)
-    graph_loss = trainer.fast.graph_step(batches)
+    graph_loss = trainer.stepper.graph_step(batches)
     graph_grads = [p.grad.detach().clone() for p in params]
     with torch.no_grad():
         for p, b in zip(params, before):
@@ -230,7 +229,7 @@ def test_cuda_graph_step_trains_like_eager():
     cfg = dict(device="cuda", train_subset=32 * steps + 7, epochs=1)  # + 7: a last, smaller batch
     graphed, graphed_losses = _train_steps(_config(fast=True, **cfg), steps + 1)
     eager, eager_losses = _train_steps(_config(fast=False, **cfg), steps + 1)
-    assert graphed.fast.mode == "cuda-graph", graphed.fast.notes
+    assert graphed.stepper.mode == "cuda-graph", graphed.stepper.notes
     assert torch.isfinite(graphed_losses).all()
     for p in graphed.model.parameters():
         assert torch.isfinite(p).all()
@@ -244,7 +243,7 @@ def test_cuda_graph_respects_lr_schedule():
     """The scheduler's decay reaches the captured step (a device learning-rate tensor filled in place).
     Catches a learning rate baked into the graph."""
     trainer, losses = _train_steps(_config(fast=True, device="cuda", train_subset=32 * 20, lr_decay=0.5), 20)
-    assert trainer.fast.mode == "cuda-graph"
+    assert trainer.stepper.mode == "cuda-graph"
     lr = trainer.optimizer.param_groups[0]["lr"]
     assert torch.is_tensor(lr)
     trainer.scheduler.step()  # fills the captured learning-rate tensor in place

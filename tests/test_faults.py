@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ppl_vi import run as rundir
-from ppl_vi.config import build_config, read_config_file
+from ppl_vi.config import read_config_file
+from ppl_vi.models.configure import build_config
 from ppl_vi.errors import ConfigError, PplViError
 from test_robustness import cli as run_cli
 
@@ -104,8 +105,13 @@ class Killed(BaseException):
 def reference(tmp_path_factory) -> Path:
     """2 epochs x 2 steps, a checkpoint every step, then eval: the result every interrupted run must reach."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    assert cli(["train", *LG, "--epochs", "2", "--checkpoint-every-steps", "1", "--out", out])[0] == 0
-    assert cli(["eval", out, "--k", "1,3", "--no-progress"])[0] == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests run (conftest's per-test fixture comes after this module-scoped one)
+    try:
+        assert cli(["train", *LG, "--epochs", "2", "--checkpoint-every-steps", "1", "--out", out])[0] == 0
+        assert cli(["eval", out, "--k", "1,3", "--no-progress"])[0] == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

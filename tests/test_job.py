@@ -9,7 +9,7 @@ import torch
 
 from ppl_vi import job, progress
 from ppl_vi.cli import main
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.training import Trainer
 
 BASE = ["--device", "cpu", "--train-subset", "256", "--val-size", "500", "--hidden", "16", "--z-dim", "4",
@@ -75,11 +75,12 @@ def test_budget_hook_fits_epochs_and_decays_the_learning_rate():
     profile = job.Profile("cpu", {}, train_minutes=3.5, lr_final=2e-4)
     bar = progress.RunProgress([progress.Phase("train", 2, 1.0)], enabled=False)
     said = []
-    trainer.epoch, trainer.seconds_before = 1, 10.0  # the first epoch took 10 s
+    trainer.state.epoch, trainer.state.seconds_before = 1, 10.0  # the first epoch took 10 s
     job.BudgetHook(profile, bar, said.append)(trainer, {"seconds": 9.0})
-    assert trainer.config.epochs == 21  # floor(210 s / 10 s)
+    assert trainer.state.plan.epochs == 21  # floor(210 s / 10 s)
     gamma = (2e-4 / 1e-3) ** (1 / 20)
-    assert trainer.config.lr_decay == pytest.approx(gamma) and trainer.scheduler.gamma == pytest.approx(gamma)
+    assert trainer.state.plan.lr_decay == pytest.approx(gamma) and trainer.scheduler.gamma == pytest.approx(gamma)
+    assert trainer.config.epochs == 40 and trainer.config.lr_decay == 1.0  # the config itself never changes
     assert bar.phases["train"].units == 21 * 2  # two steps per epoch
     assert said == ["21 epochs fit the 3.5-minute training budget here (epoch 1 took 10.0 s); "
                     "learning rate 0.001 -> 0.0002"]

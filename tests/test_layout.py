@@ -32,11 +32,9 @@ LATE_OK = {"torch.utils.tensorboard", "yaml", "tomllib", "torchvision"}
 
 #: known exceptions in files other issues own, to be removed there
 KNOWN_UPWARD = {
-    ("ppl_vi.config", "ppl_vi.models.base"),  # build_config reads the registry's defaults (config: issue 13)
     ("ppl_vi.run", "ppl_vi"),  # reads ppl_vi.__version__ (the root package, always loaded before its modules)
 }
 KNOWN_LATE = {
-    "ppl_vi.config",  # build_config imports the registry late (issue 13)
     "ppl_vi",  # exports check_bound on first use (PEP 562): `import ppl_vi.errors` does not load the checker
 }
 

@@ -10,10 +10,10 @@ For each combination, either
 * building the run's configuration refuses it, with one line naming the losses that do work, and
   those are exactly the ones proven here.
 
-The fast path's FastStep is shared by a step's batches in the order the trainer runs them, so a
+The fast path's FastLoss is shared by a step's batches in the order the trainer runs them, so a
 kind of batch the sync-free loss cannot take (an unlabelled batch's discrete y) follows one it can.
 Only the losses with a sync-free form (``trace``, ``iwae``) run a different computation on the fast
-path; for the others FastStep runs the plain loss object, so the matrix proves them once ("plain")
+path; for the others FastLoss runs the plain loss object, so the matrix proves them once ("plain")
 and :func:`test_fast_path_runs_the_plain_loss_where_it_has_no_sync_free_form` proves the identity.
 
 ``GRADIENT_SEEDS`` seeds per expected-gradient row: enough for DReG's heavy-tailed encoder gradient
@@ -44,8 +44,8 @@ from ppl_vi.errors import ConfigError
 from ppl_vi.models import REGISTRY
 from ppl_vi.models.protocols import (Classifier, ExactPosterior, FittedParameters, ImageModel, LabelConditional,
                                      LatentEncoder, SemiSupervised, SplitsELBO)
-from ppl_vi.objectives.graph_step import FastStep, SyncFreeLoss, Unsupported
 from ppl_vi.objectives.losses import BUILDERS, LOSSES, check_combination, make_loss, supported_losses, target_of
+from ppl_vi.training.graph_step import FastLoss, SyncFreeLoss, Unsupported
 
 DT = torch.float64
 PROTOCOLS = (ImageModel, LatentEncoder, SplitsELBO, Classifier, LabelConditional, SemiSupervised, ExactPosterior,
@@ -109,17 +109,8 @@ def comparisons(model, name: str, loss: str, kind: str):
     return [c for c in chosen if c.model is None and "beta" not in c.name and (c.num_particles == K or not c.same_sample)]
 
 
-class _TrainerParts:
-    """What FastStep reads from a Trainer."""
-
-    def __init__(self, model, loss, device):
-        self.model, self.loss = model, loss
-        self.model_fn, self.guide_fn = model.model, model.guide
-        self.device, self.config = torch.device(device), TrainConfig()
-
-
 class TrainerPath:
-    """The loss as the trainer evaluates one batch of a step: FastStep's, or the plain loss's."""
+    """The loss as the trainer evaluates one batch of a step: FastLoss's, or the plain loss's."""
 
     def __init__(self, loss, fast):
         self.inner, self.fast = loss, fast
@@ -165,7 +156,7 @@ def test_accepted_combination_is_proven(name, loss, fast, device):
     spec = LOSSES[loss]
     loss_object = make_loss(loss, K if spec.target == "iwae" else K, model.max_plate_nesting)
     assert target_of(loss_object) == spec.target  # else the expected-gradient rows would be skipped, not run
-    fast_step = FastStep(_TrainerParts(model, loss_object, device), quiet=True) if fast else None
+    fast_step = FastLoss(loss_object, model, device, quiet=True) if fast else None
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params, names = [p for _, p in named], [n for n, _ in named]
     proven = 0
@@ -196,7 +187,7 @@ def test_fast_path_runs_the_plain_loss_where_it_has_no_sync_free_form(loss):
     model, batches = build(name, "cpu")
     batch = next(iter(batches.values()))
     loss_object = make_loss(loss, K, model.max_plate_nesting)
-    fast = FastStep(_TrainerParts(model, loss_object, "cpu"), quiet=True)
+    fast = FastLoss(loss_object, model, "cpu", quiet=True)
     assert fast.sync_free is None and fast.mode == "eager"
     params = [p for p in model.parameters() if p.requires_grad]
     results = []

@@ -15,7 +15,7 @@ from pyro.infer import TraceEnum_ELBO
 
 from ppl_vi import bounds
 from ppl_vi.cli import main
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.errors import ConfigError, DataError
 from ppl_vi.check import Comparison, check
 from ppl_vi.check.semisupervised import check_semisupervised

@@ -14,7 +14,7 @@ from pyro import poutine
 
 from ppl_vi import bounds
 from ppl_vi.check import check_model
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.errors import ConfigError
 from ppl_vi.models import get_spec
 from ppl_vi.models.base import draws_from_trace, scale_sites

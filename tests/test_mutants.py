@@ -1,4 +1,4 @@
-"""The checker's power, measured: plausible wrong estimators must FAIL, the right ones PASS (issue 23).
+"""The checker's power, measured: plausible wrong estimators must FAIL, the right ones PASS.
 
 Each mutant (``tests/mutants.py``) patches one thing in the real estimator code; each runs through
 ``ppl_vi.check``'s expected-gradient check exactly as it is shipped, at the seed counts it is shipped
@@ -28,7 +28,7 @@ from mutants import mutant
 from ppl_vi.check import core
 from ppl_vi.check.core import enumerates, expected_gradient_check
 from ppl_vi.cli import build_parser
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.data.synthetic import default_gmm_params, sample_gmm
 from ppl_vi.models import REGISTRY
 from ppl_vi.objectives.losses import LOSSES, make_loss

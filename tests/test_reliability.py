@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,10 @@ import torch
 
 from ppl_vi import run as rundir
 from ppl_vi.cli import main
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.errors import CheckpointError, ConfigError, TrainingDiverged
 from ppl_vi.training import Trainer, train
+from ppl_vi.training import step as step_module
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:Encountered NaN")  # the NaN tests make them on purpose
@@ -215,7 +217,7 @@ def test_semisupervised_skip_replays_the_same_epoch():
     trainer.make_batch, built = default_make_batch, []
     trainer._x = lambda idx: built.append(idx) or x[idx]
     trainer.schedule = LabelledSchedule.from_config(trainer.config, 8, 11)  # a labelled batch at every step
-    trainer.data_generator = torch.Generator().manual_seed(5)
+    trainer.state = types.SimpleNamespace(data_generator=torch.Generator().manual_seed(5))
     start = trainer.data_generator.get_state()
     full = [[b["x"] for b in step] for step in trainer.batches()]
     end = trainer.data_generator.get_state()
@@ -229,7 +231,7 @@ def test_semisupervised_skip_replays_the_same_epoch():
 
 def test_resume_mid_epoch_refuses_changed_data_settings(tmp_path):
     config = build_config("linear-gaussian", overrides={"device": "cpu", "n_train": 100, "n_test": 50})
-    state = Trainer(config, progress=False).state()
+    state = Trainer(config, progress=False).state.state_dict()
     state["step_in_epoch"] = 3
     state["config"]["batch_size"] = 7
     with pytest.raises(ConfigError, match="cannot resume mid-epoch with changed batch_size"):
@@ -282,13 +284,14 @@ NAN_ARGS = dict(device="cpu", seed=1, epochs=4, n_train=200, n_test=50, batch_si
 
 def poison(monkeypatch, bad_steps):
     """Make the loss NaN at the given (0-based) global steps."""
-    original = Trainer.step_loss
+    original, calls = step_module.step_loss, []
 
-    def step_loss(self, batches):
-        loss = original(self, batches)
-        return loss * math.nan if self.step in bad_steps else loss
+    def step_loss(*args):  # called once per training step: the stepper's loss function
+        loss = original(*args)
+        calls.append(None)
+        return loss * math.nan if len(calls) - 1 in bad_steps else loss
 
-    monkeypatch.setattr(Trainer, "step_loss", step_loss)
+    monkeypatch.setattr(step_module, "step_loss", step_loss)
 
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -320,7 +323,7 @@ def test_nan_cli_exit_code_and_one_line(tmp_path, monkeypatch, capsys):
 def test_nan_policy_skip_counts_skipped_steps(tmp_path, monkeypatch):
     poison(monkeypatch, {3, 17})
     trainer = train(build_config("linear-gaussian", overrides={**NAN_ARGS, "nan_policy": "skip"}), tmp_path / "run",
-                    progress=False, figures=False)
+                    progress=False)
     assert trainer.metrics["skipped_steps"] == 2
     assert rundir.read_json(tmp_path / "run" / rundir.METRICS)["skipped_steps"] == 2
     assert math.isfinite(trainer.metrics["final_train_loss"]) and trainer.metrics["steps"] == 40

@@ -1,4 +1,4 @@
-"""Issue 13 ("reliability round 2"): one regression test (or a few) per defect found by trying
+"""Reliability: one regression test (or a few) per defect found by trying
 ppl_vi as an attacker and a careless user would. Each failed on the code before the fix.
 
 1. ``--resume`` honours ``--lr`` / ``--lr-decay``       6. a lock on the run directory (also tests/test_faults.py)
@@ -28,10 +28,11 @@ import torch
 from ppl_vi import plots
 from ppl_vi import run as rundir
 from ppl_vi.cli import main
-from ppl_vi.config import build_config, read_config_file
+from ppl_vi.config import read_config_file
+from ppl_vi.models.configure import build_config
 from ppl_vi.data.mnist import read_idx
 from ppl_vi.errors import ConfigError, DataError, TrainingDiverged
-from ppl_vi.training import Trainer, train
+from ppl_vi.training import EagerStep, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Encountered NaN", "ignore:.*enumerate sites")
 
@@ -128,21 +129,22 @@ def test_lr_decay_alpha_max_minutes_validated(flag, value, message, tmp_path):
 
 def test_nan_weights_stop_the_run_even_when_the_loss_reads_finite(tmp_path, monkeypatch):
     """The GMM's enumerated loss is exactly 0.0 once every weight is NaN; the read-back checks the weights."""
-    original = Trainer.train_step
+    original, steps = EagerStep.step, []
 
     def poisoned(self, batches):
-        loss = original(self, batches)
-        if self.step == 12:  # after 12 steps (epoch 2 of 10-step epochs), as a NaN learning rate would
+        result = original(self, batches)
+        steps.append(None)
+        if len(steps) == 13:  # the 13th step (epoch 2 of 10-step epochs), as a NaN learning rate would
             with torch.no_grad():
-                for p in self.model.parameters():
+                for p in self.parameters:
                     p.fill_(math.nan)
-        return loss
+        return result
 
-    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    monkeypatch.setattr(EagerStep, "step", poisoned)
     config = build_config("gmm", overrides={"device": "cpu", "epochs": 3, "n_train": 1000, "batch_size": 100,
                                             "log_every": 4})
     with pytest.raises(TrainingDiverged) as caught:
-        train(config, tmp_path / "run", progress=False, figures=False)
+        train(config, tmp_path / "run", progress=False)
     message = str(caught.value)
     assert "\n" not in message and "weights became non-finite by step 14 (epoch 2)" in message
     assert "last good checkpoint (epoch 1, step 10)" in message

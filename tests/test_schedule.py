@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from ppl_vi.config import build_config
+from ppl_vi.models.configure import build_config
 from ppl_vi.data.mnist import fixed_binarization
 from ppl_vi.training import Trainer
 from ppl_vi.training.batches import LabelledSchedule, labelled_stream

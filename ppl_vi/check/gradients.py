@@ -16,11 +16,20 @@ of pathwise replicates, with its own standard error). Three tests, for each para
   element, it adds up along u. u is estimated from the first half of the reference groups and the
   reference's own projection from the second half (cross-fitting: r̂ · û is biased upward by
   ‖se(r)‖²/‖r‖, an independent half is not);
-* **cosine**, where the reference is clearly non-zero (noise ν = ‖se(ĝ), se(r)‖ / ‖r‖ <= 0.25):
-  cos(ĝ, r) >= 1 / √(1 + (4ν)²), i.e. the error orthogonal to r at most four noise radii.
+* **cosine**, where the reference is clearly non-zero: the error d = ĝ - r has noise radius
+  ρ = ‖(se(ĝ), se(r))‖ (its expected norm); a right estimator keeps ‖d‖ <= c ρ, c the two-sided t
+  quantile at the row's share of α, Bonferroni over the tensors, at the tensor's degrees of
+  freedom (‖d‖²/ρ² is a weighted mean of squared t's, whose tail is largest when one element
+  carries all the weight). Every ĝ within c ρ of r has
+
+      cos(ĝ, r) >= √(1 - (c ρ / ‖r‖)²),
+
+  the test's limit (no test where c ρ >= ‖r‖: the noise could point anywhere). A fixed number of
+  radii instead (four, formerly) fails a right estimator far more often than α at 10 seeds, where
+  the radius is itself read off 10 draws.
 
 **Honest tails.** A heavy-tailed estimator (DReG's w̃² weights at a poor guide: per-element
-kurtosis up to ~16, skew ~3) makes the sample SE itself noisy, and a t limit with N - 1 degrees of
+kurtosis up to ~16, skew ~3) makes the sample SE itself signal, and a t limit with N - 1 degrees of
 freedom fails a right estimator 30 times too often at N = 30 (measured by resampling 4,000 seeds
 of DReG on the test matrix's VAE). So each side's degrees of freedom are Satterthwaite's for a
 variance estimated from draws of kurtosis κ: ν = 2 / (2/(N-1) + (κ-3)⁺/N), κ the largest sample
@@ -29,9 +38,9 @@ thus gets wide element-wise limits at few seeds, and the row says how large a bi
 the **smallest detectable bias** along r, (t_limit + 1.645) se / ‖r‖ (95 % power), per tensor and
 overall, is in the note. The element-wise limit uses the fewer of the two sides' ν per element
 (Welch–Satterthwaite's ν lies between min(ν_e, ν_r) and ν_e + ν_r); the projection, a single
-number, uses Welch–Satterthwaite itself. ``floor`` (1e-9 of the tensor's scale) stops an exact
-estimator's rounding from counting as evidence. Family-wise α = 10⁻³, split evenly between the
-element-wise and the projection tests.
+number, uses the fewer of the two sides' ν too. ``floor`` (1e-9 of the tensor's scale) stops an
+exact estimator's rounding from counting as evidence. Family-wise α = 10⁻³, split evenly between
+the three tests (element-wise, along r, cosine), each Bonferroni within its share.
 
 **Discrete guides are enumerated on the estimator's side too.** A score-function estimator's
 variance can hide in rare events: with a sharp q(c|x), 50 seeds may never draw the component of
@@ -70,7 +79,7 @@ from ppl_vi.sites import tuple_digits
 FAMILY_ALPHA = 1e-3
 POWER_Z = 1.645  # the smallest detectable bias is stated at 95 % power
 CLEAR_SIGNAL = 0.25  # a reference is "clearly non-zero" where the noise is at most this fraction of its norm
-COSINE_RADII = 4.0  # the cosine test allows an orthogonal error of this many noise radii
+TESTS = 3  # element-wise, along r, cosine: each gets alpha / TESTS
 
 
 @dataclasses.dataclass
@@ -288,6 +297,12 @@ def z_limit(elements: int, alpha: float = FAMILY_ALPHA, draws: float = math.inf,
     return t_quantile(alpha / (2 * max(elements, 1)), variance_df(draws, kurtosis))
 
 
+def _clear(r: Tensor, se: Tensor, se_r: Tensor) -> bool:
+    """Is the reference clearly non-zero: the noise radius at most CLEAR_SIGNAL of its norm?"""
+    r_norm = r.norm().item()
+    return r_norm > 0 and (se**2 + se_r**2).sum().sqrt().item() <= CLEAR_SIGNAL * r_norm
+
+
 def _cosine(a: Tensor, b: Tensor) -> float:
     na, nb = a.norm().item(), b.norm().item()
     if na == 0 and nb == 0:
@@ -349,13 +364,15 @@ def expected_gradient_rows(name: str, estimate: GradientStats, reference: Gradie
                            alpha: float = FAMILY_ALPHA, note: str = "") -> List[Row]:
     """A summary row and one row per parameter tensor (see the module docstring)."""
     elements = sum(m.numel() for m in estimate.mean)
-    along = _along_tests(estimate, reference, alpha / 2)
+    along = _along_tests(estimate, reference, alpha / TESTS)
+    signal = [j for j, (r, s, sr) in enumerate(zip(reference.mean, estimate.se, reference.se))
+             if _clear(r, s, sr)]  # the tensors a cosine is tested on share alpha / TESTS
     rows, worst_all, worst_name, worst_limit, worst_ratio, min_cos = [], 0.0, "", math.inf, -1.0, 1.0
     failed = []
     for j, (pname, m, s, r, sr) in enumerate(zip(names, estimate.mean, estimate.se, reference.mean, reference.se)):
         df = min(_side_df(estimate, j) if (s > 0).any() else math.inf, _side_df(reference, j) if (sr > 0).any()
                  else math.inf)
-        limit = t_quantile(alpha / 2 / (2 * max(elements, 1)), df)
+        limit = t_quantile(alpha / TESTS / (2 * max(elements, 1)), df)
         scale = max(m.abs().max().item(), r.abs().max().item(), 1e-300) if m.numel() else 1.0
         floor = 1e-9 * scale
         z = (m - r).abs() / (s**2 + sr**2 + floor**2).sqrt().clamp_min(1e-300)  # 0 where both are exactly 0
@@ -364,9 +381,10 @@ def expected_gradient_rows(name: str, estimate: GradientStats, reference: Gradie
         err = (m - r).norm().item()
         noise = (s**2 + sr**2).sum().sqrt().item()
         cos = _cosine(m, r)
-        clear = r_norm > 0 and noise <= CLEAR_SIGNAL * r_norm  # a cosine only means something where the signal shows
+        clear = j in signal  # a cosine only means something where the signal shows
         radius = math.hypot(noise, floor * math.sqrt(r.numel()))  # rounding counts as noise too
-        cos_min = 1 / math.sqrt(1 + (COSINE_RADII * radius / r_norm) ** 2) if clear else None
+        radii = t_quantile(alpha / TESTS / (2 * len(signal)), df) if clear else math.inf
+        cos_min = math.sqrt(1 - (radii * radius / r_norm) ** 2) if radii * radius < r_norm else None
         if clear:
             min_cos = min(min_cos, cos)
         test = along.get(j)
@@ -394,7 +412,7 @@ def expected_gradient_rows(name: str, estimate: GradientStats, reference: Gradie
     if whole is not None and not whole.passed:
         failed.append("the whole gradient along r")
     passed = not failed
-    clear_tests = [along[j] for j in along if j != "all" and rows[j].details["cosine_min"] is not None]
+    clear_tests = [along[j] for j in along if j != "all" and j in signal]
     detect = max((t.detectable for t in clear_tests), default=math.nan)
     summary_note = (f"worst z {worst_all:.2f} at {worst_name} (limit {worst_limit:.2f}); min cosine {min_cos:+.4f}"
                     + (f"; whole gradient along r {whole.error:+.2%} (t {whole.t:+.2f}, limit {whole.limit:.2f})"

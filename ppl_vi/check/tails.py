@@ -53,7 +53,7 @@ def t_quantile(tail: float, df: float) -> float:
     lo, hi = normal, normal
     while student_t_tail(hi, df) > tail:
         hi *= 2
-    for _ in range(100):
+    while hi - lo > 1e-12 * hi:  # bisection to 12 digits (about 40 halvings from the doubling's bracket)
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if student_t_tail(mid, df) > tail else (lo, mid)
     return hi

@@ -1,6 +1,6 @@
 """One epoch of SVI steps: which training images go into each step, and in which order.
 
-A step is a :class:`~ppl_vi.distributed.Step`: a list of batches whose losses are summed, and
+A step is a :class:`Step`: a list of batches whose losses are summed, and
 the step's datapoint count over all ranks. The order comes from the trainer's data generator
 (seeded from ``config.seed``), so a resumed run, given the generator's state at the start of the
 epoch, replays the same permutation and can skip the steps already done without building them.
@@ -47,9 +47,22 @@ from torch import Tensor
 
 from ppl_vi.data import mnist
 from ppl_vi.data.sources import DataBundle
-from ppl_vi.distributed import Step
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import Batch
+
+
+class Step(list):
+    """The batches of one SVI step (their losses are summed), and ``global_count``: the datapoints
+    of the whole step over all ranks, the divisor that makes per-rank losses sum to the global mean.
+
+    ``scales`` (one per batch, default all 1) multiply each batch's loss through ``poutine.scale``
+    on model and guide: the weight of a labelled batch in the semi-supervised schedule."""
+
+    def __init__(self, batches=(), global_count: Optional[int] = None, scales: Optional[list] = None):
+        super().__init__(batches)
+        self.global_count = global_count
+        self.scales = list(scales) if scales is not None else [1.0] * len(self)
+
 
 Shard = Callable[[Tensor], Tensor]  # global batch indices -> this rank's share
 MakeBatch = Callable[[Tensor, Optional[Tensor]], Batch]

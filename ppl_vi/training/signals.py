@@ -1,7 +1,7 @@
 """SIGTERM during training (a scheduler's preemption, ``kill``, ``docker stop``): stop, losing nothing.
 
 While the epochs run (:func:`ppl_vi.training.loop.fit`), SIGTERM only sets
-``trainer.stop_requested``. The loop then finishes the current step (or the epoch's end:
+the trainer's stop request (``trainer.request_stop``). The loop then finishes the current step (or the epoch's end:
 validation, record, checkpoints), reads the losses back (the NaN check), writes
 ``checkpoints/last.pt`` where the run stands (mid-epoch or at the epoch's end: an exact resume
 point) and raises :class:`~ppl_vi.errors.Terminated`. Anywhere else (data loading, final metrics,
@@ -30,10 +30,10 @@ def stop_on_sigterm(trainer) -> Iterator[None]:
         return
 
     def handler(signum, frame):
-        if trainer.in_fit and not trainer.stop_requested and not trainer.dist.enabled:
-            trainer.stop_requested = True  # the loop checkpoints after this step, then raises
+        if trainer.in_fit and not trainer.stop_requested() and not trainer.dist.enabled:
+            trainer.request_stop()  # the loop checkpoints after this step, then raises
             return
-        raise Terminated(f"terminated by SIGTERM; {diagnosis.kept(trainer.run_dir, trainer.last_saved)}")
+        raise Terminated(f"terminated by SIGTERM; {diagnosis.kept(trainer.run_dir, trainer.state.last_saved)}")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

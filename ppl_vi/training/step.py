@@ -10,11 +10,15 @@ the single-process mean). The loss stays on the device; nothing here reads it ba
 finiteness test that ``--nan-policy skip`` asks for (one host sync).
 
 β (the KL weight) follows :func:`beta_at`: a linear ramp from 0 over ``kl_anneal`` steps.
+
+A :class:`Stepper` takes one step; :class:`EagerStep` is the plain one, and
+:class:`ppl_vi.training.graph_step.GraphStep` replays a captured CUDA graph beside it. Both are built
+from the step's loss function, the parameters and the optimiser, and know nothing of the trainer.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Callable, Iterable, List, Protocol, Tuple, Union
 
 import torch
 from pyro import poutine
@@ -61,28 +65,56 @@ def all_finite(loss: Tensor, parameters: Iterable[torch.nn.Parameter]) -> bool:
     return bool(torch.stack(flags).all())
 
 
-def train_step(trainer, batches: List[Batch]) -> Tensor:
-    """One update of ``trainer.optimizer`` on ``batches``; returns the detached step loss.
+class Stepper(Protocol):
+    """One training step on a step's batches; the loop (:func:`ppl_vi.training.loop.fit`) only calls these."""
 
-    The CUDA-graph step (``trainer.fast.graph_step``) runs the whole step where it applies;
-    otherwise: zero the gradients, ``trainer.step_loss``, backward, all-reduce (a no-op unless
-    distributed), and with ``nan_policy="skip"`` a non-finite step is dropped and counted in
-    ``trainer.skipped_steps`` instead of applied.
-    """
-    if trainer.fast is not None:
-        graphed = trainer.fast.graph_step(batches)  # the whole step replayed from a CUDA graph, where it can be
-        if graphed is not None:
-            return graphed
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss = trainer.step_loss(batches)
-    if isinstance(loss, Tensor):
-        loss.backward()
-    else:  # nothing on this rank's shard
-        loss = torch.zeros((), device=trainer.device)
-    loss = distributed.all_reduce_gradients(trainer.model.parameters(), loss, trainer.dist)
-    if trainer.config.nan_policy == "skip" and not all_finite(loss, trainer.model.parameters()):
-        trainer.skipped_steps += 1
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-    trainer.optimizer.step()
-    return loss.detach()
+    def step(self, batches: List[Batch]) -> Tuple[Tensor, bool]:
+        """Update the parameters on ``batches``; returns the detached step loss and whether it was applied
+        (False: a non-finite step skipped under ``nan_policy="skip"``)."""
+
+    def reset(self) -> None:
+        """Forget anything tied to the parameters' history (a checkpoint was loaded)."""
+
+    def announce(self) -> None:
+        """Training starts: say what runs (the fast path's notes)."""
+
+    def record(self) -> dict:
+        """What ran, for metrics.json (``fast_path``): {"mode", "notes"}."""
+
+
+LossFn = Callable[[List[Batch]], Union[Tensor, float]]
+
+
+class EagerStep:
+    """The plain step: zero the gradients, ``loss_fn(batches)``, backward, all-reduce (a no-op unless
+    distributed), and one ``optimizer`` step; with ``nan_policy="skip"`` a non-finite step is dropped
+    (gradients zeroed, no update) and reported as not applied."""
+
+    def __init__(self, loss_fn: LossFn, parameters: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 device, dist=None, nan_policy: str = "stop"):
+        self.loss_fn, self.parameters, self.optimizer = loss_fn, list(parameters), optimizer
+        self.device, self.dist, self.nan_policy = torch.device(device), dist, nan_policy
+
+    def step(self, batches: List[Batch]) -> Tuple[Tensor, bool]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(batches)
+        if isinstance(loss, Tensor):
+            loss.backward()
+        else:  # nothing on this rank's shard
+            loss = torch.zeros((), device=self.device)
+        if self.dist is not None:
+            loss = distributed.all_reduce_gradients(self.parameters, loss, self.dist)
+        if self.nan_policy == "skip" and not all_finite(loss, self.parameters):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.detach(), False
+        self.optimizer.step()
+        return loss.detach(), True
+
+    def reset(self) -> None:
+        pass
+
+    def announce(self) -> None:
+        pass
+
+    def record(self) -> dict:
+        return {"mode": "off", "notes": ["config.fast is False: the plain loss, validation as configured"]}

@@ -1,4 +1,4 @@
-"""A whole training run in a run directory: start or resume, fit, final metrics, figures, report.
+"""A whole training run in a run directory: start or resume, fit, final metrics.
 
 ``train(config, run_dir)`` is what ``ppl-vi train`` calls and what scripts call:
 
@@ -8,8 +8,11 @@
    checkpoints/last.pt, mid-epoch ones included, and history.jsonl cut back to that checkpoint;
 3. ``trainer.fit()``;
 4. :func:`finish`: metrics.json (training summary + :func:`ppl_vi.metrics.final_metrics`, and for
-   a semi-supervised run its supervised-only baseline, :mod:`ppl_vi.training.baseline`), the
-   figures and report.html (rank 0 only under torchrun).
+   a semi-supervised run its supervised-only baseline, :mod:`ppl_vi.training.baseline`); rank 0
+   only under torchrun.
+
+The figures and report.html are the job's (:func:`ppl_vi.job.train`, what ``ppl-vi train`` calls):
+training does not draw evaluation's figures or pages.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import contextlib
 from pathlib import Path
 from typing import Callable, Optional
 
-from ppl_vi import distributed, plots
+from ppl_vi import distributed
 from ppl_vi import run as rundir
 from ppl_vi.config import TrainConfig
 from ppl_vi.metrics import final_metrics
-from ppl_vi.report import write_report
 from ppl_vi.runtime import seed_everything
 from ppl_vi.training.baseline import train_baselines
 from ppl_vi.training.signals import stop_on_sigterm
@@ -33,7 +35,7 @@ Log = Optional[Callable[[str], None]]
 
 
 def train(config: TrainConfig, run_dir: Optional[Path] = None, *, resume: bool = False, progress: bool = True,
-          figures: bool = True, overwrite: bool = False, log: Log = print) -> Trainer:
+          overwrite: bool = False, log: Log = print) -> Trainer:
     """Train ``config`` into ``run_dir`` (optional); returns the trainer, ``.metrics`` as in metrics.json.
 
     The data load before a new run directory is created, so a bad data folder leaves nothing
@@ -52,13 +54,13 @@ def train(config: TrainConfig, run_dir: Optional[Path] = None, *, resume: bool =
         if resume and run_dir is not None and distributed.is_main_process():  # under torchrun only rank 0 writes
             stack.enter_context(rundir.locked(run_dir))
         trainer = Trainer(config, run_dir, progress)
-        return run_training(trainer, run_dir, resume=resume, figures=figures, overwrite=overwrite, log=log)
+        return run_training(trainer, run_dir, resume=resume, overwrite=overwrite, log=log)
 
 
-def run_training(trainer: Trainer, run_dir: Optional[Path] = None, *, resume: bool = False, figures: bool = True,
+def run_training(trainer: Trainer, run_dir: Optional[Path] = None, *, resume: bool = False,
                  overwrite: bool = False, log: Log = print) -> Trainer:
-    """:func:`train` for a trainer already built (a caller may first set ``trainer.tracker`` or
-    ``trainer.epoch_hooks``, or use its model and data). Holds the run directory's lock throughout."""
+    """:func:`train` for a trainer already built (a caller may first use its model and data).
+    Holds the run directory's lock throughout."""
     with contextlib.ExitStack() as stack:
         if trainer.run_dir is not None:  # rank 0 with a run directory; re-entrant after train()'s
             stack.enter_context(rundir.locked(trainer.run_dir, create=not resume))
@@ -73,7 +75,7 @@ def run_training(trainer: Trainer, run_dir: Optional[Path] = None, *, resume: bo
             message = drop_stale_evaluation(trainer.run_dir)
             if message and log is not None:
                 log(message)
-        trainer.metrics = finish(trainer, summary, figures=figures)
+        trainer.metrics.update(finish(trainer, summary))
     return trainer
 
 
@@ -88,8 +90,8 @@ def start_or_resume(trainer: Trainer, run_dir: Path, *, resume: bool, overwrite:
     if resume and last.is_file():
         trainer.load_state(rundir.load_checkpoint(last, trainer.device))
         message = resume_message(trainer, last)
-        trainer.history = rundir.truncate_history(trainer.run_dir, trainer.step, trainer.epoch) \
-            if trainer.run_dir is not None else rundir.read_history(run_dir)
+        trainer.state.set_history(rundir.truncate_history(trainer.run_dir, trainer.step, trainer.epoch)
+                                  if trainer.run_dir is not None else rundir.read_history(run_dir))
         if trainer.run_dir is not None:
             record = rundir.read_run_record(run_dir)
             changed = {k: [record["config"].get(k), v] for k, v in config.to_dict().items()
@@ -99,7 +101,6 @@ def start_or_resume(trainer: Trainer, run_dir: Path, *, resume: bool, overwrite:
                                                                  "changed": changed}]
                 rundir.save_config(run_dir, config.to_dict(), rundir.environment(trainer.device), resumes)
                 message += "; changed: " + changes_note(trainer, changed)
-        trainer.resume_note = message
         if trainer.dist.rank > 0:  # the checkpoint holds rank 0's RNG: give the other ranks their own
             seed_everything(config.seed + trainer.dist.rank + trainer.dist.world_size * trainer.step)
     elif trainer.run_dir is not None:
@@ -152,8 +153,8 @@ def drop_stale_evaluation(run_dir: Path) -> Optional[str]:
     return f"dropped the earlier evaluation of {scored} from metrics.json (the run trained on); run ppl-vi eval again"
 
 
-def finish(trainer: Trainer, summary: dict, *, figures: bool = True) -> dict:
-    """metrics.json, figures and report.html after ``fit``; closes TensorBoard and the process group."""
+def finish(trainer: Trainer, summary: dict) -> dict:
+    """metrics.json after ``fit``; closes TensorBoard and the process group."""
     run_dir = trainer.run_dir  # None on ranks > 0 under torchrun: only rank 0 writes
     if trainer.dist.is_main:  # + the supervised-only baseline of a semi-supervised run (labels alone)
         metrics = {**summary, **final_metrics(trainer.model, trainer.data),
@@ -161,10 +162,6 @@ def finish(trainer: Trainer, summary: dict, *, figures: bool = True) -> dict:
     else:
         metrics = summary
     metrics = rundir.update_metrics(run_dir, **metrics)
-    if run_dir is not None and figures:
-        plots.training_figures(run_dir, trainer.model, trainer.data, trainer.history, metrics)
-    if run_dir is not None:
-        write_report(run_dir)
     if trainer.tb is not None:
         trainer.tb.close()
     distributed.shutdown(trainer.dist)

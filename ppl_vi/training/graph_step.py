@@ -12,7 +12,7 @@ Three layers, each used where it applies and falling back, with a one-line note,
    ``.item()`` (``Trace_ELBO`` reads every site's log-density back to the host to form its loss
    value, and checks it for NaN with another read-back). Same sample, same value, same gradient
    as ``loss.differentiable_loss`` (``tests/test_fast_path.py``). On the CPU this is the fast step.
-3. **A CUDA graph** (:class:`FastStep.graph_step`): the whole step -- loss, backward and
+3. **A CUDA graph** (:class:`GraphStep`): the whole step -- loss, backward and
    ``Adam(capturable=True)`` update -- captured once and replayed per batch, the batch copied into
    static input buffers. Only on CUDA, for one process (not under torchrun), ``nan_policy="stop"``
    (skipping a step needs a host decision), a sync-free loss and a static trace structure (checked
@@ -24,26 +24,29 @@ What a model needs for capture (the built-in VAE family has it): no Python-float
 parameters (build them from the data, ``x.new_zeros``), ``pyro.plate(..., device=x.device)``,
 no data-dependent Python control flow, no ``.item()``. The plate's own subsample site is left out
 of the log-density sum, as Pyro leaves it out.
+
+:class:`FastLoss` is layers 1 and 2 (a loss object); :class:`GraphStep` is layer 3, a
+:class:`~ppl_vi.training.step.Stepper` built from the step's loss function, the parameters and the
+optimiser, with the eager step (:class:`~ppl_vi.training.step.EagerStep`) beside it for every step
+the graph does not take. Neither sees the trainer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from ppl_vi.sites import PARTICLE_PLATE
 from ppl_vi.objectives.importance import IWAELoss
 from ppl_vi.objectives.traces import particle_terms
+from ppl_vi.sites import PARTICLE_PLATE, LogMeanExp, chunk_sizes, is_variable
 
 
 class Unsupported(Exception):
@@ -72,13 +75,9 @@ def hot_path(module=None):
         torch.distributions.Distribution.set_default_validate_args(torch_validate)
 
 
-def _is_subsample(site) -> bool:
-    return site_is_subsample(site)
-
-
 def _sample_sites(trace):
     """The trace's sample sites without the plates' own subsample sites (as Pyro prunes them)."""
-    return [site for site in trace.nodes.values() if site["type"] == "sample" and not _is_subsample(site)]
+    return [site for site in trace.nodes.values() if is_variable(site)]
 
 
 def _site_log_prob(site) -> Tensor:
@@ -112,7 +111,8 @@ class SyncFreeLoss:
     """``differentiable_loss(model, guide, **batch)`` of ``Trace_ELBO`` / :class:`IWAELoss` without
     host syncs. Raises :class:`Unsupported` (at construction or on the first traces) otherwise.
 
-    ``record`` set True makes each call store the traces' :func:`structure` in ``last_structure``.
+    Inside :meth:`recording`, each call keeps the traces' :func:`structure` (the CUDA graph's warm-up
+    checks that it stays put).
     """
 
     def __init__(self, loss):
@@ -123,7 +123,7 @@ class SyncFreeLoss:
         else:
             raise Unsupported(f"{type(loss).__name__} has no sync-free form here")
         self.loss = loss
-        self.checked, self.record, self.last_structure = False, False, None
+        self.checked, self._seen = False, None
 
     # ---- traces -----------------------------------------------------------------------------
     def _traces(self, model, guide, batch):
@@ -131,9 +131,18 @@ class SyncFreeLoss:
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
         _check_guide(guide_trace, model_trace)  # every call: a step's batches may differ in kind (SSVAE)
         self.checked = True
-        if self.record:
-            self.last_structure = structure(guide_trace, model_trace)
+        if self._seen is not None:
+            self._seen["structure"] = structure(guide_trace, model_trace)
         return guide_trace, model_trace
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Inside the block, the latest call's trace structure is the yielded dict's ``"structure"``."""
+        self._seen = {"structure": None}
+        try:
+            yield self._seen
+        finally:
+            self._seen = None
 
     # ---- Trace_ELBO -------------------------------------------------------------------------
     def _elbo_particle(self, model, guide, batch) -> Tensor:
@@ -168,20 +177,16 @@ class SyncFreeLoss:
         """:meth:`IWAELoss.differentiable_loss` without reading scales back: a tensor β stays a tensor."""
         loss = self.loss
         K, nest = loss.num_particles, loss.max_plate_nesting
-        chunk = loss.chunk_size or K
-        running, mean_log_lik, done, terms = None, 0.0, 0, None
-        while done < K:
-            k = min(chunk, K - done)
+        log_mean_w, mean_log_lik, terms = LogMeanExp(), 0.0, None
+        for k in chunk_sizes(K, loss.chunk_size):
             with pyro.plate(PARTICLE_PLATE, k, dim=-(nest + 1)):
                 guide_trace, model_trace = self._traces(model, guide, batch)
             terms = particle_terms(guide_trace, model_trace, k, nest, check_scales=False)
             if terms.global_ratio is not None:
                 raise Unsupported(f"global latent(s) {list(terms.global_sites)}")
-            lse = torch.logsumexp(terms.log_weights, dim=0)
-            running = lse if running is None else torch.logaddexp(running, lse)
+            log_mean_w.add(terms.log_weights)
             mean_log_lik = mean_log_lik + terms.log_lik.sum(0)
-            done += k
-        bound = running - math.log(K)
+        bound = log_mean_w.value()
         if torch.is_tensor(terms.beta) or terms.beta != 1.0:
             bound = terms.beta * bound + (1 - terms.beta) * mean_log_lik / K
         return -terms.c * bound.sum()
@@ -225,7 +230,7 @@ def plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 3. the step
+# 3. the fast loss and the graph step
 
 
 def _stdout(message: str) -> None:
@@ -248,41 +253,36 @@ def _signature(batches) -> tuple:
                        for k, v in sorted(batch.items())) for batch in batches)
 
 
-class FastStep:
-    """The trainer's fast path: :meth:`differentiable_loss` (hot path + sync-free loss where it
-    applies, the trainer's loss otherwise) and :meth:`graph_step` (the CUDA-graph step, or None).
+class FastLoss:
+    """The fast path's loss: :meth:`differentiable_loss` on the hot path, through the sync-free loss
+    where it applies and through ``loss`` (the plain loss object) otherwise.
 
-    ``trainer`` needs ``model``, ``model_fn``, ``guide_fn``, ``loss``, ``optimizer``, ``device``,
-    ``config`` (``nan_policy``) and optionally ``dist`` (``enabled``). ``mode`` says what runs:
-    ``"cuda-graph"``, ``"sync-free"``, ``"eager"`` (the plain loss, still on the hot path), or
-    ``"sync-free + eager"`` when some kinds of batch are supported and others are not.
+    ``mode`` says what runs: ``"sync-free"``, ``"eager"`` (the plain loss, still on the hot path),
+    or ``"sync-free + eager"`` when some kinds of batch are supported and others are not.
 
     Support is decided per *kind* of batch (which keys it has, and which are None: a labelled and
     an unlabelled SSVAE batch are two kinds), on its first traces, and the traces are checked again
     on every call: a batch whose guide samples a discrete site (which needs a score-function term)
-    or whose sites are enumerated runs the trainer's own loss, eagerly, never the sync-free one.
-    Every decision is a line in ``notes``, written to stdout as it is made (whatever the progress
-    setting), and :meth:`record` gives both for metrics.json.
+    or whose sites are enumerated runs the plain loss, eagerly, never the sync-free one. Every
+    decision is a line in ``notes``, written to stdout as it is made once :meth:`announce` has been
+    called (whatever the progress setting).
     """
 
-    def __init__(self, trainer, quiet: bool = False, warmup: int = 3, log: Optional[Callable[[str], None]] = None):
-        self.trainer, self.warmup = trainer, warmup
+    def __init__(self, loss, module: torch.nn.Module, device, quiet: bool = False,
+                 log: Optional[Callable[[str], None]] = None):
+        self.loss, self.module, self.device = loss, module, torch.device(device)
         self.log = None if quiet else (log or _stdout)
         self.notes: List[str] = []
         self.announced = False  # notes are written from the first training step on (announce)
         self.kinds: Dict[tuple, Optional[str]] = {}  # batch kind -> None (sync-free) or why it runs eagerly
         try:
-            self.sync_free: Optional[SyncFreeLoss] = SyncFreeLoss(trainer.loss)
+            self.sync_free: Optional[SyncFreeLoss] = SyncFreeLoss(loss)
         except Unsupported as exc:
             self.sync_free = None
-            self._note(f"sync-free loss off ({exc}); using {type(trainer.loss).__name__} eagerly")
-        self.graph_reason = self._graph_blocker()
-        if self.graph_reason and self.sync_free is not None:
-            self._note(f"CUDA graph off ({self.graph_reason}); using the sync-free eager step")
-        self.reset()
+            self.note(f"sync-free loss off ({exc}); using {type(loss).__name__} eagerly")
 
-    # ---- bookkeeping --------------------------------------------------------------------------
-    def _note(self, message: str) -> None:
+    def note(self, message: str) -> None:
+        """Keep ``message`` in ``notes``; write it at once if the notes have been announced."""
         self.notes.append(message)
         if self.log is not None and self.announced:
             self.log(f"ppl_vi fast path: {message}")
@@ -294,27 +294,76 @@ class FastStep:
                 self.log(f"ppl_vi fast path: {message}")
         self.announced = True
 
-    def _graph_blocker(self) -> Optional[str]:
-        t = self.trainer
-        if t.device.type != "cuda":
-            return f"{t.device.type} device"
+    @property
+    def some_eager(self) -> bool:
+        """Whether some kind of batch runs the plain loss (a CUDA graph then cannot hold the step)."""
+        return any(why is not None for why in self.kinds.values())
+
+    @property
+    def mode(self) -> str:
         if self.sync_free is None:
-            return "no sync-free loss"
-        if getattr(getattr(t, "dist", None), "enabled", False):
-            return "distributed run (gradients all-reduced per step)"
-        if t.config.nan_policy != "stop":
-            return f"nan_policy={t.config.nan_policy!r} decides on the host every step"
-        return None
+            return "eager"
+        eager = [k for k, why in self.kinds.items() if why is not None]
+        if eager and len(eager) == len(self.kinds):
+            return "eager"
+        return "sync-free + eager" if eager else "sync-free"
 
-    def _no_graph(self, reason: str, quiet: bool = False) -> None:
-        """Give the CUDA graph up for this run: eager steps from now on, with a plain optimiser."""
-        self.graph_reason, self.graph, self.static = reason, None, {}
-        if self._capturable:
-            plain_optimizer(self.trainer.optimizer)
-            self._capturable = False
-        if not quiet:
-            self._note(f"CUDA graph off ({reason}); using the sync-free eager step")
+    def differentiable_loss(self, model, guide, *args, **batch) -> Tensor:
+        """The summed negative bound over ``batch``, like ``loss.differentiable_loss``."""
+        with hot_path(self.module):
+            if self.sync_free is not None:
+                kind = _kind(batch)
+                if kind in self.kinds and self.kinds[kind] is None:
+                    return self.sync_free(model, guide, **batch)
+                if kind not in self.kinds:
+                    rng = _rng_state(self.device)
+                    try:  # the first traces of this kind of batch tell whether it is supported
+                        value = self.sync_free(model, guide, **batch)
+                        self.kinds[kind] = None
+                        return value
+                    except Unsupported as exc:  # its random draws are undone: the eager loss draws the same
+                        _set_rng_state(rng, self.device)
+                        self.kinds[kind] = str(exc)
+                        what = f" for batches with {_describe(kind)}" if len(self.kinds) > 1 or _has_none(kind) else ""
+                        self.note(f"sync-free loss off{what} ({exc}); using {type(self.loss).__name__} "
+                                  "eagerly for them")
+            return self.loss.differentiable_loss(model, guide, *args, **batch)
 
+
+def graph_blocker(device: torch.device, fast: FastLoss, distributed: bool, nan_policy: str) -> Optional[str]:
+    """Why a CUDA graph cannot hold the step here, or None."""
+    if device.type != "cuda":
+        return f"{device.type} device"
+    if fast.sync_free is None:
+        return "no sync-free loss"
+    if distributed:
+        return "distributed run (gradients all-reduced per step)"
+    if nan_policy != "stop":
+        return f"nan_policy={nan_policy!r} decides on the host every step"
+    return None
+
+
+class GraphStep:
+    """A :class:`~ppl_vi.training.step.Stepper`: the whole step (loss, backward, Adam) captured in a CUDA
+    graph and replayed per batch, where it applies; ``eager`` (a Stepper over the same loss function,
+    parameters and optimiser) takes every other step.
+
+    Built from the step's loss function (``loss_fn(batches)``: the per-datapoint loss, evaluated
+    through ``fast``, the :class:`FastLoss` that also says whether the trace structure is static),
+    the parameters and the optimiser. ``blocker`` (see :func:`graph_blocker`) is why the graph does
+    not apply at all, or None. ``mode`` is ``"cuda-graph"`` once captured, otherwise ``fast.mode``.
+    """
+
+    def __init__(self, loss_fn: Callable, parameters, optimizer: torch.optim.Optimizer, device, eager, fast: FastLoss,
+                 blocker: Optional[str], warmup: int = 3):
+        self.loss_fn, self.parameters, self.optimizer = loss_fn, list(parameters), optimizer
+        self.device, self.eager, self.fast, self.warmup = torch.device(device), eager, fast, warmup
+        self.graph_reason = blocker
+        if blocker and fast.sync_free is not None:
+            fast.note(f"CUDA graph off ({blocker}); using the sync-free eager step")
+        self.reset()
+
+    # ---- bookkeeping --------------------------------------------------------------------------
     def reset(self) -> None:
         """Drop any captured graph and start warming up again (after loading a checkpoint)."""
         self.graph = None
@@ -324,69 +373,53 @@ class FastStep:
         self.stream = None
         self._capturable = False
 
+    def announce(self) -> None:
+        self.fast.announce()
+
     @property
     def mode(self) -> str:
-        if self.graph is not None:
-            return "cuda-graph"
-        if self.sync_free is None:
-            return "eager"
-        eager = [k for k, why in self.kinds.items() if why is not None]
-        if eager and len(eager) == len(self.kinds):
-            return "eager"
-        return "sync-free + eager" if eager else "sync-free"
+        return "cuda-graph" if self.graph is not None else self.fast.mode
+
+    @property
+    def notes(self) -> List[str]:
+        return self.fast.notes
 
     def record(self) -> dict:
         """What ran, for metrics.json: the mode and every note on how it was decided."""
-        return {"mode": self.mode, "notes": list(self.notes)}
+        return {"mode": self.mode, "notes": list(self.fast.notes)}
 
-    # ---- the loss -----------------------------------------------------------------------------
-    def differentiable_loss(self, model, guide, *args, **batch) -> Tensor:
-        """The summed negative bound over ``batch``, like ``loss.differentiable_loss``."""
-        with hot_path(self.trainer.model):
-            if self.sync_free is not None:
-                kind = _kind(batch)
-                if kind in self.kinds and self.kinds[kind] is None:
-                    return self.sync_free(model, guide, **batch)
-                if kind not in self.kinds:
-                    rng = _rng_state(self.trainer.device)
-                    try:  # the first traces of this kind of batch tell whether it is supported
-                        value = self.sync_free(model, guide, **batch)
-                        self.kinds[kind] = None
-                        return value
-                    except Unsupported as exc:  # its random draws are undone: the eager loss draws the same
-                        _set_rng_state(rng, self.trainer.device)
-                        self.kinds[kind] = str(exc)
-                        self._no_graph("a kind of batch has no sync-free loss", quiet=True)
-                        what = f" for batches with {_describe(kind)}" if len(self.kinds) > 1 or _has_none(kind) else ""
-                        self._note(f"sync-free loss off{what} ({exc}); using {type(self.trainer.loss).__name__} "
-                                   "eagerly for them")
-            return self.trainer.loss.differentiable_loss(model, guide, *args, **batch)
+    def _no_graph(self, reason: str, quiet: bool = False) -> None:
+        """Give the CUDA graph up for this run: eager steps from now on, with a plain optimiser."""
+        self.graph_reason, self.graph, self.static = reason, None, {}
+        if self._capturable:
+            plain_optimizer(self.optimizer)
+            self._capturable = False
+        if not quiet:
+            self.fast.note(f"CUDA graph off ({reason}); using the sync-free eager step")
 
-    def _batches_loss(self, batches) -> Tensor:
-        """Per-datapoint loss of a step's batches: ``Trainer.step_loss`` (the batches' weights
-        applied), which evaluates each batch through this object's :meth:`differentiable_loss`."""
-        return self.trainer.step_loss(batches)
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self, batches) -> Tuple[Tensor, bool]:
+        """One training step: through the CUDA graph where it applies, else ``eager``'s."""
+        graphed = self.graph_step(batches)
+        return (graphed, True) if graphed is not None else self.eager.step(batches)
 
     def _eager_step(self, batches) -> Tensor:
-        opt = self.trainer.optimizer
-        opt.zero_grad(set_to_none=True)
-        loss = self._batches_loss(batches)
-        loss.backward()
-        opt.step()
-        return loss.detach()
+        loss, _ = self.eager.step(batches)
+        return loss
 
-    # ---- the CUDA graph -----------------------------------------------------------------------
     def graph_step(self, batches) -> Optional[Tensor]:
         """One whole training step through the CUDA graph (warming up / capturing on the way);
-        None where the graph does not apply (the trainer then takes its eager step)."""
+        None where the graph does not apply (the eager step then runs)."""
+        if self.graph_reason is None and self.fast.some_eager:
+            self._no_graph("a kind of batch has no sync-free loss", quiet=True)
         if self.graph_reason is not None:
             return None
         key = _signature(batches)
         if self.graph is None:
             if not self._capturable:
-                make_capturable(self.trainer.optimizer, self.trainer.device)
+                make_capturable(self.optimizer, self.device)
                 self._capturable = True
-                self.stream = torch.cuda.Stream(device=self.trainer.device)
+                self.stream = torch.cuda.Stream(device=self.device)
             if self.warm_key != key:
                 self.warm_key, self.warm_done, self.warm_structure = key, 0, None
             if self.warm_done < self.warmup:
@@ -409,56 +442,50 @@ class FastStep:
 
     def _warmup_step(self, batches) -> Tensor:
         """A real training step, eager, on the side stream; checks the trace structure stays put."""
-        stream, current = self.stream, torch.cuda.current_stream(self.trainer.device)
+        stream, current = self.stream, torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
-        sync_free = self.sync_free
-        sync_free.record = True
-        try:
+        with self.fast.sync_free.recording() as seen:
             with torch.cuda.stream(stream):
                 loss = self._eager_step(batches)
-        finally:
-            sync_free.record = False
         current.wait_stream(stream)
         loss.record_stream(current)
-        if self.sync_free is None:  # turned out unsupported on the first traces
+        if self.fast.some_eager:  # turned out unsupported on the first traces
+            self._no_graph("a kind of batch has no sync-free loss", quiet=True)
             return loss
-        if self.warm_structure is not None and self.sync_free.last_structure != self.warm_structure:
+        if self.warm_structure is not None and seen["structure"] != self.warm_structure:
             self._no_graph("the trace structure changes from step to step")
-        self.warm_structure = self.sync_free.last_structure
+        self.warm_structure = seen["structure"]
         self.warm_done += 1
         return loss
 
     def _capture(self, batches, key) -> None:
-        t = self.trainer
         static_batches = [{k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()} for batch in batches]
         if hasattr(batches, "global_count"):
             static_batches = type(batches)(static_batches, batches.global_count, getattr(batches, "scales", None))
-        t.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
-        torch.cuda.synchronize(t.device)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
+        torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            loss = self._batches_loss(static_batches)
+            loss = self.loss_fn(static_batches)
             loss.backward()
-            t.optimizer.step()
+            self.optimizer.step()
             static_loss = loss.detach()
         self.graph, self.graph_key = graph, key
-        self.static = {"batches": static_batches, "loss": static_loss,
-                       "grads": [p.grad for p in t.model.parameters()]}
-        self._note(f"whole step captured in a CUDA graph after {self.warm_done} warm-up steps")
+        self.static = {"batches": static_batches, "loss": static_loss, "grads": [p.grad for p in self.parameters]}
+        self.fast.note(f"whole step captured in a CUDA graph after {self.warm_done} warm-up steps")
 
     def _abandon_capture(self, exc: Exception) -> None:
         try:
-            torch.cuda.synchronize(self.trainer.device)
+            torch.cuda.synchronize(self.device)
         finally:
-            self.trainer.optimizer.zero_grad(set_to_none=True)  # no gradient may point into the graph's pool
+            self.optimizer.zero_grad(set_to_none=True)  # no gradient may point into the graph's pool
         self.graph, self.static = None, {}
         self._no_graph(f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
     def _eager_beside_graph(self, batches) -> Tensor:
-        params = list(self.trainer.model.parameters())
         loss = self._eager_step(batches)  # fresh gradients outside the graph's memory pool
-        for p, g in zip(params, self.static["grads"]):
-            p.grad = g  # the captured step keeps reading and writing these
+        for p, g in zip(self.parameters, self.static["grads"]):
+            p.grad = g  # torch's API for a parameter's gradient: the captured step keeps reading and writing these
         return loss
 
 
@@ -476,16 +503,9 @@ def _describe(kind: tuple) -> str:
     return f"no {', '.join(missing)}" if missing else "every field (" + ", ".join(k for k, _ in kind) + ")"
 
 
-def fast_note(trainer) -> str:
-    """One line saying which fast path a trainer runs (for benchmarks and logs)."""
-    fast = getattr(trainer, "fast", None)
-    if fast is None:
+def fast_note(stepper) -> str:
+    """One line saying which fast path a stepper (``Trainer.stepper``) runs (for benchmarks and logs)."""
+    record = stepper.record()
+    if record["mode"] == "off":
         return "fast path off (config.fast=False)"
-    return f"{fast.mode}" + (f" ({'; '.join(fast.notes)})" if fast.notes else "")
-
-
-def fast_record(trainer) -> dict:
-    """The fast path's record for metrics.json: {"mode", "notes"}, or mode "off"."""
-    fast = getattr(trainer, "fast", None)
-    return {"mode": "off", "notes": ["config.fast is False: the plain loss, validation as configured"]} \
-        if fast is None else fast.record()
+    return record["mode"] + (f" ({'; '.join(record['notes'])})" if record["notes"] else "")
