@@ -36,8 +36,9 @@ from ppl_vi.errors import ConfigError, PplViError, Terminated
 from ppl_vi.evaluate import CHECKPOINT_NAMES, describe_checkpoint, evaluate_run
 from ppl_vi.job import run_job, train
 from ppl_vi.models import REGISTRY
-from ppl_vi.models.base import default_make_batch, get_spec
-from ppl_vi.objectives.losses import DESCRIPTIONS
+from ppl_vi.loss_registry import DESCRIPTIONS
+from ppl_vi.models.base import get_spec
+from ppl_vi.models.protocols import SemiSupervised
 from ppl_vi.report import CHECK, render_check_page, write_report
 from ppl_vi.runtime import seed_everything
 
@@ -324,14 +325,14 @@ def cmd_check(args) -> int:
     warnings.filterwarnings("ignore", module=r"pyro(\..*)?$")
     common = dict(num_particles=args.k, beta=args.beta, seed=args.seed, repeats=args.repeats,
                   gradient_seeds=args.gradient_seeds)
-    if hasattr(model, "latent_sites_for"):  # semi-supervised: a labelled and an unlabelled batch
+    if isinstance(model, SemiSupervised):  # a labelled and an unlabelled batch
         batches = batches_from_data(model, data, args.batch_size, args.seed)
         if args.formula:
             return print_formula(bound_formula(model.model, model.guide, batches[0], model.max_plate_nesting))
         report = check_semisupervised(model, *batches, **common)
     else:
         y = data.train_y[: args.batch_size] if data.train_y is not None else None
-        batch = getattr(model, "make_batch", default_make_batch)(x, y)
+        batch = model.make_batch(x, y)
         if args.formula:
             return print_formula(bound_formula(model.model, model.guide, batch, model.max_plate_nesting))
         report = check_model(model, batch, **common)

@@ -22,9 +22,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import pydantic
 
+from ppl_vi import loss_registry
 from ppl_vi.errors import ConfigError
 
-LOSSES = ("trace", "meanfield", "enum", "stl", "renyi", "iwae", "vimco", "dreg")
+LOSSES = loss_registry.NAMES
 NAN_POLICIES = ("stop", "skip")
 ACTIVATIONS = ("softplus", "relu")
 
@@ -44,7 +45,7 @@ class TrainConfig:
     :class:`Schedule`, never by assigning to its config."""
 
     model: str = _field("vae", "registry name: ppl-vi list shows them")
-    loss: str = _field("trace", "trace | meanfield | enum | stl | renyi | iwae | vimco | dreg (ppl-vi list)")
+    loss: str = _field("trace", "the objective to train with (ppl-vi list describes each)")
     k: int = _field(1, "particles per datapoint (K of IWAE; averaged for the ELBO losses)")
     beta: float = _field(1.0, "weight of the KL term (β-VAE); 1 is the ELBO")
     kl_anneal: int = _field(0, "steps over which β ramps linearly from 0 to `beta` (0: no annealing)")

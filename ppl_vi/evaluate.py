@@ -23,17 +23,17 @@ from ppl_vi.data.mnist import validate_bernoulli_data
 from ppl_vi.data.sources import DataBundle, load_data
 from ppl_vi.errors import CheckpointError, ConfigError, DataError
 from ppl_vi.metrics import exact_metrics, iter_eval_batches, mean_se, predictions
-from ppl_vi.models.base import LatentModel, default_make_batch, get_spec
-from ppl_vi.nets import BernoulliDecoder
+from ppl_vi.models.base import LatentModel, get_spec
+from ppl_vi.models.protocols import Classifier, SplitsELBO
 from ppl_vi.iwae_eval import iwae_bounds, rows_per_pass
+from ppl_vi.nets import BernoulliDecoder
 from ppl_vi.runtime import resolve_device
 
 CHECKPOINT_NAMES = ("best", "last")
 
 
 def _batch(model, xb, yb, labelled: bool):
-    make = getattr(model, "make_batch", default_make_batch)
-    return make(xb, yb if labelled else None)
+    return model.make_batch(xb, yb if labelled else None)
 
 
 def validate_eval_inputs(model, x, y: Optional[Tensor] = None, ks: Sequence[int] = (1,), batch_size: int = 1,
@@ -59,9 +59,8 @@ def validate_eval_inputs(model, x, y: Optional[Tensor] = None, ks: Sequence[int]
         raise DataError(f"x has shape {tuple(x.shape)} and dtype {x.dtype}; {expected}")
     elif not torch.isfinite(x).all():
         raise DataError(f"x contains NaN or inf; {expected} with finite values")
-    x_dim = getattr(model, "x_dim", None)
-    if x_dim is not None and x.shape[1] != x_dim:
-        raise DataError(f"x has {x.shape[1]} columns but the model expects D = {x_dim}")
+    if model.x_dim is not None and x.shape[1] != model.x_dim:
+        raise DataError(f"x has {x.shape[1]} columns but the model expects D = {model.x_dim}")
     if param is not None and x.dtype != param.dtype:
         raise DataError(f"x has dtype {x.dtype} but the model's parameters are {param.dtype}; convert with "
                         f"x.to({param.dtype})")
@@ -108,7 +107,7 @@ def bound_metrics(model: LatentModel, x: Tensor, y: Optional[Tensor] = None, ks:
     for start, (xb, yb) in zip(range(0, x.shape[0], batch_size), iter_eval_batches(x, y, batch_size)):
         batch = _batch(model, xb, yb, labelled)
         draws = model.sample_draws(batch, 1) if model.latent_sites else {}
-        if hasattr(model, "elbo_terms"):
+        if isinstance(model, SplitsELBO):
             terms = model.elbo_terms(batch, draws)
             rec.append(terms["rec"].cpu())
             kl.append(terms["kl"].cpu())
@@ -252,7 +251,7 @@ def score_run(run_dir: Path, ks: Sequence[int], *, checkpoint: str = "best", dev
     metrics = bound_metrics(model, data.test_x, data.test_y, ks, batch_size, max_rows, progress, labelled,
                             seed=config.seed, iwae_images=n_iwae)
     metrics.update(exact_metrics(model, data.test_x, data.truth))
-    if hasattr(model, "classify") and data.test_y is not None:
+    if isinstance(model, Classifier) and data.test_y is not None:
         metrics.update(accuracy_metrics(model, data.test_x, data.test_y))
     metrics["eval_seconds"] = time.perf_counter() - start
     metrics["eval_device"] = str(next(model.parameters()).device)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 import psutil
@@ -40,8 +39,9 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, Batch, is_latent
+from ppl_vi.models.base import Batch
 from ppl_vi.objectives.importance import IWAELoss
+from ppl_vi.sites import PARTICLE_PLATE, LogMeanExp, chunk_sizes, is_latent, is_variable
 
 CPU_WORKING_SET = 32 * 2**20  # bytes one CPU pass may touch (about an L3 cache)
 GPU_MEMORY_FRACTION = 0.25  # of the free device memory
@@ -78,7 +78,7 @@ def record_guide(guide: Callable, batch: Batch) -> List[SiteRecord]:
         _set_rng_state(state)
     records = []
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
+        if not is_variable(site):
             continue
         frames = tuple((f.name, f.size, f.dim) for f in site["cond_indep_stack"] if f.vectorized)
         records.append(SiteRecord(name, site["fn"], frames, site["value"] if site["is_observed"] else None))
@@ -169,10 +169,9 @@ def iwae_bounds(model, batch: Batch, ks: Sequence[int], rows: int,
     reason = replay_mismatch(model.guide, replay, batch, model.max_plate_nesting)
     guide = model.guide if reason else replay
     objective = IWAELoss(1, model.max_plate_nesting)
-    running: Dict[int, Tensor] = {}
+    running = {k: LogMeanExp() for k in ks}
     done = 0
-    while done < top:
-        k_chunk = min(chunk, top - done)
+    for k_chunk in chunk_sizes(top, chunk):
         terms = objective.terms(model.model, guide, k_chunk, **batch)
         if terms.c != 1.0 or terms.beta != 1.0:
             raise ValueError(f"evaluation expects unscaled sites, found scale {terms.c} and β {terms.beta}")
@@ -182,10 +181,9 @@ def iwae_bounds(model, batch: Batch, ks: Sequence[int], rows: int,
         log_w = terms.log_weights  # (k_chunk, B); model-enumerated sites already summed out
         for k in ks:
             if k > done:  # particles done .. min(k, done + k_chunk) - 1 belong to L_k
-                part = torch.logsumexp(log_w[: min(k, done + k_chunk) - done], dim=0)  # (B,)
-                running[k] = part if k not in running else torch.logaddexp(running[k], part)
+                running[k].add(log_w[: min(k, done + k_chunk) - done])
         done += k_chunk
         if progress is not None:
             progress(k_chunk * size)
-    bounds = {k: running[k] - math.log(k) for k in ks}
+    bounds = {k: running[k].value() for k in ks}
     return IWAEResult(bounds, f"guide per chunk ({reason})" if reason else "encoder once per batch")

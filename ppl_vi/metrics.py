@@ -14,6 +14,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ppl_vi.models.protocols import Classifier, FittedParameters
+
 
 def iter_eval_batches(x: Tensor, y: Optional[Tensor], batch_size: int) -> Iterator[Tuple[Tensor, Optional[Tensor]]]:
     """Consecutive slices of ``x`` (and ``y``) of at most ``batch_size`` rows, in order."""
@@ -56,7 +58,7 @@ def accuracy(classify, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
 def classifier_accuracies(model, data, prefix: str = "") -> Dict:
     """``{prefix}val_accuracy`` and ``{prefix}test_accuracy`` of ``model.classify`` where the model
     classifies and the data have labels (the validation split only where it exists); else {}."""
-    if not hasattr(model, "classify") or data.test_y is None:
+    if not isinstance(model, Classifier) or data.test_y is None:
         return {}
     was_training = model.training
     model.eval()
@@ -74,7 +76,7 @@ def final_metrics(model, data) -> Dict:
     out = exact_metrics(model, data.test_x, data.truth)
     if out:
         out["train_log_likelihood"] = exact_metrics(model, data.train_x)["test_log_likelihood"]
-    if hasattr(model, "fitted_parameters"):
+    if isinstance(model, FittedParameters):
         out["fitted_parameters"] = model.fitted_parameters()
     out.update(classifier_accuracies(model, data, prefix="final_"))
     return out

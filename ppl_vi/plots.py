@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,6 +14,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 from ppl_vi import run as rundir  # noqa: E402
+from ppl_vi.models.protocols import ImageModel, LabelConditional, LatentEncoder  # noqa: E402
 
 
 def _save(fig, run_dir: Path, name: str) -> Path:
@@ -59,7 +59,7 @@ def curves_figure(history: List[dict]):
 
 @torch.no_grad()
 def image_figures(run_dir: Path, model, data) -> None:
-    if hasattr(model, "generate"):
+    if isinstance(model, ImageModel):
         torch.manual_seed(0)
         samples = model.generate(64)
         fig, ax = plt.subplots(figsize=(5, 5))
@@ -67,9 +67,8 @@ def image_figures(run_dir: Path, model, data) -> None:
         ax.set_title("samples from the prior (pixel probabilities)")
         ax.axis("off")
         _save(fig, run_dir, "samples")
-    if hasattr(model, "reconstruct"):
         reconstruction_grid(run_dir, model, data)
-    if hasattr(model, "encode_mean") and data.test_y is not None:
+    if isinstance(model, LatentEncoder) and data.test_y is not None:
         latent_scatter(run_dir, model.encode_mean(data.test_x[:2000]), data.test_y[:2000])
 
 
@@ -80,7 +79,7 @@ def reconstruction_grid(run_dir: Path, model, data, pairs: int = 4, columns: int
     n = pairs * columns
     x = data.test_x[:n]
     y = data.test_y[:n] if data.test_y is not None else None
-    recon = model.reconstruct(x, y) if y is not None and getattr(model, "needs_labels", False) else model.reconstruct(x)
+    recon = model.reconstruct(x, y) if y is not None and model.needs_labels else model.reconstruct(x)
     rows = torch.cat([torch.cat([x[i * columns:(i + 1) * columns], recon[i * columns:(i + 1) * columns]])
                       for i in range(pairs)])  # (2 * pairs * columns, D): original row, reconstruction row, ...
     fig, ax = plt.subplots(figsize=(0.62 * columns + 0.8, 0.62 * 2 * pairs + 0.5))
@@ -182,7 +181,7 @@ def training_figures(run_dir: Path, model, data, history: List[dict], metrics: O
     accuracy_curve(run_dir, history, metrics)
     if data.kind.startswith("mnist"):
         image_figures(run_dir, model, data)
-        if hasattr(model, "num_classes") and "y" in inspect.signature(getattr(model, "generate", len)).parameters:
+        if isinstance(model, LabelConditional):
             ssvae_style_grid(run_dir, model)  # ssvae, cvae: a row per class
     elif data.kind == "gmm" and data.train_x.shape[1] == 2:
         gmm_density(run_dir, model, data)

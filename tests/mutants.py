@@ -23,7 +23,7 @@ import pyro.infer.trace_elbo as trace_elbo
 import torch
 from pyro.infer.util import MultiFrameTensor
 
-from ppl_vi import bounds
+from ppl_vi import bounds, sites
 from ppl_vi.objectives import dreg, importance, vimco
 from ppl_vi.objectives.particle_loss import ParticleLoss
 
@@ -83,7 +83,7 @@ def _scaled_loss(cls, factor: float):
 
 
 def _per_particle_torch():
-    """``torch`` for importance.py with logsumexp over the particles replaced by one over the
+    """``torch`` for sites.py (the chunked log-mean-exp IWAELoss uses) with logsumexp over the particles replaced by one over the
     datapoints of each particle (averaged over particles, the same value for every datapoint)."""
     def logsumexp(x, dim=0, keepdim=False):
         if dim != 0 or x.dim() != 2:
@@ -112,7 +112,7 @@ def mutant(name: str):
             for cls in (ParticleLoss, importance.IWAELoss):
                 stack.enter_context(patched(cls, "differentiable_loss", _scaled_loss(cls, 1.05)))
         elif name == "per-particle-lme":
-            stack.enter_context(patched(importance, "torch", _per_particle_torch()))
+            stack.enter_context(patched(sites, "torch", _per_particle_torch()))  # IWAELoss's LogMeanExp
         elif name != "right":
             raise KeyError(name)
         yield

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "ppl_vi"
 #: module (or package prefix) -> floor; the longest matching prefix wins
 FLOORS = {
     "ppl_vi": 1, "ppl_vi.bounds": 1, "ppl_vi.nets": 1, "ppl_vi.data": 1, "ppl_vi.config": 1, "ppl_vi.run": 1,
-    "ppl_vi.runtime": 1, "ppl_vi.distributed": 1, "ppl_vi.errors": 1,
+    "ppl_vi.runtime": 1, "ppl_vi.distributed": 1, "ppl_vi.errors": 1, "ppl_vi.sites": 1, "ppl_vi.loss_registry": 1,
     "ppl_vi.models": 2, "ppl_vi.objectives": 2, "ppl_vi.plots": 2, "ppl_vi.report": 2, "ppl_vi.metrics": 2,
     "ppl_vi.iwae_eval": 2, "ppl_vi.fields": 1, "ppl_vi.progress": 1, "ppl_vi.job": 4,
     "ppl_vi.training": 3, "ppl_vi.evaluate": 3, "ppl_vi.check": 3,
@@ -35,7 +35,6 @@ KNOWN_UPWARD = {
     ("ppl_vi.run", "ppl_vi"),  # reads ppl_vi.__version__ (the root package, always loaded before its modules)
 }
 KNOWN_LATE = {
-    "ppl_vi.models.base",  # get_spec imports ppl_vi.models (registers the built-in models) on first use
     "ppl_vi",  # exports check_bound on first use (PEP 562): `import ppl_vi.errors` does not load the checker
 }
 

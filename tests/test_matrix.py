@@ -30,20 +30,26 @@ import warnings
 import pyro
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 
 from ppl_vi.check import check
 from ppl_vi.check.core import enumerates
 from ppl_vi.check.semisupervised import labelled_comparisons, unlabelled_comparisons
 from ppl_vi.check.suite import loss_comparisons, model_traits
+from ppl_vi.config import LOSSES as config_losses
 from ppl_vi.config import TrainConfig
 from ppl_vi.data.synthetic import default_gmm_params, default_linear_gaussian_params, sample_gmm, \
     sample_linear_gaussian
 from ppl_vi.errors import ConfigError
 from ppl_vi.models import REGISTRY
+from ppl_vi.models.protocols import (Classifier, ExactPosterior, FittedParameters, ImageModel, LabelConditional,
+                                     LatentEncoder, SemiSupervised, SplitsELBO)
+from ppl_vi.objectives.losses import BUILDERS, LOSSES, check_combination, make_loss, supported_losses, target_of
 from ppl_vi.training.graph_step import FastLoss, SyncFreeLoss, Unsupported
-from ppl_vi.objectives.losses import LOSSES, check_combination, make_loss, supported_losses
 
 DT = torch.float64
+PROTOCOLS = (ImageModel, LatentEncoder, SplitsELBO, Classifier, LabelConditional, SemiSupervised, ExactPosterior,
+             FittedParameters)
 K = 3  # particles: a multi-sample loss needs K >= 2
 B = 4  # datapoints per batch
 SMALL = dict(hidden=[8], z_dim=2, components=3)
@@ -87,8 +93,7 @@ def build(variant: str, device: str):
     if spec.data == "mnist-semisupervised":
         batches = {"labelled": model.make_batch(x, y), "unlabelled": model.make_batch(x, None)}
     else:
-        make = getattr(model, "make_batch", None)
-        batches = {"batch": make(x, y) if make else {"x": x}}
+        batches = {"batch": model.make_batch(x, y)}
     return model, batches
 
 
@@ -109,7 +114,7 @@ class TrainerPath:
 
     def __init__(self, loss, fast):
         self.inner, self.fast = loss, fast
-        self.target = getattr(loss, "target", None)
+        self.target = target_of(loss)
         self.enumerates = enumerates(loss)
 
     def differentiable_loss(self, model, guide, **batch):
@@ -150,6 +155,7 @@ def test_accepted_combination_is_proven(name, loss, fast, device):
     assert model_traits(model) == traits(name)
     spec = LOSSES[loss]
     loss_object = make_loss(loss, K if spec.target == "iwae" else K, model.max_plate_nesting)
+    assert target_of(loss_object) == spec.target  # else the expected-gradient rows would be skipped, not run
     fast_step = FastLoss(loss_object, model, device, quiet=True) if fast else None
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params, names = [p for _, p in named], [n for n, _ in named]
@@ -217,6 +223,41 @@ def test_the_matrix_covers_every_loss_and_model():
     assert {name for name, _ in accepted} == set(VARIANTS)  # every model trains with some loss
     assert supported_losses(traits("gmm[marginal]"), k=K) == ["enum", "iwae", "vimco"]
     assert supported_losses(traits("gmm"), k=K) == ["trace", "enum", "vimco"]
+
+
+def test_one_registry_names_builds_and_targets_every_loss():
+    """Catches: a loss added to the registry without a builder (or the reverse), a made loss whose target is not
+    the registry's, a Pyro ELBO made elsewhere given a target it does not declare, config listing other names."""
+    assert list(BUILDERS) == list(LOSSES) == list(config_losses)
+    for name, spec in LOSSES.items():
+        assert target_of(make_loss(name, 2)) == spec.target, name
+    assert target_of(Trace_ELBO()) is None and not hasattr(make_loss("trace"), "target")
+
+
+#: the optional capabilities (ppl_vi.models.protocols) each registry model offers
+CAPABILITIES = {
+    "vae": {"ImageModel", "LatentEncoder", "SplitsELBO"},
+    "gmvae": {"ImageModel", "LatentEncoder", "SplitsELBO"},
+    "cvae": {"ImageModel", "SplitsELBO", "LabelConditional"},
+    "cvae-completion": {"SplitsELBO"},
+    "ssvae": {"ImageModel", "LatentEncoder", "SplitsELBO", "Classifier", "LabelConditional", "SemiSupervised"},
+    "m1m2": {"ImageModel", "LatentEncoder", "SplitsELBO", "Classifier", "LabelConditional", "SemiSupervised"},
+    "gmm": {"ExactPosterior", "FittedParameters"},
+    "gmm[marginal]": {"ExactPosterior", "FittedParameters"},
+    "linear-gaussian": {"ExactPosterior"},
+    "linear-gaussian[exact]": {"ExactPosterior"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_protocols_say_what_each_model_offers(variant):
+    """Catches: a hook renamed or dropped from a model (the figures, metrics or checker would silently skip it),
+    a protocol that matches a model it does not describe, traits stated apart from the model's own."""
+    model, _ = build(variant, "cpu")
+    offered = {p.__name__ for p in PROTOCOLS if isinstance(model, p)}
+    assert offered == CAPABILITIES[variant]
+    assert model.own_traits() == traits(variant)
+    assert model.latent_reparameterized == (not traits(variant).discrete_guide)
 
 
 def matrix_table() -> str:

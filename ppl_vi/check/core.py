@@ -53,7 +53,9 @@ from ppl_vi.check.gradients import (GradientStats, TooManyTuples, enumerated_gra
                                     expected_gradient_rows, gradient_stats)
 from ppl_vi.check.reference import discrete_sites, has_continuous_sites, reference_loss
 from ppl_vi.check.rows import CheckReport, Row, failure_row, not_run_row, one_line, rel_diff
-from ppl_vi.models.base import Batch, Draws, draws_from_trace, is_latent, sample_draws
+from ppl_vi.models.base import Batch, Draws, draws_from_trace, sample_draws
+from ppl_vi.objectives.losses import target_of
+from ppl_vi.sites import guide_sites, in_data_plate, is_latent
 
 HandBound = Callable[[Batch, Draws], Tensor]  # (batch, draws) -> per-datapoint loss (B,), or () with global latents
 
@@ -69,8 +71,8 @@ class Comparison:
     another guide). ``same_sample=False`` where the hand bound needs no draws (enumeration);
     ``draws`` re-creates the draws after re-seeding where the default particle-plate run would not
     (e.g. the SSVAE's enumerated guide). ``compare_grads=False`` where only the value is comparable.
-    ``target`` ("elbo" or "iwae"; default the loss's own ``target``) names the objective whose
-    gradient the loss's expected gradient must equal; None skips the expected-gradient rows.
+    ``target`` ("elbo" or "iwae"; default the loss's own: :func:`~ppl_vi.objectives.losses.target_of`) names
+    the objective whose gradient the loss's expected gradient must equal; None skips the expected-gradient rows.
     """
 
     name: str
@@ -91,7 +93,7 @@ class Comparison:
     gradient_name: Optional[str] = None  # the expected-gradient rows' name (default ``name``)
 
     def objective(self) -> Optional[str]:
-        return getattr(self.loss, "target", None) if self.target == "auto" else self.target
+        return target_of(self.loss) if self.target == "auto" else self.target
 
 
 class HandError(Exception):
@@ -106,21 +108,6 @@ def call_hand(c: "Comparison", batch: Batch, draws: Draws) -> Tensor:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised, marked
         raise HandError(f"the hand bound raised {one_line(exc)}") from exc
-
-
-def in_data_plate(site, max_plate_nesting: int, data_plate: Optional[str] = None) -> bool:
-    """Is the site inside the data plate (named ``data_plate``, else the plate at dim -max_plate_nesting)?"""
-    if data_plate is not None:
-        return any(f.name == data_plate for f in site["cond_indep_stack"])
-    return any(f.dim == -max_plate_nesting for f in site["cond_indep_stack"])
-
-
-def data_plate_dim(site, max_plate_nesting: int, data_plate: Optional[str] = None) -> Optional[int]:
-    """The dim of the site's data plate, None outside it."""
-    for f in site["cond_indep_stack"]:
-        if (f.name == data_plate) if data_plate is not None else (f.dim == -max_plate_nesting):
-            return f.dim
-    return None
 
 
 def sequential_draws(guide: Callable, batch: Batch, num_particles: int) -> Draws:
@@ -421,21 +408,12 @@ def expected_gradient_check(name: str, loss_fn: Callable[[Batch], Tensor], model
             note = "; ".join(x for x in (note, "discrete sites sampled, not enumerated (the pair does not run on "
                                          f"one datapoint at a time: {one_line(exc)})") if x)
     if not discrete:  # nothing random when the loss enumerates every discrete site and nothing is continuous
-        random = continuous or any(not s["infer"].get("enumerate") for s in _guide_sites(guide, batch).values()
+        random = continuous or any(not s["infer"].get("enumerate") for s in guide_sites(guide, batch).values()
                                    if not getattr(s["fn"], "has_rsample", False))
         estimate = gradient_stats(lambda: loss_fn(batch), params,
                                   [seed + 100_003 + s for s in range(seeds if random else 1)],
                                   directions=reference.directions)
     return expected_gradient_rows(name, estimate, reference, names, note=note)
-
-
-def _guide_sites(guide, batch) -> dict:
-    """The guide's latent sites from one run, its random draws undone."""
-    state = torch.get_rng_state()
-    with torch.no_grad(), poutine.block():
-        trace = poutine.trace(guide).get_trace(**batch)
-    torch.set_rng_state(state)
-    return {n: s for n, s in trace.nodes.items() if is_latent(s)}
 
 
 def structure_row(model, guide, batch, max_plate_nesting) -> Row:

@@ -23,7 +23,8 @@ from pyro import poutine
 
 from ppl_vi.check.preflight import deepest_plate
 from ppl_vi.check.terms import SiteTerms, read_draw_set, trace_pairs
-from ppl_vi.models.base import Batch, is_latent
+from ppl_vi.models.base import Batch
+from ppl_vi.sites import is_deterministic, is_latent, is_variable
 
 GREEK = {"loc": ("μ", r"\mu"), "scale": ("σ", r"\sigma"), "probs": ("p", "p"), "logits": ("logits", r"\mathrm{logits}"),
          "df": ("ν", r"\nu"), "concentration": ("α", r"\alpha"), "rate": ("λ", r"\lambda"),
@@ -159,9 +160,7 @@ def bound_formula(model, guide, batch: Batch, max_plate_nesting: Optional[int] =
             return _density(trace.nodes[name], sources, "f", "θ", f"f({', '.join(before)})" if discrete else "")
         return _density(trace.nodes[name], data_sources, "g", "φ", "")
 
-    sites = [n for n in order if mt.nodes[n]["type"] == "sample" and (mt.nodes[n]["is_observed"] or
-                                                                    is_latent(mt.nodes[n])) and n not in summed
-             and not mt.nodes[n]["infer"].get("_deterministic")]
+    sites = [n for n in order if is_variable(mt.nodes[n]) and n not in summed and not is_deterministic(mt.nodes[n])]
     for name in sorted(sites, key=lambda n: not mt.nodes[n]["is_observed"]):  # the likelihood first
         group = next((key for key in own.enumerated if name in key.split("+")), None)
         scale = own.scales.get(group or name, c)

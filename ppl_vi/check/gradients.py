@@ -74,6 +74,7 @@ from ppl_vi.check.reference import discrete_sites
 from ppl_vi.check.rows import Row
 from ppl_vi.check.tails import student_t_tail, t_quantile, variance_df, welch_df  # noqa: F401 (re-exported)
 from ppl_vi.errors import ConfigError
+from ppl_vi.sites import tuple_digits
 
 FAMILY_ALPHA = 1e-3
 POWER_Z = 1.645  # the smallest detectable bias is stated at 95 % power
@@ -239,14 +240,7 @@ def slice_batch(batch: dict, index: int) -> dict:
 
 def tuple_values(sizes: Sequence[int], names: Sequence[str], k: int, index: int) -> dict:
     """The ``index``-th particle tuple: {site: (k,) long values}, mixed radix over (site, particle)."""
-    out = {}
-    for name, size in zip(names, sizes):
-        digits = []
-        for _ in range(k):
-            digits.append(index % size)
-            index //= size
-        out[name] = torch.tensor(digits)
-    return out
+    return dict(zip(names, tuple_digits(sizes, k, index)))
 
 
 def enumerated_gradient_stats(loss_fn: Callable[[dict], Tensor], params: Sequence[Tensor], batch: dict, guide,

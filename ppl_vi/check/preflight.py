@@ -30,7 +30,8 @@ from pyro import poutine
 from ppl_vi.check.rows import one_line
 from ppl_vi.check.terms import read_draw_set, trace_pairs
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import Batch, is_latent
+from ppl_vi.models.base import Batch
+from ppl_vi.sites import is_deterministic, is_latent
 
 
 @dataclasses.dataclass
@@ -87,7 +88,7 @@ def deepest_plate(*traces) -> int:
 def find_data_plate(model_trace, source: str, data_plate: str, size: int) -> None:
     """ConfigError unless every observed site lies in the plate ``data_plate`` of ``size`` datapoints."""
     observed = [(n, s) for n, s in model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]
-                and not s["infer"].get("_deterministic")]
+                and not is_deterministic(s)]
     if not observed:
         raise ConfigError(f"{source}: the model has no observed site (pyro.sample(..., obs=...)); nothing to check")
     for name, site in observed:

@@ -1,7 +1,11 @@
 """The reference objective for expected-gradient checks: exact in what is discrete, many draws in what is not.
 
 An estimator's gradient is right when its mean over seeds equals the gradient of the objective it
-targets. This module computes that objective by brute force, independently of every estimator:
+targets. This module computes that objective by brute force. Its independence of the estimators lies in
+its final formula only: the traces are read with the same helpers the losses use (:mod:`ppl_vi.sites`:
+plate membership, the guide's sites, fixed values, particle tuples, the (c, β) scale split), while the
+objective built from them (the tuple-weighted sum, the log-mean-exp over particles, the β-weighted bound)
+is written here again, apart from :mod:`ppl_vi.objectives`:
 
 * **discrete guide sites** (no ``rsample``) are not sampled but *enumerated*: for K particles and
   discrete sites with supports C_1, ..., C_m, all T = Π_s C_s^K particle tuples at once, each
@@ -33,47 +37,18 @@ from typing import Callable, Dict, Tuple
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, is_latent
+from ppl_vi.sites import (PARTICLE_PLATE, FixValues, enumerate_dim, guide_sites, in_data_plate, is_deterministic,
+                          is_latent, is_variable, split_scales, tuple_digits, unscaled_log_prob)
 
 TUPLES_PLATE, REPLICATES_PLATE = "_reference_tuples", "_reference_replicates"
 
 
-class _FixValues(Messenger):
-    """Set the named sample sites to the given values instead of sampling them."""
-
-    def __init__(self, values: Dict[str, Tensor]):
-        super().__init__()
-        self.values = values
-
-    def _pyro_sample(self, msg):
-        if msg["name"] in self.values:
-            msg["value"] = self.values[msg["name"]]
-            msg["done"] = True
-
-
-def _discover(guide: Callable, batch: dict, nest: int) -> Dict[str, object]:
-    """The guide's latent sites: {name: site} from one run (its RNG draws are undone)."""
-    state = torch.get_rng_state()
-    with torch.no_grad(), poutine.block():
-        trace = poutine.trace(guide).get_trace(**batch)
-    torch.set_rng_state(state)
-    return {n: s for n, s in trace.nodes.items() if is_latent(s)}
-
-
-def _in_data_plate(site, nest: int, data_plate=None) -> bool:
-    """In the plate named ``data_plate`` (a user's file), else in the plate at dim -nest."""
-    if data_plate is not None:
-        return any(frame.name == data_plate for frame in site["cond_indep_stack"])
-    return any(frame.dim == -nest for frame in site["cond_indep_stack"])
-
-
 def discrete_sites(guide: Callable, batch: dict, max_plate_nesting: int) -> Tuple[Tuple[str, int], ...]:
     """(name, support size) of the guide's sites without ``rsample``."""
-    sites = _discover(guide, batch, max_plate_nesting)
+    sites = guide_sites(guide, batch)
     out = []
     for name, site in sites.items():
         if getattr(site["fn"], "has_rsample", False):
@@ -86,32 +61,21 @@ def discrete_sites(guide: Callable, batch: dict, max_plate_nesting: int) -> Tupl
 
 
 def has_continuous_sites(guide: Callable, batch: dict, max_plate_nesting: int) -> bool:
-    return any(getattr(s["fn"], "has_rsample", False) for s in _discover(guide, batch, max_plate_nesting).values())
+    return any(getattr(s["fn"], "has_rsample", False) for s in guide_sites(guide, batch).values())
 
 
 def _tuple_values(guide, batch, nest: int, k: int, discrete) -> Tuple[int, Dict[str, Tensor]]:
     """All T particle tuples: {site: values broadcastable to (T, R, K, batch...)} and T."""
-    sizes = [size for _, size in discrete for _ in range(k)]  # one digit per (site, particle)
-    t = math.prod(sizes) if sizes else 1
-    sites = _discover(guide, batch, nest)
-    values, stride = {}, 1
-    index = torch.arange(t)
-    for name, size in discrete:
+    t = math.prod(size for _, size in discrete) ** k if discrete else 1
+    sites = guide_sites(guide, batch)
+    digits = tuple_digits([size for _, size in discrete], k, torch.arange(t))  # per site (T, K)
+    values = {}
+    for (name, size), chosen in zip(discrete, digits):
         support = sites[name]["fn"].enumerate_support(expand=False)  # (C, 1..., event)
         event = support.shape[1 + len(sites[name]["fn"].batch_shape):]
         flat = support.reshape((size,) + event)
-        digits = []
-        for _ in range(k):
-            digits.append((index // stride) % size)
-            stride *= size
-        chosen = flat[torch.stack(digits, dim=1)]  # (T, K, event...)
-        values[name] = chosen.reshape((t, 1, k) + (1,) * nest + event)
+        values[name] = flat[chosen].reshape((t, 1, k) + (1,) * nest + event)  # (T, K, event...) placed
     return t, values
-
-
-def _site_lp(site) -> Tensor:
-    lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-    return lp * site["mask"] if site["mask"] is not None else lp
 
 
 def _fold(lp: Tensor, nest: int, local: bool) -> Tensor:
@@ -144,7 +108,7 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
                           f"over the limit {max_evaluations}; use a smaller K, batch or replicate count")
     with pyro.plate(TUPLES_PLATE, t, dim=-(nest + 3)), pyro.plate(REPLICATES_PLATE, replicates, dim=-(nest + 2)), \
             pyro.plate(PARTICLE_PLATE, k, dim=-(nest + 1)):
-        guide_trace = poutine.trace(_FixValues(values)(guide)).get_trace(**batch)
+        guide_trace = poutine.trace(FixValues(values)(guide)).get_trace(**batch)
         enumerated = poutine.enum(model, first_available_dim=-(nest + 4))
         model_trace = poutine.trace(poutine.replay(enumerated, trace=guide_trace)).get_trace(**batch)
 
@@ -154,8 +118,8 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
     for name, site in guide_trace.nodes.items():
         if not is_latent(site):
             continue
-        local = _in_data_plate(site, nest, data_plate)
-        lq = _fold(_site_lp(site), nest, local)
+        local = in_data_plate(site, nest, data_plate)
+        lq = _fold(unscaled_log_prob(site), nest, local)
         if local:
             local_w = local_w - float(site["scale"]) * lq
         else:
@@ -166,15 +130,14 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
     if global_sites and discrete:
         raise ConfigError("the reference cannot enumerate discrete sites together with global latents")
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)) or \
-                site["infer"].get("_deterministic"):  # pyro.deterministic records a value, no density
+        if not is_variable(site) or is_deterministic(site):
             continue
         if is_latent(site) and name not in guided:
-            if site["infer"].get("_enumerate_dim") is None:
+            if enumerate_dim(site) is None:
                 raise ConfigError(f"the model's latent site {name!r} is neither in the guide nor enumerated")
             enum_names.append(name)
-        local = _in_data_plate(site, nest, data_plate)
-        lp = _fold(_site_lp(site), nest, local)
+        local = in_data_plate(site, nest, data_plate)
+        lp = _fold(unscaled_log_prob(site), nest, local)
         scale = float(site["scale"])
         if site["is_observed"]:
             if not local and not global_sites:
@@ -199,14 +162,7 @@ def reference_objective(model: Callable, guide: Callable, batch: dict, *, target
         if global_sites:
             return (local_w.sum(-1) + global_w.squeeze(-1)).mean((0, 1, 2))
         return (prob * local_w).sum(0).mean((0, 1))  # Σ_t P(t) f_t, mean over R (and K = 1)
-    scales = {s for s, _ in obs}
-    if len(scales) != 1:
-        raise ConfigError(f"the IWAE target needs one scale on the observed sites, found {sorted(scales)}")
-    c = scales.pop()
-    betas = {round(s / c, 12) for s, _ in latent} if c else {1.0}
-    if len(betas) > 1:
-        raise ConfigError("the IWAE target needs one scale on the latent sites")
-    beta = betas.pop() if betas else 1.0
+    c, beta = split_scales([s for s, _ in obs], [s for s, _ in latent])
     log_w = local_w / c  # Σ log p(x|h) + β (log p(h) - log q(h)): unscaled weights need β split off
     if beta != 1.0:
         if enum_names or global_sites:

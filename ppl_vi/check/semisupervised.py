@@ -1,6 +1,7 @@
 """The check of a semi-supervised model (the SSVAE, M2): a labelled and an unlabelled batch.
 
-A semi-supervised model follows the protocol of :class:`~ppl_vi.models.base.LatentModel` plus
+A semi-supervised model is a :class:`~ppl_vi.models.base.LatentModel` and a
+:class:`~ppl_vi.models.protocols.SemiSupervised`:
 ``make_batch(x, y=None)`` (labelled when y is given), ``latent_sites_for(batch)`` (("z",) labelled,
 ("y", "z") unlabelled), ``enum_draws(batch, K)`` (the guide run as ``TraceEnum_ELBO`` runs it, y
 enumerated left of the particle plate) and hand bounds that take sampled or enumerated draws.
@@ -63,14 +64,12 @@ def beta_comparison(model, name: str, k: int, beta: float, sites) -> Comparison:
 
 
 def labelled_comparisons(model, k: int, beta: float) -> List[Comparison]:
-    """Labelled batch: β on the labelled latent sites (``model.labelled_sites``, default ("z",));
-    TraceMeanField where the model has a closed-form KL; RenyiELBO against the model's own
-    ``renyi_labelled_loss`` where the classifier term depends on a latent (M1+M2's q(y|z1)), else
-    against -(L_K + α' log q(y|x)) (M2's classifier term is the same for every particle)."""
+    """Labelled batch: β on the labelled latent sites (``model.labelled_sites``); TraceMeanField where
+    the model has a closed-form KL; RenyiELBO against the model's ``renyi_labelled_loss`` (M2:
+    -(L_K + α' log q(y|x)), the classifier term the same for every particle; M1+M2: the α' log q(y|z1)
+    term inside the log-mean-exp)."""
     nest, iw_k = model.max_plate_nesting, max(k, 2)
-    sites = getattr(model, "labelled_sites", ("z",))
-    renyi_hand = getattr(model, "renyi_labelled_loss", None) or \
-        (lambda b, d: -(model.hand_iwae_bound(b, d) + model.classifier_term(b)))
+    sites = model.labelled_sites
     out = [
         Comparison(f"trace (K={k}) vs hand NELBO - a'log q", make_loss("trace", k, nest),
                    lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k),
@@ -79,10 +78,10 @@ def labelled_comparisons(model, k: int, beta: float) -> List[Comparison]:
                    lambda b, d: model.hand_negative_elbo(b, d, kl="mc"), k, statistical=False),
         # the classifier site carries its own scale α', which the IWAE reference objective does not
         # define: value and same-sample gradient only
-        Comparison(f"renyi (K={iw_k}) vs hand (classifier term inside)", make_loss("renyi", iw_k, nest), renyi_hand,
-                   iw_k, target=None),
+        Comparison(f"renyi (K={iw_k}) vs hand (classifier term inside)", make_loss("renyi", iw_k, nest),
+                   model.renyi_labelled_loss, iw_k, target=None),
     ]
-    if getattr(model, "has_analytic_kl", False):
+    if model.has_analytic_kl:
         out.insert(2, Comparison(f"meanfield (K={k}) vs hand (closed KL)", make_loss("meanfield", k, nest),
                                  lambda b, d: model.hand_negative_elbo(b, d, kl="analytic"), k))
     return out
@@ -192,9 +191,9 @@ def check_semisupervised(model, labelled_batch: Batch, unlabelled_batch: Batch, 
         warnings.filterwarnings("ignore", message=r"(?s).*Found vars in model but not guide")
         report_l = check(model.model, model.guide, labelled, labelled_comparisons(model, k, beta), params, **common)
         extra = [lambda: ladder_rows(model, unlabelled, ks, ladder_repeats, seed)]
-        if getattr(model, "iwae_sums_y_in_log", False):
+        if model.iwae_sums_y_in_log:
             extra.insert(0, lambda: summed_iwae_rows(model, unlabelled, k, repeats, seed))
-        if hasattr(model, "kl_z"):  # M2: the enumerated bound against a loop of labelled bounds (closed-form KL)
+        if model.has_analytic_kl:  # M2: the enumerated bound against a loop of labelled bounds (closed-form KL)
             extra.insert(0, lambda: closed_form_rows(model, unlabelled, k, seed, rtol))
         report_u = check(model.model, model.guide, unlabelled, unlabelled_comparisons(model, k, beta, unlabelled_hand),
                          params, extra_rows=extra, **common)

@@ -10,7 +10,6 @@ no gradient. Then the ground truth where log p(x) is exact.
 
 from __future__ import annotations
 
-import types
 from typing import List
 
 import torch
@@ -26,7 +25,7 @@ from ppl_vi.objectives.losses import LOSSES, make_loss, supported_losses
 
 def model_traits(model):
     """The traits of a built model instance (its guide choice included)."""
-    return model.traits(types.SimpleNamespace(guide=getattr(model, "guide_kind", None)))
+    return model.own_traits()
 
 
 def loss_comparisons(model, name: str, num_particles: int = 3, beta: float = 2.0) -> List[Comparison]:
@@ -60,7 +59,7 @@ def loss_comparisons(model, name: str, num_particles: int = 3, beta: float = 2.0
     out = [Comparison(f"{label} vs hand", loss, hand, k if model.latent_sites else 1,
                       same_sample=bool(model.latent_sites))]
     if spec.beta_ok and model.latent_sites:
-        sites = getattr(model, "beta_sites", model.latent_sites)
+        sites = model.beta_sites
         out.append(Comparison(f"{label}, beta={beta:g} vs hand", loss, lambda b, d: hand(b, d, beta), k,
                               model=scale_sites(model.model, sites, beta), guide=scale_sites(model.guide, sites, beta),
                               statistical=False))

@@ -37,13 +37,14 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
-from pyro.poutine.messenger import Messenger
 from torch import Tensor
-from torch.distributions.utils import _sum_rightmost
+from torch.distributions.utils import _sum_rightmost  # torch's own helper (private): sums rightmost dims
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, draws_from_trace, is_latent
+from ppl_vi.models.base import Batch, Draws, draws_from_trace
 from ppl_vi.objectives.traces import local_log_prob, run_particles
+from ppl_vi.sites import (PARTICLE_PLATE, FixValues, data_plate_dim, in_data_plate, is_deterministic, is_latent,
+                          is_variable, model_only_sites, unscaled_log_prob)
 
 
 @dataclasses.dataclass
@@ -159,9 +160,9 @@ def site_terms(model: Callable, guide: Callable, batch: Batch, k: int, max_plate
     guided = {n: s for n, s in guide_trace.nodes.items() if is_latent(s)}
     observed, prior, log_q, kl, scales, dims = {}, {}, {}, {}, {}, {}
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
+        if not is_variable(site):
             continue
-        if not any(f.dim == -max_plate_nesting for f in site["cond_indep_stack"]):
+        if not in_data_plate(site, max_plate_nesting):
             raise ConfigError(f"site {name!r} lies outside the data plate (a global latent): no per-datapoint terms")
         if not site["is_observed"] and name not in guided:
             raise ConfigError(f"the model's latent site {name!r} is not sampled by the guide: no per-site terms")
@@ -210,19 +211,6 @@ def names(value) -> List[str]:
 # a user's pair: the data plate by name, global latents, model-enumerated sites, particles one at a time
 
 
-class FixValues(Messenger):
-    """Give the named sample sites these values instead of sampling them (they stay latent sites)."""
-
-    def __init__(self, values: Dict[str, Tensor]):
-        super().__init__()
-        self.values = values
-
-    def _pyro_sample(self, msg):
-        if msg["name"] in self.values and not msg["is_observed"]:
-            msg["value"] = self.values[msg["name"]]
-            msg["done"] = True
-
-
 def closed_kl(q, p) -> Tensor:
     """KL(q || p) in closed form (NotImplementedError where none is registered), the two distributions first
     broadcast to one batch shape: some of torch's closed forms (Bernoulli-Bernoulli) index one by the
@@ -234,11 +222,6 @@ def closed_kl(q, p) -> Tensor:
     q = q if q.batch_shape == shape else q.expand(shape)
     p = p if p.batch_shape == shape else p.expand(shape)
     return kl_divergence(q, p)
-
-
-def plate_dim(site, data_plate: str) -> Optional[int]:
-    """The dim of the plate named ``data_plate`` around the site; None outside it (a global site)."""
-    return next((f.dim for f in site["cond_indep_stack"] if f.name == data_plate), None)
 
 
 def trace_pairs(model: Callable, guide: Callable, batch: Batch, k: int, nest: int, vectorized: bool,
@@ -381,11 +364,11 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
     cat = lambda xs, glob: xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1 if glob else -2)  # noqa: E731
     guide_trace, model_trace = pairs[0]
     guided = {n for n, s in guide_trace.nodes.items() if is_latent(s)}
-    enum_sites = {n for n, s in model_trace.nodes.items()
-                  if is_latent(s) and n not in guided and s["infer"].get("_enumerate_dim") is not None}
-    unguided = [n for n, s in model_trace.nodes.items() if is_latent(s) and n not in guided and n not in enum_sites]
+    enumerated_sites, unguided = model_only_sites(guide_trace, model_trace)
+    enum_sites = set(enumerated_sites)
     if unguided:
-        raise ConfigError(f"the model's latent site(s) {unguided} are neither sampled by the guide nor enumerated")
+        raise ConfigError(f"the model's latent site(s) {list(unguided)} are neither sampled by the guide nor "
+                          "enumerated")
 
     def stacked(name: str, fn_value) -> Optional[Tensor]:
         """``fn_value(guide_site, model_site)`` of every run, arranged and side by side; None if it is None."""
@@ -394,18 +377,17 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
             value = fn_value(g.nodes.get(name), m.nodes[name])
             if value is None:
                 return None
-            parts.append(arrange(value, nest, vectorized, plate_dim(m.nodes[name], data_plate), k, size))
-        return cat(parts, plate_dim(model_trace.nodes[name], data_plate) is None)
+            parts.append(arrange(value, nest, vectorized, data_plate_dim(m.nodes[name], nest, data_plate), k, size))
+        return cat(parts, data_plate_dim(model_trace.nodes[name], nest, data_plate) is None)
 
-    model_lp = lambda g, m: unscaled_log_prob_masked(m)  # noqa: E731
-    guide_lp = lambda g, m: unscaled_log_prob_masked(g)  # noqa: E731
+    model_lp = lambda g, m: unscaled_log_prob(m)  # noqa: E731
+    guide_lp = lambda g, m: unscaled_log_prob(g)  # noqa: E731
     observed, prior, log_q, kl, scales, dims, jac, consts, scale_terms, norms = {}, {}, {}, {}, {}, {}, {}, [], {}, {}
     globals_, entangled = [], {}
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)) or \
-                site["infer"].get("_deterministic"):  # pyro.deterministic: a recorded value, no density
+        if not is_variable(site) or is_deterministic(site):
             continue
-        local = plate_dim(site, data_plate) is not None
+        local = in_data_plate(site, nest, data_plate)
         value = stacked(name, model_lp)
         base_rank = 2 if local else 1
         scales[name] = _scale(site)
@@ -448,9 +430,9 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
                 jac[f"{side}:{name}"] = found
     for name, site in guide_trace.nodes.items():  # an autoguide's auxiliary site (AutoNormal's "z_unconstrained"):
         if is_latent(site) and name not in model_trace.nodes:  # its log q is a term of Pyro's loss, no log p
-            parts = [arrange(unscaled_log_prob_masked(g.nodes[name]), nest, vectorized,
-                             plate_dim(g.nodes[name], data_plate), k, size) for g, _ in pairs]
-            is_global = plate_dim(site, data_plate) is None
+            parts = [arrange(unscaled_log_prob(g.nodes[name]), nest, vectorized,
+                             data_plate_dim(g.nodes[name], nest, data_plate), k, size) for g, _ in pairs]
+            is_global = data_plate_dim(site, nest, data_plate) is None
             log_q[name] = cat(parts, is_global)
             prior[name] = torch.zeros_like(log_q[name])
             scales[name] = _scale(site)
@@ -491,12 +473,6 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
     scale_terms = {key: v for key, v in scale_terms.items() if key.split(":", 1)[1] not in entangled}
     return DrawSet(observed, prior, log_q, kl, scales, dims, tuple(globals_), enumerated, jac, consts, scale_terms,
                    norms, draws, pairs, k, size)
-
-
-def unscaled_log_prob_masked(site) -> Tensor:
-    """A site's log-density at its value, masked, without its scale."""
-    lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-    return lp * site["mask"] if site["mask"] is not None else lp
 
 
 def draw_sets(model: Callable, guide: Callable, batch: Batch, k: int, nest: int, data_plate: str, vectorized: bool,

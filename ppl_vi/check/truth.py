@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ppl_vi.check.rows import Row, close_row, rel_diff
 from ppl_vi.models.base import Batch
+from ppl_vi.models.protocols import ExactPosterior
 
 
 def iwae_ladder_rows(iwae_bound, elbo: Tensor, log_px: Optional[Tensor], ks: Sequence[int], repeats: int,
@@ -62,7 +63,7 @@ def ground_truth_rows(model, batch: Batch, ks=(1, 10, 100, 1000), repeats: int =
     rows: List[Row] = []
     log_px = model.exact_log_likelihood(batch).detach() if model.has_exact_log_likelihood else None
     nest = model.max_plate_nesting
-    if log_px is not None and getattr(model, "exact_guide_kind", None):
+    if log_px is not None and model.exact_guide_kind:
         exact = copy.copy(model)  # shares parameters; only the guide differs
         exact.guide_kind = model.exact_guide_kind
         exact.latent_sites = type(model).latent_sites
@@ -76,7 +77,7 @@ def ground_truth_rows(model, batch: Batch, ks=(1, 10, 100, 1000), repeats: int =
         draws = exact.sample_draws(batch, 4)
         rows.append(close_row("ground truth", "hand ELBO with exact posterior guide = log p(x)", log_px,
                               -exact.hand_negative_elbo(batch, draws, kl="mc"), rtol))
-    if log_px is not None and hasattr(model, "posterior_kl") and model.latent_sites:
+    if log_px is not None and isinstance(model, ExactPosterior) and model.latent_sites:
         kl_post = model.posterior_kl(batch).detach()
         with torch.no_grad():
             pyro.set_rng_seed(seed)

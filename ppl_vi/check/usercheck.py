@@ -48,6 +48,7 @@ from ppl_vi.check.terms import DrawSet, SiteTerms, draw_sets, total, view
 from ppl_vi.check.truth import iwae_ladder_rows
 from ppl_vi.errors import ConfigError
 from ppl_vi.objectives.importance import IWAELoss
+from ppl_vi.objectives.losses import target_of
 
 #: draw sets the diagnosis holds a bound against (more columns of evidence; the first is the same-sample one)
 DRAW_SETS = 4
@@ -234,7 +235,7 @@ def _pyro_loss(cls, k: int, setup: Setup):
 
 
 def _objective(loss) -> str:
-    return getattr(loss, "target", "iwae" if isinstance(loss, RenyiELBO) else "elbo")
+    return target_of(loss) or ("iwae" if isinstance(loss, RenyiELBO) else "elbo")
 
 
 def _comparison(label: str, loss, hand: Callable, k: int, setup: Setup, vectorized: bool, what: str) -> Comparison:

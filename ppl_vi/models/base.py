@@ -10,7 +10,10 @@ A model is an ``nn.Module`` with
   ``log_terms(batch, draws)`` (log p(x|z), log p(z), log q(z|x) at the draws) and, for the
   closed-form KL, ``kl_to_prior(batch)``; a model whose bounds take another form (a discrete
   latent with a score-function surrogate, an enumerated label) overrides them instead;
-* optionally ``exact_log_likelihood(batch)`` where log p(x) is tractable.
+* optionally ``exact_log_likelihood(batch)`` where log p(x) is tractable;
+* its :class:`~ppl_vi.loss_registry.ModelTraits` (``model_traits``, or ``traits(config)``), stated once;
+* any of the optional capabilities of :mod:`ppl_vi.models.protocols` (images, a classifier,
+  semi-supervised batches, an exact posterior), which callers check with ``isinstance``.
 
 ``batch`` is a dict of tensors (``{"x": x}``, or ``{"x": x, "y": y}``) passed to model and guide as
 keyword arguments. ``draws`` maps each latent site of the guide to its sampled value with a leading
@@ -21,6 +24,7 @@ parameters (the reparameterised path), so gradients of a hand bound are comparab
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Callable, Dict, Optional, Tuple
 
 import pyro
@@ -30,30 +34,17 @@ from torch import Tensor, nn
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
+from ppl_vi.loss_registry import ModelTraits
+from ppl_vi.sites import PARTICLE_PLATE, is_latent
 
 Batch = Dict[str, Optional[Tensor]]
 Draws = Dict[str, Tensor]
 
-PARTICLE_PLATE = "particles"
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelTraits:
-    """What decides which losses can train a model (``ppl_vi.objectives.losses.refusal``).
-
-    ``discrete_guide``: the guide samples a site without ``rsample`` (a score-function term is needed);
-    ``enumerable``: TraceEnum_ELBO has a discrete site to sum out (in the guide or the model);
-    ``model_enumerated``: a model site the guide does not sample is summed out by enumeration;
-    ``guide_latents``: the guide samples at least one latent site;
-    ``auxiliary_observed``: an observed site carries its own scale (a classifier term α'), so the
-    observed sites do not share the one minibatch scale the importance-weighted losses need.
-    """
-
-    discrete_guide: bool = False
-    enumerable: bool = False
-    model_enumerated: bool = False
-    guide_latents: bool = True
-    auxiliary_observed: bool = False
+class EnumeratedDraws(dict):
+    """Draws in which the guide's discrete site is enumerated, not sampled (``enum_draws`` of a
+    semi-supervised model): the discrete site holds its support, and the sites drawn after it have a
+    leading class dimension, (C, K, B, ...). A hand bound takes its exact-in-y form on these."""
 
 
 class LatentModel(nn.Module):
@@ -63,14 +54,19 @@ class LatentModel(nn.Module):
     max_plate_nesting: int = 1
     #: names of the guide's latent sample sites, in the order the guide draws them.
     latent_sites: tuple = ("z",)
-    #: whether the latent sites are reparameterised (Normal); discrete sites are not.
+    #: the data's dimension D (columns of x), where the model fixes it; evaluation checks x against it.
+    x_dim: Optional[int] = None
+    #: whether KL(q(z|x) || p(z)) has a closed form (:meth:`kl_to_prior`; TraceMeanField_ELBO).
     has_analytic_kl: bool = False
-    #: whether every latent site is reparameterised (pathwise gradients); False for discrete.
-    latent_reparameterized: bool = True
-    #: whether the guide's latent sites can be enumerated by TraceEnum_ELBO (discrete guides).
-    enumerable_guide: bool = False
+    #: what decides which losses can train the model: the one statement of its traits (a model whose
+    #: traits depend on its config, e.g. the guide it is built with, overrides :meth:`traits`).
+    model_traits: ModelTraits = ModelTraits()
+    #: the guide the model was built with, for models that offer several (``--guide``); None otherwise.
+    guide_kind: Optional[str] = None
     #: the guide setting under which q(z|x) is the exact posterior, where the model has one.
     exact_guide_kind = None
+    #: whether ``reconstruct(x, y)`` needs the labels (a class-conditional decoder that cannot predict y).
+    needs_labels: bool = False
     #: whether model/guide register the networks in Pyro's param store (``pyro.module``), as plain
     #: ``SVI`` with a ``pyro.optim`` optimiser needs; the trainer's fast path switches it off in
     #: the hot path (it optimises ``module.parameters()`` with a torch optimiser).
@@ -78,8 +74,32 @@ class LatentModel(nn.Module):
 
     @classmethod
     def traits(cls, config=None) -> ModelTraits:
-        """The model's :class:`ModelTraits` under ``config`` (from the class attributes by default)."""
-        return ModelTraits(discrete_guide=not cls.latent_reparameterized, enumerable=cls.enumerable_guide)
+        """The model's :class:`ModelTraits` under ``config`` (:attr:`model_traits` by default)."""
+        return cls.model_traits
+
+    def own_traits(self) -> ModelTraits:
+        """The traits of this built model (its guide choice included)."""
+        return self.traits(types.SimpleNamespace(guide=self.guide_kind))
+
+    @property
+    def latent_reparameterized(self) -> bool:
+        """Whether every latent site of the guide is reparameterised (pathwise gradients); False for discrete."""
+        return not self.own_traits().discrete_guide
+
+    @property
+    def enumerable_guide(self) -> bool:
+        """Whether the guide samples a discrete site TraceEnum_ELBO can enumerate."""
+        traits = self.own_traits()
+        return traits.enumerable and traits.guide_latents
+
+    @property
+    def beta_sites(self) -> tuple:
+        """The sites β (``--beta``, KL annealing) scales: every latent site of the guide."""
+        return tuple(self.latent_sites)
+
+    def make_batch(self, x: Tensor, y: Optional[Tensor] = None) -> Batch:
+        """How the model sees a slice of data: ``{"x": x}`` (labels unused) by default."""
+        return default_make_batch(x, y)
 
     def model(self, **batch):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -193,12 +213,6 @@ def sample_draws(guide: Callable, batch: Batch, num_particles: int, max_plate_ne
     return draws_from_trace(trace, num_particles, max_plate_nesting, sites)
 
 
-def is_latent(site) -> bool:
-    """An unobserved sample site that is a real random variable (not a plate's subsample site)."""
-    return (site["type"] == "sample" and not site["is_observed"]
-            and type(site["fn"]).__name__ != "_Subsample")
-
-
 def draws_from_trace(trace, num_particles: int, max_plate_nesting: int, sites=None) -> Draws:
     """Latent values of a guide trace, each given a leading particle dimension of size K."""
     draws = {}
@@ -246,9 +260,10 @@ def register(name: str, *, description: str, data: str, defaults: Optional[dict]
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The registry entry for ``name``, or a ConfigError listing the valid names."""
-    import ppl_vi.models  # noqa: F401  (registers the built-in models)
+    """The registry entry for ``name``, or a ConfigError listing the valid names.
 
+    The built-in models are registered by the time this runs: importing this module imports its package
+    first, and ``ppl_vi/models/__init__.py`` imports every built-in model."""
     if name not in REGISTRY:
         raise ConfigError(f"unknown model {name!r}; expected one of: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
@@ -281,13 +296,8 @@ def scale_sites(fn: Callable, sites, scale) -> Callable:
 
 
 # --------------------------------------------------------------------------------------------
-# Optional hooks for image models (MNIST): the trainer, evaluator and plots use them when present.
-#
-#   make_batch(x, y) -> Batch            how a model sees a slice of data (default {"x": x})
-#   elbo_terms(batch, draws) -> {"rec": (B,), "kl": (B,)}   E_q log p(x|z) and KL, per datapoint
-#   generate(n) -> (n, D) pixel probabilities from the prior
-#   reconstruct(x) -> (B, D) pixel probabilities of the decoder at the guide's mean
-#   encode_mean(x) -> (B, Z) the guide's mean (2-D latent plots)
+# Optional capabilities (images, classification, semi-supervision, exact likelihood) are the
+# protocols of :mod:`ppl_vi.models.protocols`, checked with ``isinstance``.
 
 
 def default_make_batch(x: Tensor, y: Optional[Tensor] = None) -> Batch:

@@ -38,6 +38,7 @@ from ppl_vi import bounds
 from ppl_vi.errors import ConfigError, DataError
 from ppl_vi.models.base import Batch, Draws, LatentModel, register
 from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, mlp
+from ppl_vi.sites import LogMeanExp, chunk_sizes
 
 NUM_CLASSES = 10
 #: quadrants in the order they are given (Pyro's examples/cvae): 1 -> BL, 2 -> BL+TR, 3 -> BL+TR+TL.
@@ -345,14 +346,11 @@ def completion_nll(model: CVAECompletion, x: Tensor, quadrants: Union[int, Tenso
     if k < 1 or (chunk is not None and chunk < 1):
         raise ConfigError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
     batch = completion_batch(x, quadrants)
-    running, done = None, 0
-    while done < k:
-        size = min(chunk or k, k - done)
+    log_mean_w = LogMeanExp()
+    for size in chunk_sizes(k, chunk):
         log_px, log_pz, log_qz = model.log_terms(batch, model.sample_draws(batch, size))
-        lse = torch.logsumexp(log_px + log_pz - log_qz, dim=0)  # (B,)
-        running = lse if running is None else torch.logaddexp(running, lse)
-        done += size
-    return -(running - math.log(k))
+        log_mean_w.add(log_px + log_pz - log_qz)  # (size, B)
+    return -log_mean_w.value()
 
 
 class CompletionBaseline(nn.Module):

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import Batch, Draws, LatentModel, ModelTraits, register
+from ppl_vi.loss_registry import ModelTraits
+from ppl_vi.models.base import Batch, Draws, LatentModel, register
 
 GUIDES = ("amortised", "posterior", "prior", "marginal")
 
@@ -40,7 +41,8 @@ GUIDES = ("amortised", "posterior", "prior", "marginal")
 )
 class GMM(LatentModel):
     latent_sites = ("c",)
-    latent_reparameterized = False
+    #: c is discrete: sampled by the guide (score function), enumerable; :meth:`traits` for the "marginal" guide
+    model_traits = ModelTraits(discrete_guide=True, enumerable=True)
     exact_guide_kind = "posterior"
 
     def __init__(self, num_components: int, x_dim: int, hidden: int = 32, guide: str = "amortised",
@@ -52,7 +54,6 @@ class GMM(LatentModel):
             raise ConfigError(f"num_components must be >= 1, got {num_components}")
         self.num_components, self.x_dim, self.guide_kind = num_components, x_dim, guide
         self.latent_sites = () if guide == "marginal" else ("c",)
-        self.enumerable_guide = guide != "marginal"
         self.logits = nn.Parameter(torch.zeros(num_components))
         self.locs = nn.Parameter(init_locs.clone() if init_locs is not None else torch.randn(num_components, x_dim))
         self.log_scales = nn.Parameter(torch.zeros(num_components, x_dim))
@@ -60,11 +61,10 @@ class GMM(LatentModel):
 
     @classmethod
     def traits(cls, config=None) -> ModelTraits:
-        """c is discrete: sampled by the guide (score function) or, with the "marginal" guide, summed out
-        in the model only."""
+        """:attr:`model_traits`; with the "marginal" guide, c is summed out in the model only."""
         if getattr(config, "guide", None) == "marginal":
             return ModelTraits(enumerable=True, model_enumerated=True, guide_latents=False)
-        return ModelTraits(discrete_guide=True, enumerable=True)
+        return cls.model_traits
 
     @classmethod
     def from_config(cls, config, data_info) -> "GMM":

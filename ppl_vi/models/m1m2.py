@@ -62,10 +62,12 @@ from torch import Tensor, nn
 from ppl_vi import bounds
 from ppl_vi import run as rundir
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, ModelTraits, register
+from ppl_vi.loss_registry import ModelTraits
+from ppl_vi.models.base import Batch, Draws, EnumeratedDraws, LatentModel, register
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, validate_labels
 from ppl_vi.models.ssvae import SemiSupervisedPair
 from ppl_vi.models.vae import VAE
+from ppl_vi.sites import PARTICLE_PLATE
 from ppl_vi.nets import GaussianEncoder, fresh_copy, mlp
 
 #: M1's architecture when no trained M1 is given (the ``vae`` defaults).
@@ -126,9 +128,11 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     latent_sites = ("z1", "y", "z2")
     labelled_sites = ("z1", "z2")
     name = "m1m2"
-    latent_reparameterized = False  # y is discrete on unlabelled batches
-    enumerable_guide = True
     has_analytic_kl = False  # q(z2|z1,y) depends on z1: no mean-field closed form
+    #: y is discrete on unlabelled batches; labelled batches carry the α'-scaled classifier site (which
+    #: depends on z1). So: enum and trace (``ppl_vi.loss_registry.refusal`` says why not the others;
+    #: meanfield would also need a mean-field guide, and q(z2|z1,y) depends on z1).
+    model_traits = ModelTraits(discrete_guide=True, enumerable=True, auxiliary_observed=True)
     #: with z1 drawn before y, the enumerated IWAE bound sums y inside the log: tighter than the ELBO
     iwae_sums_y_in_log = True
 
@@ -148,13 +152,6 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         self.classifier = mlp([self.z1_dim, *hidden, num_classes])  # logits of q(y|z1)
         self.encoder = GaussianEncoder(self.z1_dim + num_classes, list(hidden), z_dim)  # q(z2|z1,y)
         self.decoder = GaussianEncoder(z_dim + num_classes, list(reversed(hidden)), self.z1_dim)  # p(z1|y,z2)
-
-    @classmethod
-    def traits(cls, config=None) -> ModelTraits:
-        """y is discrete on unlabelled batches; labelled batches carry the α'-scaled classifier site
-        (which depends on z1). So: enum and trace (``ppl_vi.objectives.losses.refusal`` says why not
-        the others; meanfield would also need a mean-field guide, and q(z2|z1,y) depends on z1)."""
-        return ModelTraits(discrete_guide=True, enumerable=True, auxiliary_observed=True)
 
     @classmethod
     def from_config(cls, config, data_info) -> "M1M2":
@@ -203,7 +200,7 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         guide = poutine.enum(self.guide, first_available_dim=-(nest + 2))
         with pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nest + 1)):
             trace = poutine.trace(guide).get_trace(**batch)
-        return {name: trace.nodes[name]["value"] for name in ("y", "z1", "z2")}
+        return EnumeratedDraws({name: trace.nodes[name]["value"] for name in ("y", "z1", "z2")})
 
     # ---- log-densities, one line per term ------------------------------------------------------
     def log_px_and_qz1(self, x: Tensor, z1: Tensor):
@@ -258,7 +255,7 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         if y is not None:
             return -self.log_weights_labelled(batch, draws, beta).mean(0) - self.classifier_term(batch, z1)
         log_px, log_qz1 = self.log_px_and_qz1(x, z1)  # (K, B)
-        if draws["z2"].dim() == 4:  # enumerated: z2 (C, K, B, Z2)
+        if isinstance(draws, EnumeratedDraws):  # z2 (C, K, B, Z2)
             classes = self._class_values(x)  # (C, 1, 1)
             log_pz1, log_pz2, log_qz2 = self.log_m2_terms(z1, classes, draws["z2"])  # (C, K, B)
             logits = self.classifier(z1)  # (K, B, C)
@@ -288,7 +285,7 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         if y is not None:
             return bounds.iwae_bound(self.log_weights_labelled(batch, draws))
         log_px, log_qz1 = self.log_px_and_qz1(x, z1)
-        if draws["z2"].dim() == 4:
+        if isinstance(draws, EnumeratedDraws):
             log_pz1, log_pz2, log_qz2 = self.log_m2_terms(z1, self._class_values(x), draws["z2"])  # (C, K, B)
             per_class = torch.logsumexp(self.log_prior_y() + log_pz1 + log_pz2 - log_qz2, dim=0)  # (K, B)
             return bounds.iwae_bound(log_px - log_qz1 + per_class)
@@ -315,7 +312,7 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
             return {"rec": log_px.mean(0), "kl": (log_qz1 + log_qz2 - log_pz1 - log_pz2).mean(0) - self.log_prior_y()}
         logits = self.classifier(z1)
         kl_y = bounds.kl_categorical(logits, torch.zeros_like(logits))  # (K, B)
-        if draws["z2"].dim() == 4:
+        if isinstance(draws, EnumeratedDraws):
             log_pz1, log_pz2, log_qz2 = self.log_m2_terms(z1, self._class_values(x), draws["z2"])  # (C, K, B)
             kl_rest = (logits.softmax(-1).movedim(-1, 0) * (log_qz2 - log_pz1 - log_pz2)).sum(0)
         else:

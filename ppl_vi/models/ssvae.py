@@ -63,9 +63,11 @@ from torch import Tensor
 
 from ppl_vi import bounds
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, Batch, Draws, LatentModel, ModelTraits, register
+from ppl_vi.loss_registry import ModelTraits
+from ppl_vi.models.base import Batch, Draws, EnumeratedDraws, LatentModel, register
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, one_hot, validate_labels
 from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, fresh_copy, mlp
+from ppl_vi.sites import PARTICLE_PLATE
 
 
 class SemiSupervisedPair:
@@ -75,6 +77,8 @@ class SemiSupervisedPair:
     #: the registry name, for messages; the guide's latent sites on a labelled batch.
     name = "ssvae"
     labelled_sites: tuple = ("z",)
+    #: whether the enumerated IWAE bound sums y inside the log (a latent drawn before y): tighter than the ELBO
+    iwae_sums_y_in_log: bool = False
 
     def check_sizes(self, num_classes: int, alpha_scale: float) -> None:
         if num_classes < 2:
@@ -118,9 +122,10 @@ class SemiSupervisedPair:
 class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     #: every latent site the guide may have; :meth:`latent_sites_for` gives a batch's own.
     latent_sites = ("y", "z")
-    latent_reparameterized = False  # y is discrete on unlabelled batches
-    enumerable_guide = True
     has_analytic_kl = True  # for z given y
+    #: y is discrete on unlabelled batches (sampled or enumerated in the guide); labelled batches carry
+    #: the α'-scaled classifier site y_aux beside x.
+    model_traits = ModelTraits(discrete_guide=True, enumerable=True, auxiliary_observed=True)
 
     def __init__(self, x_dim: int, z_dim: int = 50, hidden: Sequence[int] = (500,),
                  num_classes: int = NUM_CLASSES, alpha_scale: float = 1.0):
@@ -131,12 +136,6 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         self.classifier = mlp([x_dim, *hidden, num_classes])  # logits of q(y|x)
         self.encoder = GaussianEncoder(x_dim + num_classes, list(hidden), z_dim)  # q(z|x,y)
         self.decoder = BernoulliDecoder(z_dim + num_classes, list(reversed(hidden)), x_dim)  # p(x|y,z)
-
-    @classmethod
-    def traits(cls, config=None) -> ModelTraits:
-        """y is discrete on unlabelled batches (sampled or enumerated in the guide); labelled batches carry
-        the α'-scaled classifier site y_aux beside x."""
-        return ModelTraits(discrete_guide=True, enumerable=True, auxiliary_observed=True)
 
     @classmethod
     def from_config(cls, config, data_info) -> "SSVAE":
@@ -182,7 +181,7 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         guide = poutine.enum(self.guide, first_available_dim=-(nest + 2))
         with pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nest + 1)):
             trace = poutine.trace(guide).get_trace(**batch)
-        return {"y": trace.nodes["y"]["value"], "z": trace.nodes["z"]["value"]}
+        return EnumeratedDraws(y=trace.nodes["y"]["value"], z=trace.nodes["z"]["value"])
 
     # ---- closed forms ----------------------------------------------------------------------
     def _log_terms(self, x: Tensor, y: Tensor, z: Tensor):
@@ -238,7 +237,7 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         if y is not None:
             return self.negative_elbo_xy(x, y, draws["z"], kl, beta) - self.classifier_term(batch)
         q_logits = self.classifier(x)  # (B, C)
-        if draws["z"].dim() == 4:  # enumerated: (C, K, B, Z), K first for the mean
+        if isinstance(draws, EnumeratedDraws):  # z (C, K, B, Z), K first for the mean
             per_class = self.negative_elbo_xy(x, self._class_values(x).squeeze(-1),
                                               draws["z"].transpose(0, 1), kl, beta, beta)  # (C, B)
             expected = (q_logits.softmax(-1).T * per_class).sum(0)  # Σ_y q(y|x) (-ELBO(x, y))
@@ -271,7 +270,7 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
             return {"rec": log_px.mean(0), "kl": self.kl_z(x, y) - self.log_prior_y()}
         q_logits = self.classifier(x)
         kl_y = bounds.kl_categorical(q_logits, torch.zeros_like(q_logits))
-        if draws["z"].dim() == 4:
+        if isinstance(draws, EnumeratedDraws):
             classes = self._class_values(x)  # (C, 1, 1)
             q = q_logits.softmax(-1).T  # (C, B)
             log_px, _, _ = self._log_terms(x, classes, draws["z"])  # (C, K, B)
@@ -291,7 +290,7 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         if y is not None:
             log_px, log_pz, log_qz = self._log_terms(x, y, draws["z"])
             return bounds.iwae_bound_beta(log_px, log_pz + self.log_prior_y(), log_qz, beta)
-        if draws["z"].dim() == 4:
+        if isinstance(draws, EnumeratedDraws):
             if beta != 1:
                 raise ConfigError("the enumerated IWAE bound is defined for beta = 1 only")
             log_px, log_pz, log_qz = self._log_terms(x, self._class_values(x), draws["z"])  # (C, K, B)
@@ -302,6 +301,11 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         q_logits = self.classifier(x)
         log_qy = bounds.log_categorical(y_k, q_logits.expand(y_k.shape + q_logits.shape[-1:]))
         return bounds.iwae_bound_beta(log_px, log_pz + self.log_prior_y(), log_qz + log_qy, beta)
+
+    def renyi_labelled_loss(self, batch: Batch, draws: Draws) -> Tensor:
+        """What RenyiELBO(α=0) computes on a labelled batch, (B,): -(L_K + α' log q(y|x)); the classifier
+        term is the same for every particle, so it leaves the log-mean-exp unchanged."""
+        return -(self.hand_iwae_bound(batch, draws) + self.classifier_term(batch))
 
     # ---- classification and image hooks (generate: LabelConditionalGenerator's) --------------
     def baseline_classifiers(self) -> dict:

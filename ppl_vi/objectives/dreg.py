@@ -31,11 +31,11 @@ import torch
 from torch import Tensor
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import is_latent
 from ppl_vi.objectives.importance import refuse_score_sites
 from ppl_vi.objectives.particle_loss import ParticleLoss
 from ppl_vi.objectives.traces import (particle_terms, path_only_log_prob, refuse_dependent_sites,
                                      run_particles)
+from ppl_vi.sites import is_latent
 
 
 class _GradientGate(torch.autograd.Function):

@@ -36,13 +36,12 @@ needed: :meth:`IWAELoss.differentiable_loss` refuses such a guide (use
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ppl_vi.errors import ConfigError
 from ppl_vi.objectives.traces import ParticleTerms, particle_terms, run_particles
+from ppl_vi.sites import LogMeanExp, chunk_sizes
 
 
 def refuse_score_sites(terms: ParticleTerms, loss_name: str, instead: str) -> None:
@@ -77,10 +76,8 @@ class IWAELoss:
     # ---- the bound -------------------------------------------------------------------------
     def _bound(self, model, guide, batch, check_grad: bool):
         """(bound, c, joint): β-weighted L_K per datapoint (B,), or the joint bound (scalar) with global latents."""
-        chunk = self.chunk_size or self.num_particles
-        running, mean_log_lik, done, terms = None, 0.0, 0, None
-        while done < self.num_particles:
-            k = min(chunk, self.num_particles - done)
+        log_mean_w, mean_log_lik, terms = LogMeanExp(), 0.0, None
+        for k in chunk_sizes(self.num_particles, self.chunk_size):
             terms = self.terms(model, guide, k, **batch)
             if check_grad:
                 refuse_score_sites(terms, "IWAELoss", "loss 'vimco' (VIMCO's score-function estimator for the "
@@ -88,14 +85,12 @@ class IWAELoss:
             log_w = terms.log_weights  # (k, B)
             if terms.global_ratio is not None:  # joint over the batch: (k,)
                 log_w = terms.global_ratio + log_w.sum(-1)
-            lse = torch.logsumexp(log_w, dim=0)
-            running = lse if running is None else torch.logaddexp(running, lse)
+            log_mean_w.add(log_w)
             if terms.beta != 1.0:
                 if terms.log_lik is None or terms.global_ratio is not None:
                     raise ConfigError("a latent scale β != 1 needs local latents and no model-enumerated sites")
                 mean_log_lik = mean_log_lik + terms.log_lik.sum(0)
-            done += k
-        iwae = running - math.log(self.num_particles)
+        iwae = log_mean_w.value()
         joint = terms.global_ratio is not None
         if joint and terms.c != 1.0:
             raise ConfigError(f"global latents {list(terms.global_sites)} need the whole data set in one batch "

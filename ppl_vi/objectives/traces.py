@@ -28,13 +28,14 @@ is then joint over the batch, log (1/K) Σ_k exp(global_k + Σ_i local_ki), neve
 (adding the global term to every datapoint would count it B times).
 
 **Scales.** Pyro's site scales are split, as in :class:`~ppl_vi.objectives.importance.IWAELoss`,
-into the minibatch scale c (shared by every observed site) and a latent weight β = (latent scale) / c.
+into the minibatch scale c (shared by every observed site) and a latent weight β = (latent scale) / c
+(:func:`ppl_vi.sites.split_scales`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple
 
 import pyro
 import torch
@@ -42,9 +43,8 @@ from pyro import poutine
 from torch import Tensor
 
 from ppl_vi.errors import ConfigError
-from ppl_vi.models.base import PARTICLE_PLATE, is_latent
-
-Scale = Union[float, Tensor]
+from ppl_vi.sites import (PARTICLE_PLATE, Scale, enumerate_dim, in_data_plate, is_latent, is_variable,
+                          model_only_sites, split_scales, unscaled_log_prob)
 
 
 @dataclasses.dataclass
@@ -86,18 +86,6 @@ def run_particles(model: Callable, guide: Callable, k: int, batch: dict, max_pla
     return guide_trace, model_trace
 
 
-def _in_data_plate(site, max_plate_nesting: int) -> bool:
-    return any(frame.dim == -max_plate_nesting for frame in site["cond_indep_stack"])
-
-
-def unscaled_log_prob(site) -> Tensor:
-    """A site's log-density at its value, masked, without its scale."""
-    lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-    if site["mask"] is not None:
-        lp = lp * site["mask"]
-    return lp
-
-
 def _local(lp: Tensor, k: int, max_plate_nesting: int, name: str, enum_dims: int = 0) -> Tensor:
     """Reshape a local site's log-density to (E..., k, B): plates right of the data plate summed,
     a missing particle dimension broadcast, ``enum_dims`` enumeration dims kept on the left."""
@@ -120,24 +108,6 @@ def _global(lp: Tensor, k: int, max_plate_nesting: int) -> Tensor:
     return lp.sum(tuple(range(-max_plate_nesting, 0))).expand(k)
 
 
-def _scales(obs_scales, latent_scales, check: bool):
-    """(c, β) from the observed and latent sites' scales. Python floats are checked (one c, one β);
-    tensor scales (KL annealing) are taken as given, to keep the step free of host syncs."""
-    if not obs_scales:
-        raise ConfigError("the objective needs an observed site (obs=...) in the model")
-    if any(torch.is_tensor(s) for s in obs_scales + latent_scales) and not check:
-        c = obs_scales[0]
-        return c, (latent_scales[0] / c if latent_scales else 1.0)
-    obs = {float(s) for s in obs_scales}
-    if len(obs) != 1:
-        raise ConfigError(f"the observed sites must share one scale (the minibatch scale), found {sorted(obs)}")
-    c = obs.pop()
-    betas = {round(float(s) / c, 12) for s in latent_scales} if c else set()
-    if len(betas) > 1:
-        raise ConfigError(f"the latent sites must share one scale β, found {sorted(betas)}")
-    return c, (betas.pop() if betas else 1.0)
-
-
 def particle_terms(guide_trace, model_trace, k: int, max_plate_nesting: int, *, check_scales: bool = True,
                    guide_log_prob: Callable = unscaled_log_prob) -> ParticleTerms:
     """:class:`ParticleTerms` from traces made by :func:`run_particles`.
@@ -145,20 +115,16 @@ def particle_terms(guide_trace, model_trace, k: int, max_plate_nesting: int, *, 
     ``guide_log_prob(site)`` gives a guide site's log q (DReG passes one with q's parameters held fixed).
     """
     nest = max_plate_nesting
-    guided = {n for n, s in guide_trace.nodes.items() if is_latent(s)}
-    enumerated = tuple(n for n, s in model_trace.nodes.items()
-                       if is_latent(s) and n not in guided and s["infer"].get("_enumerate_dim") is not None)
-    unguided = [n for n, s in model_trace.nodes.items() if is_latent(s) and n not in guided and n not in enumerated]
+    enumerated, unguided = model_only_sites(guide_trace, model_trace)
     if unguided:
-        raise ConfigError(f"the guide does not sample the model's latent site(s) {unguided} and they are not "
+        raise ConfigError(f"the guide does not sample the model's latent site(s) {list(unguided)} and they are not "
                           "enumerated; sample them in the guide, or mark them infer={'enumerate': 'parallel'}")
-    enum_dims = max((-s["infer"]["_enumerate_dim"] - nest - 1 for n, s in model_trace.nodes.items()
-                     if n in enumerated), default=0)
+    enum_dims = max((-enumerate_dim(model_trace.nodes[n]) - nest - 1 for n in enumerated), default=0)
     obs_scales, latent_scales = [], []
     log_lik, log_prior, global_ratio, enum_mask = 0.0, 0.0, None, None
     global_sites = []
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not (site["is_observed"] or is_latent(site)):
+        if not is_variable(site):
             continue
         if name in enumerated:  # summed out unmasked; a mask then drops the datapoint's whole marginal
             lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
@@ -166,7 +132,7 @@ def particle_terms(guide_trace, model_trace, k: int, max_plate_nesting: int, *, 
                 enum_mask = site["mask"] if enum_mask is None else enum_mask & site["mask"]
         else:
             lp = unscaled_log_prob(site)
-        if not _in_data_plate(site, nest):
+        if not in_data_plate(site, nest):
             if site["is_observed"] or name in enumerated:
                 raise ConfigError(f"site {name!r} lies outside the data plate; only latent sites may be global")
             global_ratio = (0.0 if global_ratio is None else global_ratio) + _global(lp, k, nest)
@@ -186,7 +152,7 @@ def particle_terms(guide_trace, model_trace, k: int, max_plate_nesting: int, *, 
         if not is_latent(site):
             continue
         lq = guide_log_prob(site)
-        if not _in_data_plate(site, nest):
+        if not in_data_plate(site, nest):
             global_ratio = (0.0 if global_ratio is None else global_ratio) - _global(lq, k, nest)
             continue
         lq = _local(lq, k, nest, name)
@@ -194,7 +160,7 @@ def particle_terms(guide_trace, model_trace, k: int, max_plate_nesting: int, *, 
         if not getattr(site["fn"], "has_rsample", False):
             log_score = log_score + lq
             score_sites.append(name)
-    c, beta = _scales(obs_scales, latent_scales, check_scales)
+    c, beta = split_scales(obs_scales, latent_scales, check_scales)
     joint = log_lik + log_prior
     if enumerated:  # sum the model-only sites out: logsumexp over the enumeration dims
         joint = torch.logsumexp(joint.reshape((-1,) + joint.shape[-2:]), dim=0) if joint.dim() > 2 else joint

@@ -27,12 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_vi.metrics import accuracy
+from ppl_vi.models.protocols import SemiSupervised
 from ppl_vi.training.batches import training_images
 
 
 def train_baselines(model, data, config, progress: bool = False) -> Dict:
     """Train and score every label-only baseline of ``model`` (nothing for other models/data)."""
-    if not config.baseline_steps or data.labelled_idx is None or not hasattr(model, "baseline_classifiers"):
+    if not config.baseline_steps or data.labelled_idx is None or not isinstance(model, SemiSupervised):
         return {}
     out: Dict = {}
     devices = [data.train_x.device] if data.train_x.device.type == "cuda" else []

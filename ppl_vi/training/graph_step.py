@@ -34,7 +34,6 @@ the graph does not take. Neither sees the trainer.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -45,9 +44,9 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 from torch import Tensor
 
-from ppl_vi.models.base import PARTICLE_PLATE
 from ppl_vi.objectives.importance import IWAELoss
 from ppl_vi.objectives.traces import particle_terms
+from ppl_vi.sites import PARTICLE_PLATE, LogMeanExp, chunk_sizes, is_variable
 
 
 class Unsupported(Exception):
@@ -76,13 +75,9 @@ def hot_path(module=None):
         torch.distributions.Distribution.set_default_validate_args(torch_validate)
 
 
-def _is_subsample(site) -> bool:
-    return type(site["fn"]).__name__ == "_Subsample"
-
-
 def _sample_sites(trace):
     """The trace's sample sites without the plates' own subsample sites (as Pyro prunes them)."""
-    return [site for site in trace.nodes.values() if site["type"] == "sample" and not _is_subsample(site)]
+    return [site for site in trace.nodes.values() if is_variable(site)]
 
 
 def _site_log_prob(site) -> Tensor:
@@ -166,8 +161,8 @@ class SyncFreeLoss:
     def _elbo(self, model, guide, batch) -> Tensor:
         loss = self.loss
         if loss.max_plate_nesting == float("inf"):
-            loss._guess_max_plate_nesting(model, guide, (), batch)  # Pyro's own first-call guess
-        if loss.vectorize_particles:
+            loss._guess_max_plate_nesting(model, guide, (), batch)  # private Pyro API: its first-call guess
+        if loss.vectorize_particles:  # private Pyro API (_vectorized_num_particles): Trace_ELBO's own particle plate
             particles = [self._elbo_particle(loss._vectorized_num_particles(model),
                                              loss._vectorized_num_particles(guide), batch)]
         else:
@@ -182,20 +177,16 @@ class SyncFreeLoss:
         """:meth:`IWAELoss.differentiable_loss` without reading scales back: a tensor β stays a tensor."""
         loss = self.loss
         K, nest = loss.num_particles, loss.max_plate_nesting
-        chunk = loss.chunk_size or K
-        running, mean_log_lik, done, terms = None, 0.0, 0, None
-        while done < K:
-            k = min(chunk, K - done)
+        log_mean_w, mean_log_lik, terms = LogMeanExp(), 0.0, None
+        for k in chunk_sizes(K, loss.chunk_size):
             with pyro.plate(PARTICLE_PLATE, k, dim=-(nest + 1)):
                 guide_trace, model_trace = self._traces(model, guide, batch)
             terms = particle_terms(guide_trace, model_trace, k, nest, check_scales=False)
             if terms.global_ratio is not None:
                 raise Unsupported(f"global latent(s) {list(terms.global_sites)}")
-            lse = torch.logsumexp(terms.log_weights, dim=0)
-            running = lse if running is None else torch.logaddexp(running, lse)
+            log_mean_w.add(terms.log_weights)
             mean_log_lik = mean_log_lik + terms.log_lik.sum(0)
-            done += k
-        bound = running - math.log(K)
+        bound = log_mean_w.value()
         if torch.is_tensor(terms.beta) or terms.beta != 1.0:
             bound = terms.beta * bound + (1 - terms.beta) * mean_log_lik / K
         return -terms.c * bound.sum()

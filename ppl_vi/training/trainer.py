@@ -38,8 +38,9 @@ from ppl_vi import run as rundir
 from ppl_vi.config import TrainConfig
 from ppl_vi.data.sources import DataBundle, load_data
 from ppl_vi.metrics import classifier_accuracies, iter_eval_batches
-from ppl_vi.models.base import Batch, LatentModel, default_make_batch, get_spec, scale_sites
-from ppl_vi.objectives.losses import check_config, make_loss
+from ppl_vi.loss_registry import check_config
+from ppl_vi.models.base import Batch, LatentModel, get_spec, scale_sites
+from ppl_vi.objectives.losses import make_loss
 from ppl_vi.runtime import resolve_device, seed_everything
 from ppl_vi.training import batches as epoch_batches
 from ppl_vi.training import diagnosis, loop, step
@@ -85,10 +86,10 @@ class Trainer:
                                 torch.Generator().manual_seed(config.seed))
         self.beta = torch.tensor(step.beta_at(0, config), device=self.device)  # updated in place when annealing
         scaled = config.beta != 1.0 or config.kl_anneal > 0
-        sites = getattr(self.model, "beta_sites", self.model.latent_sites)
+        sites = self.model.beta_sites
         self.model_fn = scale_sites(self.model.model, sites, self.beta) if scaled else self.model.model
         self.guide_fn = scale_sites(self.model.guide, sites, self.beta) if scaled else self.model.guide
-        self.make_batch = getattr(self.model, "make_batch", default_make_batch)
+        self.make_batch = self.model.make_batch
         # semi-supervised: where the labelled batches go in an epoch, and their weight (batches.LabelledSchedule)
         self.schedule = None if self.data.labelled_idx is None else epoch_batches.LabelledSchedule.from_config(
             config, self.data.labelled_idx.numel(), self.steps_per_epoch())
