@@ -246,6 +246,7 @@ CAPABILITIES = {
     "gmm[marginal]": {"ExactPosterior", "FittedParameters"},
     "linear-gaussian": {"ExactPosterior"},
     "linear-gaussian[exact]": {"ExactPosterior"},
+    "student-t-fa": {"FittedParameters"},  # examples/student_t_fa.py, registered when a test imported it first
 }
 
 
