@@ -21,7 +21,8 @@ from ppl_vi.errors import ConfigError
 
 LOSSES = ("trace", "meanfield", "enum", "stl", "renyi", "iwae", "vimco", "dreg")
 NAN_POLICIES = ("stop", "skip")
-ACTIVATIONS = ("softplus", "relu")
+ACTIVATIONS = ("softplus", "relu", "elu")
+SSL_OBJECTIVES = ("cs236", "kingma")  # semi-supervised objectives (ppl_vi.models.ssvae)
 
 
 @dataclasses.dataclass
@@ -33,7 +34,7 @@ class TrainConfig:
     kl_anneal: int = 0  # steps over which β ramps linearly from 0 to `beta` (0: no annealing)
     z_dim: int = 50  # latent dimension
     hidden: List[int] = dataclasses.field(default_factory=lambda: [500, 500])  # hidden layer widths
-    activation: str = "softplus"  # softplus | relu: the nonlinearity between hidden layers (VAE, GMVAE)
+    activation: str = "softplus"  # softplus | relu | elu: the nonlinearity between hidden layers (VAE, GMVAE; SSVAE's q(z|x,y) and p(x|y,z))
     components: int = 3  # mixture components (GMM, GMVAE prior)
     guide: Optional[str] = None  # model-specific guide (gmm: amortised|posterior|prior|marginal; linear-gaussian: amortised|exact)
     epochs: int = 10  # passes over the training set
@@ -48,7 +49,8 @@ class TrainConfig:
     n_train: int = 5000  # synthetic data sets: training points
     n_test: int = 2000  # synthetic data sets: test points
     labels: int = 100  # semi-supervised: labelled training images, class-balanced
-    alpha: float = 0.1  # semi-supervised: weight of the classifier term, times the data size
+    objective: str = "cs236"  # semi-supervised: cs236 (classifier cross-entropy on the labels, no labelled ELBO) | kingma (Kingma et al. 2014's J^alpha)
+    alpha: Optional[float] = None  # semi-supervised: weight of the classifier term (null: the objective's own, cs236 100, kingma 0.1 x data size)
     labelled_every: int = 1  # semi-supervised: a labelled batch every k-th step (1: every step; 0: once per epoch)
     labelled_batch_size: int = 0  # semi-supervised: images per labelled batch (0: all labels, at most batch_size)
     baseline_steps: int = 1000  # semi-supervised: Adam steps of the supervised-only baseline classifier (0: none)
@@ -91,7 +93,9 @@ class TrainConfig:
             (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1] (1: no decay), got {self.lr_decay}"),
-            (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+            (self.alpha is None or self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+            (self.objective in SSL_OBJECTIVES,
+             f"objective must be {' or '.join(SSL_OBJECTIVES)}, got {_short(self.objective)}"),
             (self.max_minutes is None or self.max_minutes > 0,
              f"max_minutes must be > 0 (or null: no budget), got {self.max_minutes}"),
             (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,

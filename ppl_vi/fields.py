@@ -15,11 +15,12 @@ import tokenize
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
-from ppl_vi.config import ACTIVATIONS, LOSSES, NAN_POLICIES, TrainConfig
+from ppl_vi.config import ACTIVATIONS, LOSSES, NAN_POLICIES, SSL_OBJECTIVES, TrainConfig
 from ppl_vi.errors import ConfigError
 
 #: fields whose values come from a fixed set (shown in --help; the config validates them)
 CHOICES: Dict[str, Tuple[str, ...]] = {"loss": LOSSES, "nan_policy": NAN_POLICIES, "activation": ACTIVATIONS,
+                                       "objective": SSL_OBJECTIVES,
                                        "device": ("auto", "cpu", "cuda", "cuda:N")}
 
 
@@ -47,11 +48,11 @@ SCOPE: Dict[str, Scope] = {
     "z_dim": Scope("every model but gmm", all_but=("gmm",)),
     "hidden": Scope("every model but linear-gaussian", all_but=("linear-gaussian",)),
     "components": Scope("gmm, gmvae", models=("gmm", "gmvae")),
-    "activation": Scope("vae, gmvae", models=("vae", "gmvae")),
+    "activation": Scope("vae, gmvae, ssvae", models=("vae", "gmvae", "ssvae")),
     "guide": Scope("gmm, linear-gaussian", models=("gmm", "linear-gaussian")),
     "data_dir": _MNIST, "val_size": _MNIST, "train_subset": _MNIST,
     "n_train": _SYNTHETIC, "n_test": _SYNTHETIC,
-    "labels": _SEMI, "alpha": _SEMI, "labelled_every": _SEMI, "labelled_batch_size": _SEMI, "baseline_steps": _SEMI,
+    "labels": _SEMI, "alpha": _SEMI, "objective": _SEMI, "labelled_every": _SEMI, "labelled_batch_size": _SEMI, "baseline_steps": _SEMI,
     "m1": Scope("m1m2", models=("m1m2",)),
 }
 

@@ -261,7 +261,9 @@ class FastStep:
     on every call: a batch whose guide samples a discrete site (which needs a score-function term)
     or whose sites are enumerated runs the trainer's own loss, eagerly, never the sync-free one.
     Every decision is a line in ``notes``, written to stdout as it is made (whatever the progress
-    setting), and :meth:`record` gives both for metrics.json.
+    setting), and :meth:`record` gives both for metrics.json. On a CPU device it first calls
+    ``torch.set_flush_denormal(True)`` (subnormal floats read as 0: 2.4-3.3x faster CPU steps once
+    weights decay into them), said in a note and recorded as ``flush_denormal``.
     """
 
     def __init__(self, trainer, quiet: bool = False, warmup: int = 3, log: Optional[Callable[[str], None]] = None):
@@ -275,6 +277,10 @@ class FastStep:
         except Unsupported as exc:
             self.sync_free = None
             self._note(f"sync-free loss off ({exc}); using {type(trainer.loss).__name__} eagerly")
+        self.flush_denormal = trainer.device.type == "cpu" and torch.set_flush_denormal(True)
+        if self.flush_denormal:  # process-wide, and kept after training (evaluation gains from it too)
+            self._note("CPU: subnormal floats flushed to zero (torch.set_flush_denormal(True)); they made CPU steps "
+                       "2.4-3.3x slower once weights and gradients decayed into them")
         self.graph_reason = self._graph_blocker()
         if self.graph_reason and self.sync_free is not None:
             self._note(f"CUDA graph off ({self.graph_reason}); using the sync-free eager step")
@@ -336,7 +342,7 @@ class FastStep:
 
     def record(self) -> dict:
         """What ran, for metrics.json: the mode and every note on how it was decided."""
-        return {"mode": self.mode, "notes": list(self.notes)}
+        return {"mode": self.mode, "flush_denormal": self.flush_denormal, "notes": list(self.notes)}
 
     # ---- the loss -----------------------------------------------------------------------------
     def differentiable_loss(self, model, guide, *args, **batch) -> Tensor:
@@ -486,5 +492,6 @@ def fast_note(trainer) -> str:
 def fast_record(trainer) -> dict:
     """The fast path's record for metrics.json: {"mode", "notes"}, or mode "off"."""
     fast = getattr(trainer, "fast", None)
-    return {"mode": "off", "notes": ["config.fast is False: the plain loss, validation as configured"]} \
+    return {"mode": "off", "flush_denormal": False,
+            "notes": ["config.fast is False: the plain loss, validation as configured"]} \
         if fast is None else fast.record()
