@@ -436,6 +436,7 @@ def render_report(run_dir: Path, check: Optional[dict] = None) -> str:
     headline = []
     for key, label in (("final_train_loss", "train loss"), ("final_val_loss", "val loss"),
                        ("test_log_likelihood", "test log p(x)"), ("test_accuracy", "test accuracy"),
+                       ("final_test_accuracy", "test accuracy (last epoch)"),
                        ("baseline_test_accuracy", "supervised-only baseline"),
                        ("accuracy_gain", "gain over the baseline")):
         if isinstance(metrics.get(key), (int, float)):
