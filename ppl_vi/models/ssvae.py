@@ -92,6 +92,8 @@ class SemiSupervisedPair:
     #: the registry name, for messages; the guide's latent sites on a labelled batch.
     name = "ssvae"
     labelled_sites: tuple = ("z",)
+    #: "kingma" (a labelled batch carries its ELBO and the classifier term) or "cs236" (the classifier term alone)
+    objective: str = "kingma"
 
     def check_sizes(self, num_classes: int, alpha_scale: float, objective: str = "kingma") -> None:
         if objective not in OBJECTIVE_ALPHA:
@@ -129,7 +131,7 @@ class SemiSupervisedPair:
     @property
     def labelled_elbo(self) -> bool:
         """Does a labelled batch carry its ELBO term (kingma), or only the classifier term (cs236)?"""
-        return getattr(self, "objective", "kingma") == "kingma"
+        return self.objective == "kingma"
 
     def _one_hot(self, y: Tensor, like: Tensor) -> Tensor:
         return one_hot(y, self.num_classes, like.dtype)
