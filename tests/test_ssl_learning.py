@@ -4,18 +4,19 @@ and does not when there are no unlabelled images to learn from.
 One CPU thread, seed 0, 100 labels (10 per class) from the first 10,000 training images, the first
 2,000 test images (fixed binarisation). M2: ``ppl-vi train ssvae``'s defaults (objective cs236,
 α = 100, z = 64, ELU/ReLU, batch 100, Adam 1e-3, TraceEnum_ELBO) with the hidden layers narrowed to
-128-128 so that 1,000 steps fit in about a minute of CPU; the trainer's own batches and
+128-128 so that 2,000 steps take about a minute of CPU; the trainer's own batches and
 ``train_step``. Baseline: :func:`ppl_vi.training.baseline.train_one`, the same classifier network
-freshly initialised, trained on the 100 labelled images alone for the same 1,000 Adam steps.
+freshly initialised, trained on the 100 labelled images alone for the same 2,000 Adam steps.
 
-Measured while writing this test (same settings): the gain over the baseline grows with the steps,
--1.5 points at 250, +0.05 at 500, +1.15 at 750, **+2.35 at 1,000** (M2 71.20 %, baseline 68.85 %):
-the unlabelled images' bound takes several hundred steps before it helps the classifier, which is
-why a test of a few seconds cannot show it. Asserted: gain > 1.5 points. Negative control: the
-"unlabelled" set replaced by the labelled images themselves (no image the baseline has not seen):
-the gain stays below 1.5 points. The standard error of a paired accuracy difference on 2,000 test
-images is about 0.7 points at these accuracies, so 1.5 points is about 2 SE: the margin is stated,
-and seeded, not a statistical claim over seeds.
+Measured while writing this test (Intel Xeon, one thread): gain **+4.95 points** after 2,000 steps
+(64 s of CPU), +0.80 after 1,000; the negative control (the "unlabelled" set replaced by the
+labelled images themselves, so no image the baseline has not seen) **+0.85** after 2,000 (62 s).
+The unlabelled images' bound takes several hundred steps before it helps the classifier (an
+exploratory run: -1.5 points at 250 steps, 0 at 500), so a test of a few seconds cannot show it:
+this one is marked slow (about 2 minutes of CPU, ``pytest -m slow``). Asserted: gain > 2.5 points
+with unlabelled images, < 2.5 points without. The standard error of a paired accuracy difference
+on 2,000 test images is about 0.7 points here, so 2.5 points is about 3.5 SE from each measured
+value: a stated margin on a seeded run, not a statistical claim over seeds.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ppl_vi.training import Trainer
 from ppl_vi.training.baseline import train_one
 from ppl_vi.training.batches import LabelledSchedule
 
-STEPS, TEST_IMAGES, MARGIN = 1000, 2000, 0.015
+STEPS, TEST_IMAGES, MARGIN = 2000, 2000, 0.025
 
 
 @pytest.fixture
