@@ -41,6 +41,7 @@ from ppl_vi.models.base import get_spec
 from ppl_vi.models.protocols import SemiSupervised
 from ppl_vi.report import CHECK, render_check_page, write_report
 from ppl_vi.runtime import seed_everything
+from ppl_vi.training.baseline import gain_line
 
 EXAMPLES = """examples:
   ppl-vi run                                   # the main job: a VAE trained, tested and reported, sized to this machine
@@ -213,6 +214,8 @@ def cmd_train(args) -> int:
     print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     if run_dir is not None:
         print(f"run directory: {run_dir}")
+    if gain_line(trainer.metrics):  # semi-supervised: the last line says what the unlabelled images added
+        print(gain_line(trainer.metrics))
     return 0
 
 

@@ -27,7 +27,8 @@ from ppl_vi.errors import ConfigError
 
 LOSSES = loss_registry.NAMES
 NAN_POLICIES = ("stop", "skip")
-ACTIVATIONS = ("softplus", "relu")
+ACTIVATIONS = ("softplus", "relu", "elu")
+SSL_OBJECTIVES = ("cs236", "kingma")  # semi-supervised objectives (ppl_vi.models.ssvae)
 
 
 def _field(default=None, help: str = "", factory=None):
@@ -51,7 +52,8 @@ class TrainConfig:
     kl_anneal: int = _field(0, "steps over which β ramps linearly from 0 to `beta` (0: no annealing)")
     z_dim: int = _field(50, "latent dimension")
     hidden: List[int] = _field(help="hidden layer widths", factory=lambda: [500, 500])
-    activation: str = _field("softplus", "softplus | relu: the nonlinearity between hidden layers (VAE, GMVAE)")
+    activation: str = _field("softplus", "softplus | relu | elu: the nonlinearity between hidden layers (VAE, GMVAE; "
+                             "SSVAE's q(z|x,y) and p(x|y,z))")
     components: int = _field(3, "mixture components (GMM, GMVAE prior)")
     guide: Optional[str] = _field(
         None, "model-specific guide (gmm: amortised|posterior|prior|marginal; linear-gaussian: amortised|exact)")
@@ -67,7 +69,10 @@ class TrainConfig:
     n_train: int = _field(5000, "synthetic data sets: training points")
     n_test: int = _field(2000, "synthetic data sets: test points")
     labels: int = _field(100, "semi-supervised: labelled training images, class-balanced")
-    alpha: float = _field(0.1, "semi-supervised: weight of the classifier term, times the data size")
+    objective: str = _field("cs236", "semi-supervised: cs236 (classifier cross-entropy on the labels, no labelled "
+                            "ELBO) | kingma (Kingma et al. 2014's J^alpha)")
+    alpha: Optional[float] = _field(None, "semi-supervised: weight of the classifier term (none: the objective's own, "
+                                    "cs236 100, kingma 0.1 x data size)")
     labelled_every: int = _field(
         1, "semi-supervised: a labelled batch every k-th step (1: every step; 0: once per epoch)")
     labelled_batch_size: int = _field(
@@ -117,7 +122,9 @@ class TrainConfig:
             (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1] (1: no decay), got {self.lr_decay}"),
-            (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+            (self.alpha is None or self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+            (self.objective in SSL_OBJECTIVES,
+             f"objective must be {' or '.join(SSL_OBJECTIVES)}, got {_short(self.objective)}"),
             (self.max_minutes is None or self.max_minutes > 0,
              f"max_minutes must be > 0 (or null: no budget), got {self.max_minutes}"),
             (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
@@ -319,11 +326,11 @@ SCOPE: Dict[str, Scope] = {
     "z_dim": Scope("every model but gmm", all_but=("gmm",)),
     "hidden": Scope("every model but linear-gaussian", all_but=("linear-gaussian",)),
     "components": Scope("gmm, gmvae", models=("gmm", "gmvae")),
-    "activation": Scope("vae, gmvae", models=("vae", "gmvae")),
+    "activation": Scope("vae, gmvae, ssvae", models=("vae", "gmvae", "ssvae")),
     "guide": Scope("gmm, linear-gaussian", models=("gmm", "linear-gaussian")),
     "data_dir": _MNIST, "val_size": _MNIST, "train_subset": _MNIST,
     "n_train": _SYNTHETIC, "n_test": _SYNTHETIC,
-    "labels": _SEMI, "alpha": _SEMI, "labelled_every": _SEMI, "labelled_batch_size": _SEMI, "baseline_steps": _SEMI,
+    "labels": _SEMI, "alpha": _SEMI, "objective": _SEMI, "labelled_every": _SEMI, "labelled_batch_size": _SEMI, "baseline_steps": _SEMI,
     "m1": Scope("m1m2", models=("m1m2",)),
 }
 

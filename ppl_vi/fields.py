@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Optional, Tuple
 
-from ppl_vi.config import ACTIVATIONS, LOSSES, NAN_POLICIES, TrainConfig
+from ppl_vi.config import ACTIVATIONS, LOSSES, NAN_POLICIES, SSL_OBJECTIVES, TrainConfig
 from ppl_vi.config import SCOPE, Scope, applies, refuse_inapplicable  # noqa: F401  (declared with the fields)
 
 #: fields whose values come from a fixed set (shown in --help; the config validates them)
 CHOICES: Dict[str, Tuple[str, ...]] = {"loss": LOSSES, "nan_policy": NAN_POLICIES, "activation": ACTIVATIONS,
+                                       "objective": SSL_OBJECTIVES,
                                        "device": ("auto", "cpu", "cuda", "cuda:N")}
 
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 
 #: the hidden-layer nonlinearities a config can name (``activation``)
-ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU}
+ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU, "elu": nn.ELU}
 
 
 def mlp(sizes: Sequence[int], activation=nn.Softplus) -> nn.Sequential:

@@ -61,7 +61,7 @@ FIGURE_CAPTIONS = {
 METRIC_ORDER = (
     "final_train_loss", "final_val_loss", "test_nelbo", "test_kl", "test_rec", "test_iwae",
     "test_log_likelihood", "train_log_likelihood", "true_log_likelihood", "test_accuracy",
-    "baseline_test_accuracy", "baseline_m1_test_accuracy", "final_test_accuracy",
+    "baseline_test_accuracy", "accuracy_gain", "baseline_m1_test_accuracy", "final_test_accuracy",
     "epochs_done", "steps", "train_seconds", "skipped_steps", "eval_seconds", "eval_device",
 )
 
@@ -436,7 +436,9 @@ def render_report(run_dir: Path, check: Optional[dict] = None) -> str:
     headline = []
     for key, label in (("final_train_loss", "train loss"), ("final_val_loss", "val loss"),
                        ("test_log_likelihood", "test log p(x)"), ("test_accuracy", "test accuracy"),
-                       ("baseline_test_accuracy", "supervised-only baseline")):
+                       ("final_test_accuracy", "test accuracy (last epoch)"),
+                       ("baseline_test_accuracy", "supervised-only baseline"),
+                       ("accuracy_gain", "gain over the baseline")):
         if isinstance(metrics.get(key), (int, float)):
             headline.append(f"{label} <b>{_fmt_number(metrics[key])}</b>")
     summary = (f"model <b>{_esc(model)}</b> · loss <b>{_esc(config.get('loss', '?'))}</b> · "

@@ -84,3 +84,44 @@ def test_check_calibration_quick(tmp_path):
     right, biased = (next(r for r in results if r["bias"] == b) for b in (0.0, 0.5))
     assert right["resamples"] == 20 and right["failed"] == 0 and right["upper95"] == pytest.approx(1 - 0.05 ** (1 / 20))
     assert biased["failed"] == 20 and "along r" in biased["tests"]
+
+
+def test_ssl_quality_quick(tmp_path, capsys):
+    """Both contenders run side by side (two processes), on the CPU-time clock, and give a row per budget."""
+    out = tmp_path / "ssl.json"
+    assert _load("ssl_quality").main(["--quick", "--out", str(tmp_path), "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    rows = saved["rows"]
+    assert saved["clock"].startswith("cpu")
+    assert {(r["contender"], r["minutes"]) for r in rows} == {(c, m) for c in ("ppl_vi", "torch") for m in (0.05, 0.1)}
+    for r in rows:
+        assert r["steps"] > 0 and r["cpu_seconds"] >= 60 * r["minutes"]
+        assert r["steps_per_s"] == pytest.approx(r["steps"] / r["cpu_seconds"])
+        assert r["selected_val_accuracy"] >= r["last_val_accuracy"]  # selected on the validation split
+        assert 0.3 < r["last_test_accuracy"] <= 1.0  # 100 labels weighted by α = 100: far above chance (0.1) at once
+    assert (tmp_path / "ssl_quality.png").stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "at 0.1 CPU-min (mean over 1 draw(s), selected on validation): ppl_vi" in text
+
+
+def test_ssl_quality_selects_on_validation_only():
+    """A budget's 'selected' row is the evaluation with the best validation accuracy up to that budget,
+    whatever the test accuracies; evaluations after the budget are not seen."""
+    bench = _load("ssl_quality")
+    evaluations = [
+        {"steps": 10, "cpu_seconds": 1.0, "budget": None, "val_accuracy": 0.5, "test_accuracy": 0.9},
+        {"steps": 20, "cpu_seconds": 2.0, "budget": None, "val_accuracy": 0.7, "test_accuracy": 0.6},
+        {"steps": 25, "cpu_seconds": 3.02, "budget": 3.0, "val_accuracy": 0.6, "test_accuracy": 0.8},
+        {"steps": 30, "cpu_seconds": 3.5, "budget": None, "val_accuracy": 0.9, "test_accuracy": 0.95},
+        {"steps": 40, "cpu_seconds": 6.0, "budget": 6.0, "val_accuracy": 0.8, "test_accuracy": 0.85},
+    ]
+    rows = bench.budget_rows({"contender": "torch", "draw": 0, "evaluations": evaluations}, [3.0, 6.0])
+    assert [(r["selected_test_accuracy"], r["selected_steps"], r["last_test_accuracy"]) for r in rows] == [
+        (0.6, 20, 0.8), (0.95, 30, 0.85)]
+    assert rows[0]["steps_per_s"] == pytest.approx(25 / 3.02)  # the clock ran just past the budget
+
+
+def test_ssl_quality_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _load("ssl_quality").main(["--minutes", "0,5"])
+    assert exit_.value.code == 2 and "--minutes must be positive" in capsys.readouterr().err

@@ -26,6 +26,13 @@ X_DIM, Z_DIM, HIDDEN, B, ALPHA = 784, 3, [16], 8, 2.5
 
 @pytest.fixture
 def model():
+    """Kingma et al.'s objective: a labelled batch carries its ELBO and the classifier term."""
+    return SSVAE(X_DIM, Z_DIM, HIDDEN, alpha_scale=ALPHA, objective="kingma").double()
+
+
+@pytest.fixture
+def cs236():
+    """The default objective (CS236's recipe): a labelled batch carries the classifier term alone."""
     return SSVAE(X_DIM, Z_DIM, HIDDEN, alpha_scale=ALPHA).double()
 
 
@@ -47,12 +54,17 @@ def params_of(model):
 # ---- the full suite ----------------------------------------------------------------------------
 
 
-def test_check_suite_passes_labelled_and_unlabelled(model, x, y):
+@pytest.mark.parametrize("objective", ["cs236", "kingma"])
+def test_check_suite_passes_labelled_and_unlabelled(objective, x, y):
+    model = SSVAE(X_DIM, Z_DIM, HIDDEN, alpha_scale=ALPHA, objective=objective).double()
     report = check_semisupervised(model, model.make_batch(x, y), model.make_batch(x), repeats=12, gradient_seeds=12,
                                   ks=(1, 10), ladder_repeats=5)
     assert report.passed, "\n" + report.table()
     names = [r.name for r in report.rows]
     assert any(n.startswith("[L] enum") for n in names)
+    # β on a sampled y: Pyro scales y's score-function term by β too, so that row compares the same draws only
+    beta_rows = [r for r in report.rows if r.name.startswith("[U] trace (K=3) y sampled, beta=2")]
+    assert beta_rows and {r.kind for r in beta_rows} == {"same sample"}
     enum_rows = [r for r in report.rows if "y enumerated vs hand" in r.name and r.kind == "same sample"]
     assert len(enum_rows) == 6  # K = 1 and K = 3: loss, each datapoint, gradients
     assert all("verified identical" in r.note for r in enum_rows if r.name.endswith("loss"))
@@ -155,11 +167,51 @@ def test_latent_sites_and_draws_by_batch(model, x, y):
 def test_from_config_alpha_scale_and_registry():
     spec = get_spec("ssvae")
     assert spec.data == "mnist-semisupervised" and spec.defaults["loss"] == "enum"
+    info = {"x_dim": X_DIM, "num_classes": 10, "train_size": 50000, "n_labelled": 100}
+    # the default, CS236's recipe: α = 100 times the mean cross-entropy over a labelled batch of all 100 labels,
+    # the step divided by the batch size 100: α' = α B / b_l = 100 per labelled image
     config = TrainConfig(**{**spec.defaults, "model": "ssvae"})
-    m = spec.build(config, {"x_dim": X_DIM, "num_classes": 10, "train_size": 50000, "n_labelled": 100})
-    assert m.alpha_scale == pytest.approx(0.1 * 50000 / 100)
-    m = spec.build(config, {"x_dim": X_DIM, "num_classes": 10, "train_size": 50000, "n_labelled": None})
+    m = spec.build(config, info)
+    assert (m.objective, m.alpha_scale, m.z_dim, config.batch_size) == ("cs236", 100.0, 64, 100)
+    assert [layer.out_features for layer in m.classifier if isinstance(layer, torch.nn.Linear)] == [300, 300, 10]
+    assert isinstance(m.classifier[1], torch.nn.ReLU) and isinstance(m.encoder.act, torch.nn.ELU)
+    m = spec.build(TrainConfig(**{**spec.defaults, "model": "ssvae", "labels": 1000}), {**info, "n_labelled": 1000})
+    assert m.alpha_scale == pytest.approx(100.0)  # b_l = min(B, N_l) = 100: still α × a batch mean
+    m = spec.build(TrainConfig(**{**spec.defaults, "model": "ssvae", "labelled_batch_size": 25, "alpha": 3.0}), info)
+    assert m.alpha_scale == pytest.approx(3.0 * 100 / 25)
+    # Kingma et al.: α = 0.1 (its own default when alpha is not given) times N, spread over the N_l labels
+    config = TrainConfig(**{**spec.defaults, "model": "ssvae", "objective": "kingma"})
+    m = spec.build(config, info)
+    assert m.objective == "kingma" and m.alpha_scale == pytest.approx(0.1 * 50000 / 100)
+    m = spec.build(config, {**info, "n_labelled": None})
     assert m.alpha_scale == pytest.approx(0.1 * 50000)  # no labelled data: the term never appears
+
+
+def test_unknown_objective_is_refused():
+    from ppl_vi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="objective must be cs236 or kingma, got 'm2'"):
+        TrainConfig(model="ssvae", objective="m2")
+    with pytest.raises(ConfigError, match="unknown objective 'm2'; expected one of: cs236, kingma"):
+        SSVAE(X_DIM, Z_DIM, HIDDEN, objective="m2")
+
+
+def test_cs236_labelled_batch_is_the_classifier_term_alone(cs236, x, y):
+    """Every ELBO loss on a cs236 labelled batch is -α' Σ log q(y|x) exactly: no latent site, no ELBO term."""
+    batch = cs236.make_batch(x, y)
+    expected = -ALPHA * bounds.log_categorical(y, cs236.classifier(x)).sum()
+    assert cs236.latent_sites_for(batch) == () and cs236.sample_draws(batch, 3) == {}
+    for name in ("trace", "enum", "meanfield"):
+        value = make_loss(name, 2, 1).differentiable_loss(cs236.model, cs236.guide, **batch)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(cs236.hand_negative_elbo(batch, {}).sum(), expected, rtol=1e-12, atol=0)
+    # the unlabelled batch is the same bound under both objectives
+    kingma = SSVAE(X_DIM, Z_DIM, HIDDEN, alpha_scale=ALPHA, objective="kingma").double()
+    kingma.load_state_dict(cs236.state_dict())
+    unlabelled = cs236.make_batch(x)
+    pyro.set_rng_seed(4)
+    draws = cs236.enum_draws(unlabelled, 2)
+    torch.testing.assert_close(cs236.hand_negative_elbo(unlabelled, draws), kingma.hand_negative_elbo(unlabelled, draws))
 
 
 def test_elbo_terms_match_the_bounds(model, x, y):

@@ -1,7 +1,11 @@
 """The semi-supervised schedule: whatever the labelled batches' cadence and size, one epoch of the
-trainer's steps is, in expectation, the gradient of Kingma et al.'s objective
+trainer's steps is, in expectation, the gradient of the run's objective: Kingma et al.'s
 
     J = Σ_u -U(x_u) + Σ_l [-L(x_l, y_l) - α' log q(y_l|x_l)]
+
+(``--objective kingma``), or CS236's (the default), a labelled batch's mean cross-entropy every step,
+
+    J_cs236 = Σ_u -U(x_u) + S α (B / N_l) Σ_l -log q(y_l|x_l)     (S steps per epoch, batch B)
 
 (:mod:`ppl_vi.training.batches`). Held exactly: the trainer's own epoch (its batches, weights and
 loss normalisation, through ``Trainer.step_loss`` and TraceEnum_ELBO) against J written from the
@@ -18,6 +22,7 @@ import math
 import pytest
 import torch
 
+from ppl_vi import bounds
 from ppl_vi.models.configure import build_config
 from ppl_vi.data.mnist import fixed_binarization
 from ppl_vi.training import Trainer
@@ -32,11 +37,14 @@ def rsample_at_mean(self, sample_shape=torch.Size()):
     return self.loc.expand(shape) + 0.0 * self.scale.expand(shape)
 
 
-def make_trainer(model: str, every: int, labelled_batch_size: int) -> Trainer:
+ALPHA = 0.3
+
+
+def make_trainer(model: str, every: int, labelled_batch_size: int, objective: str = "kingma") -> Trainer:
     config = build_config(model, overrides=dict(
         device="cpu", seed=0, train_subset=N_TRAIN, val_size=500, labels=N_LABELLED, batch_size=BATCH,
         labelled_every=every, labelled_batch_size=labelled_batch_size, hidden=[8], z_dim=2, fast=False,
-        baseline_steps=0, alpha=0.3))
+        baseline_steps=0, alpha=ALPHA, objective=objective))
     trainer = Trainer(config, progress=False)
     trainer.model.double()
     trainer.data.train_x = fixed_binarization(trainer.data.train_x, seed=3).double()
@@ -44,14 +52,18 @@ def make_trainer(model: str, every: int, labelled_batch_size: int) -> Trainer:
     return trainer
 
 
-def objective(trainer: Trainer) -> torch.Tensor:
-    """J from the hand bounds: every unlabelled image once (y enumerated), every labelled image once
-    with its α' classifier term (hand_negative_elbo includes it)."""
+def hand_objective(trainer: Trainer) -> torch.Tensor:
+    """J from the hand bounds: every unlabelled image once (y enumerated); kingma: every labelled image
+    once with its α' classifier term (hand_negative_elbo includes it); cs236: S α (B / N_l) times the
+    labelled images' summed cross-entropy, written from the classifier's logits (not from α')."""
     model, data = trainer.model, trainer.data
     unlabelled = model.make_batch(data.train_x[data.unlabelled_idx])
     labelled = model.make_batch(data.train_x[data.labelled_idx], data.train_y[data.labelled_idx])
-    return (model.hand_negative_elbo(unlabelled, model.enum_draws(unlabelled, 1)).sum()
-            + model.hand_negative_elbo(labelled, model.sample_draws(labelled, 1)).sum())
+    total = model.hand_negative_elbo(unlabelled, model.enum_draws(unlabelled, 1)).sum()
+    if trainer.config.objective == "cs236":
+        cross_entropy = -bounds.log_categorical(labelled["y"], model.classifier(labelled["x"])).sum()
+        return total + trainer.steps_per_epoch() * ALPHA * BATCH / N_LABELLED * cross_entropy
+    return total + model.hand_negative_elbo(labelled, model.sample_draws(labelled, 1)).sum()
 
 
 def epoch_gradient(trainer: Trainer, params, weights: bool = True):
@@ -66,31 +78,36 @@ def epoch_gradient(trainer: Trainer, params, weights: bool = True):
     return torch.autograd.grad(total, params)
 
 
-@pytest.mark.parametrize("model, every, labelled_batch_size", [
-    ("ssvae", 1, 10),   # every step, half the labels: m = 4, 40 slots = 2 passes, w = 1/2
-    ("ssvae", 2, 10),   # every other step: m = 2, 20 slots = 1 pass, w = 1
-    ("ssvae", 1, 20),   # every step, all labels (the old pairing, now weighted): m = 4, w = 1/4
-    ("ssvae", 0, 20),   # once per epoch, all labels (Pyro's ss_vae_M2): m = 1, w = 1
-    ("m1m2", 1, 5),     # the stacked model: m = 4, 20 slots = 1 pass, w = 1
+@pytest.mark.parametrize("model, objective, every, labelled_batch_size", [
+    ("ssvae", "kingma", 1, 10),   # every step, half the labels: m = 4, 40 slots = 2 passes, w = 1/2
+    ("ssvae", "kingma", 2, 10),   # every other step: m = 2, 20 slots = 1 pass, w = 1
+    ("ssvae", "kingma", 1, 20),   # every step, all labels (the old pairing, now weighted): m = 4, w = 1/4
+    ("ssvae", "kingma", 0, 20),   # once per epoch, all labels (Pyro's ss_vae_M2): m = 1, w = 1
+    ("m1m2", "kingma", 1, 5),     # the stacked model: m = 4, 20 slots = 1 pass, w = 1
+    ("ssvae", "cs236", 1, 20),    # the default: all labels every step, m = 4, w = 1, α' = α
+    ("ssvae", "cs236", 1, 10),    # half the labels every step: w = 1, α' = 2α
+    ("ssvae", "cs236", 2, 10),    # every other step: m = 2, w = 2, α' = 2α
+    ("ssvae", "cs236", 0, 20),    # once per epoch: m = 1, w = 4, α' = α
 ])
-def test_epoch_gradient_is_the_objective_gradient(monkeypatch, model, every, labelled_batch_size):
+def test_epoch_gradient_is_the_objective_gradient(monkeypatch, model, objective, every, labelled_batch_size):
     monkeypatch.setattr(torch.distributions.Normal, "rsample", rsample_at_mean)
-    trainer = make_trainer(model, every, labelled_batch_size)
+    trainer = make_trainer(model, every, labelled_batch_size, objective)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
-    expected = torch.autograd.grad(objective(trainer), params)
+    expected = torch.autograd.grad(hand_objective(trainer), params)
     for epoch in range(2):  # two epochs, two different draws of the labelled stream: each exact
         got = epoch_gradient(trainer, params)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
 
 
-def test_without_the_weights_the_gradient_is_wrong(monkeypatch):
-    """The check can fail: the labelled batch unweighted (every step, all labels: each labelled
-    image 4 times per epoch) is not J's gradient."""
+@pytest.mark.parametrize("objective, every", [("kingma", 1), ("cs236", 2)])
+def test_without_the_weights_the_gradient_is_wrong(monkeypatch, objective, every):
+    """The check can fail: the labelled batch unweighted (kingma: every step, all labels, each labelled
+    image 4 times per epoch; cs236: every other step, half the labelled batches' weight) is not J's gradient."""
     monkeypatch.setattr(torch.distributions.Normal, "rsample", rsample_at_mean)
-    trainer = make_trainer("ssvae", 1, 20)
+    trainer = make_trainer("ssvae", every, 20, objective)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
-    expected = torch.autograd.grad(objective(trainer), params)
+    expected = torch.autograd.grad(hand_objective(trainer), params)
     got = epoch_gradient(trainer, params, weights=False)
     worst = max(((g - e).abs().max() / e.abs().max()).item() for g, e in zip(got, expected))
     assert worst > 1e-2
@@ -99,19 +116,22 @@ def test_without_the_weights_the_gradient_is_wrong(monkeypatch):
 @pytest.mark.parametrize("every, steps, expected_m", [(1, 430, 430), (3, 430, 144), (0, 430, 1), (500, 430, 1)])
 def test_schedule_counts_and_weight(every, steps, expected_m):
     class Config:
-        labelled_every, labelled_batch_size, batch_size = every, 0, 128
+        labelled_every, labelled_batch_size, batch_size, objective = every, 0, 128, "kingma"
 
     schedule = LabelledSchedule.from_config(Config, 100, steps)
     assert schedule.batch_size == 100 and schedule.batches_per_epoch == expected_m
     assert sum(schedule.has_labelled(i) for i in range(steps)) == expected_m
     assert schedule.weight * expected_m * 100 == pytest.approx(100)  # w m b_l = N_l
+    Config.objective = "cs236"
+    schedule = LabelledSchedule.from_config(Config, 100, steps)
+    assert schedule.batches_per_epoch == expected_m and schedule.weight * expected_m == pytest.approx(steps)  # w m = S
 
 
 def test_labelled_batch_larger_than_the_labelled_set_is_refused():
     from ppl_vi.errors import ConfigError
 
     class Config:
-        labelled_every, labelled_batch_size, batch_size = 1, 101, 128
+        labelled_every, labelled_batch_size, batch_size, objective = 1, 101, 128, "kingma"
 
     with pytest.raises(ConfigError, match="labelled_batch_size 101 exceeds the 100 labelled images"):
         LabelledSchedule.from_config(Config, 100, 430)

@@ -121,7 +121,7 @@ class FeatureClassifier(nn.Module):
     description="stacked semi-supervised VAE (Kingma et al. 2014, M1+M2): M2 on the latent z1 of a VAE (--m1 RUN_DIR)",
     data="mnist-semisupervised",
     defaults={"loss": "enum", "z_dim": 50, "hidden": [500], "epochs": 100, "batch_size": 128, "lr": 1e-3,
-              "labels": 100, "alpha": 0.1},
+              "labels": 100, "objective": "kingma"},
 )
 class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     #: every latent site the guide may have; :meth:`latent_sites_for` gives a batch's own.
@@ -156,7 +156,10 @@ class M1M2(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     @classmethod
     def from_config(cls, config, data_info) -> "M1M2":
         """M1 from ``config.m1`` (a trained vae run, frozen) or a fresh one (trained jointly);
-        α' = config.alpha · train_size / n_labelled, as for M2."""
+        α' = config.alpha · train_size / n_labelled, Kingma et al.'s objective (the only one it trains)."""
+        if config.objective != "kingma":
+            raise ConfigError(f"m1m2 trains Kingma et al.'s objective only; use --objective kingma "
+                              f"(objective {config.objective!r} is ssvae's)")
         m1 = load_m1(config.m1, data_info["x_dim"]) if getattr(config, "m1", None) else None
         return cls(data_info["x_dim"], config.z_dim, config.hidden, m1, data_info.get("num_classes") or NUM_CLASSES,
                    cls.alpha_scale_for(config, data_info))

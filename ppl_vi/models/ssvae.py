@@ -8,37 +8,51 @@ Generative story (C = 10 classes)::
 
 Guide::
 
-    q(y | x)    = Cat(softmax(classifier(x)))
-    q(z | x, y) = N(enc(x, onehot y))
+    q(y | x)    = Cat(softmax(classifier(x)))       classifier: x_dim-hidden-C, ReLU
+    q(z | x, y) = N(enc(x, onehot y))               enc and dec: ``hidden``, ``activation`` (ELU by default)
 
-Loss per datapoint, with ELBO(x, y) = E_q(z|x,y)[log p(x|y,z) + log p(y) + log p(z) - log q(z|x,y)]::
+Default networks (CS236's recipe): z = 64, hidden 300-300, encoder and decoder ELU, classifier ReLU.
+With ELBO(x, y) = E_q(z|x,y)[log p(x|y,z) + log p(y) + log p(z) - log q(z|x,y)] and the
+unlabelled bound U(x) = Σ_y q(y|x) ELBO(x, y) + H[q(y|x)] ≤ log p(x), two objectives
+(``config.objective``), the same on unlabelled batches and different on labelled ones:
+
+**cs236** (the default; Stanford CS236's SSVAE recipe). Per step, an unlabelled batch of B images
+and a labelled batch of b_l (all the labels, at most B), minimise
+
+    mean_u -U(x_u) + α · mean_l [-log q(y_l|x_l)],      α = 100 (``config.alpha``),
+
+written per datapoint as ``-U(x)`` for an unlabelled x and ``-α' log q(y|x)`` for a labelled one,
+α' = α B / b_l, no labelled ELBO term (-U(x) = KL(q(y|x) ‖ p(y)) + Σ_y q(y|x) (KL(q(z|x,y) ‖ N(0, I)) - E log p(x|y,z))).
+It estimates nothing by itself: it is the unlabelled images' evidence bound, averaged, plus a
+cross-entropy penalty that makes q(y|x) a classifier; α = 100 weighs the labels the way CS236 does
+(100 labels, every step). Per epoch of S steps it is
+
+    J_cs236 = Σ_u -U(x_u) + S α (B / N_l) Σ_l -log q(y_l|x_l),
+
+which the trainer holds whatever the labelled schedule (:mod:`ppl_vi.training.batches`:
+labelled batches weighted w = S/m for m labelled batches per epoch; ``tests/test_schedule.py``).
+
+**kingma** (Kingma et al. 2014's J^α, as Pyro's ``examples/vae/ss_vae_M2.py``). Per datapoint::
 
     labelled (x, y):   -ELBO(x, y) - α' log q(y|x)
-    unlabelled x:      -[Σ_y q(y|x) ELBO(x, y) + H[q(y|x)]]
+    unlabelled x:      -U(x)
+
+and per pass over the unlabelled set (each labelled image counted once per epoch, labelled
+batches weighted w = N_l / (m b_l))
+
+    J = Σ_u -U(x_u) + Σ_l [-L(x_l, y_l) - α' log q(y_l|x_l)],   L(x, y) = ELBO(x, y),
+
+a lower bound on log p(x_u's, x_l's, y_l's) minus the classifier penalty. α' = α N / N_l: Kingma
+et al. add α · E_labelled[-log q(y|x)] to J with α = 0.1 · N (N training images); spread over the
+labelled images that is 0.1 · 55000 / 100 = 55 per labelled datapoint for 100 labels (Pyro's
+example uses 46). Measured: with 100 labels it ends below its own supervised-only baseline
+(``experiments/RESULTS.md``); α = 100 (α' = 55,000) rescues it partly.
 
 **The classifier term lives inside the pair**, so every Pyro loss sees it: on a labelled batch the
 model has an observed site ``y_aux ~ Cat(classifier(x))`` at ``obs=y`` under
-``poutine.scale(α')``. Its log-density α' log q(y|x) does not depend on z, so it adds to the ELBO
-and also factors out of the IWAE log-mean-exp (RenyiELBO gives -(L_K + α' log q(y|x))).
-
-**The training objective per epoch** (Kingma et al. 2014's J^α, written as a loss): with N_u
-unlabelled images x_u and N_l labelled pairs (x_l, y_l), one pass over the unlabelled set minimises
-
-    J = Σ_u -U(x_u) + Σ_l [-L(x_l, y_l) - α' log q(y_l|x_l)],
-    U(x) = Σ_y q(y|x) ELBO(x, y) + H[q(y|x)],   L(x, y) = ELBO(x, y),
-
-each labelled image counted once per epoch. The trainer holds this whatever the batching: its
-labelled batches (``labelled_every``, ``labelled_batch_size``) are scaled by ``poutine.scale(w)``,
-w = N_l / (m b_l) for m labelled batches of b_l images per epoch, and every step is divided by the
-same batch size, so that one epoch's expected loss is J (:mod:`ppl_vi.training.batches`;
-``tests/test_schedule.py`` holds the gradients equal). Pairing every unlabelled batch with all
-100 labels unweighted, as before, counted each labelled term ≈ 430 times per epoch (α' ≈ 23,600).
-
-**α' (``alpha_scale``)**: Kingma et al. add α · E_{labelled}[-log q(y|x)] to J with α = 0.1 · N
-(N training images); spread over the labelled images that is α' = α · N / N_l per labelled
-datapoint, which :meth:`SSVAE.from_config` uses (``config.alpha``, N = ``train_size``, N_l =
-``n_labelled``): 0.1 · 55000 / 100 = 55 for 100 labels, as Pyro's ``examples/vae/ss_vae_M2.py``
-weighs its auxiliary loss (46 per labelled image, its labelled batch once per epoch).
+``poutine.scale(α')`` (cs236: the only site of a labelled batch; its guide is empty). Its
+log-density α' log q(y|x) does not depend on z, so it adds to the ELBO and also factors out of the
+IWAE log-mean-exp (RenyiELBO gives -(L_K + α' log q(y|x))).
 
 **Enumeration**: on an unlabelled batch the guide marks ``y`` ``{"enumerate": "parallel"}``, so
 ``TraceEnum_ELBO(max_plate_nesting=1)`` sums it out exactly: y takes the value
@@ -66,8 +80,11 @@ from ppl_vi.errors import ConfigError
 from ppl_vi.loss_registry import ModelTraits
 from ppl_vi.models.base import Batch, Draws, EnumeratedDraws, LatentModel, register
 from ppl_vi.models.cvae import NUM_CLASSES, LabelConditionalGenerator, one_hot, validate_labels
-from ppl_vi.nets import BernoulliDecoder, GaussianEncoder, fresh_copy, mlp
+from ppl_vi.nets import ACTIVATIONS, BernoulliDecoder, GaussianEncoder, fresh_copy, mlp
 from ppl_vi.sites import PARTICLE_PLATE
+
+#: the semi-supervised objectives (``config.objective``) and their own α when ``config.alpha`` is None
+OBJECTIVE_ALPHA = {"cs236": 100.0, "kingma": 0.1}
 
 
 class SemiSupervisedPair:
@@ -79,18 +96,32 @@ class SemiSupervisedPair:
     labelled_sites: tuple = ("z",)
     #: whether the enumerated IWAE bound sums y inside the log (a latent drawn before y): tighter than the ELBO
     iwae_sums_y_in_log: bool = False
+    #: "kingma" (a labelled batch carries its ELBO and the classifier term) or "cs236" (the classifier term alone)
+    objective: str = "kingma"
 
-    def check_sizes(self, num_classes: int, alpha_scale: float) -> None:
+    def check_sizes(self, num_classes: int, alpha_scale: float, objective: str = "kingma") -> None:
+        if objective not in OBJECTIVE_ALPHA:
+            raise ConfigError(f"unknown objective {objective!r}; expected one of: {', '.join(OBJECTIVE_ALPHA)}")
         if num_classes < 2:
             raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
         if alpha_scale < 0:
             raise ConfigError(f"alpha_scale must be >= 0, got {alpha_scale}")
 
     @staticmethod
-    def alpha_scale_for(config, data_info) -> float:
-        """α' = config.alpha · train_size / n_labelled (Kingma et al.'s α = 0.1 N per labelled point)."""
-        n_labelled = int(data_info.get("n_labelled") or 0)  # None / 0: no labelled batches, α' unused
-        return config.alpha * data_info["train_size"] / max(n_labelled, 1)
+    def alpha_for(config) -> float:
+        """α: ``config.alpha``, or the objective's own (:data:`OBJECTIVE_ALPHA`) when it is None."""
+        return OBJECTIVE_ALPHA[config.objective] if config.alpha is None else config.alpha
+
+    @classmethod
+    def alpha_scale_for(cls, config, data_info) -> float:
+        """α' per labelled datapoint: kingma α · train_size / N_l (Kingma et al.'s α = 0.1 N spread over
+        the labels); cs236 α · batch_size / b_l (α times the mean over a labelled batch of b_l images,
+        the step's loss being divided by batch_size)."""
+        n_labelled = max(int(data_info.get("n_labelled") or 0), 1)  # None / 0: no labelled batches, α' unused
+        if config.objective == "cs236":
+            labelled_batch = config.labelled_batch_size or min(config.batch_size, n_labelled)
+            return cls.alpha_for(config) * config.batch_size / labelled_batch
+        return cls.alpha_for(config) * data_info["train_size"] / n_labelled
 
     def make_batch(self, x: Tensor, y: Optional[Tensor] = None) -> Batch:
         """``{"x": x, "y": y}``: labelled when ``y`` is given (checked: integers in 0..C-1), else unlabelled."""
@@ -100,6 +131,11 @@ class SemiSupervisedPair:
     def latent_sites_for(self, batch: Batch) -> tuple:
         """The guide's latent sites on this batch: ``labelled_sites``, or all of ``latent_sites``."""
         return self.labelled_sites if batch.get("y") is not None else self.latent_sites
+
+    @property
+    def labelled_elbo(self) -> bool:
+        """Does a labelled batch carry its ELBO term (kingma), or only the classifier term (cs236)?"""
+        return self.objective == "kingma"
 
     def _one_hot(self, y: Tensor, like: Tensor) -> Tensor:
         return one_hot(y, self.num_classes, like.dtype)
@@ -116,8 +152,8 @@ class SemiSupervisedPair:
     "ssvae",
     description="semi-supervised VAE (Kingma et al. 2014, M2): y summed out by enumeration, classifier q(y|x)",
     data="mnist-semisupervised",
-    defaults={"loss": "enum", "z_dim": 50, "hidden": [500], "epochs": 20, "batch_size": 128, "lr": 1e-3,
-              "labels": 100, "alpha": 0.1},
+    defaults={"loss": "enum", "z_dim": 64, "hidden": [300, 300], "activation": "elu", "epochs": 55,
+              "batch_size": 100, "lr": 1e-3, "labels": 100, "objective": "cs236"},
 )
 class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     #: every latent site the guide may have; :meth:`latent_sites_for` gives a batch's own.
@@ -127,27 +163,41 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     #: the α'-scaled classifier site y_aux beside x.
     model_traits = ModelTraits(discrete_guide=True, enumerable=True, auxiliary_observed=True)
 
-    def __init__(self, x_dim: int, z_dim: int = 50, hidden: Sequence[int] = (500,),
-                 num_classes: int = NUM_CLASSES, alpha_scale: float = 1.0):
+    def __init__(self, x_dim: int, z_dim: int = 64, hidden: Sequence[int] = (300, 300),
+                 num_classes: int = NUM_CLASSES, alpha_scale: float = 100.0, objective: str = "cs236",
+                 activation: str = "elu"):
         super().__init__()
-        self.check_sizes(num_classes, alpha_scale)
+        self.check_sizes(num_classes, alpha_scale, objective)
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r}; expected one of: {', '.join(ACTIVATIONS)}")
         self.x_dim, self.z_dim, self.num_classes = x_dim, z_dim, num_classes
+        self.objective = objective  # cs236 | kingma: what a labelled batch's loss holds (module docstring)
         self.alpha_scale = float(alpha_scale)  # α': weight of -log q(y|x) per labelled datapoint
-        self.classifier = mlp([x_dim, *hidden, num_classes])  # logits of q(y|x)
-        self.encoder = GaussianEncoder(x_dim + num_classes, list(hidden), z_dim)  # q(z|x,y)
-        self.decoder = BernoulliDecoder(z_dim + num_classes, list(reversed(hidden)), x_dim)  # p(x|y,z)
+        act = ACTIVATIONS[activation]
+        self.classifier = mlp([x_dim, *hidden, num_classes], activation=torch.nn.ReLU)  # logits of q(y|x)
+        self.encoder = GaussianEncoder(x_dim + num_classes, list(hidden), z_dim, activation=act)  # q(z|x,y)
+        self.decoder = BernoulliDecoder(z_dim + num_classes, list(reversed(hidden)), x_dim, activation=act)  # p(x|y,z)
+
+    @property
+    def labelled_sites(self) -> tuple:
+        """The guide's latent sites on a labelled batch: ("z",) (kingma), none (cs236: no labelled ELBO)."""
+        return ("z",) if self.labelled_elbo else ()
 
     @classmethod
     def from_config(cls, config, data_info) -> "SSVAE":
-        """α' = config.alpha · train_size / n_labelled (:meth:`SemiSupervisedPair.alpha_scale_for`)."""
+        """α' from ``config.objective`` and ``config.alpha`` (:meth:`SemiSupervisedPair.alpha_scale_for`)."""
         return cls(data_info["x_dim"], config.z_dim, config.hidden, data_info.get("num_classes", NUM_CLASSES),
-                   cls.alpha_scale_for(config, data_info))
+                   cls.alpha_scale_for(config, data_info), config.objective, config.activation)
 
     # ---- the Pyro pair -------------------------------------------------------------------
     def model(self, x: Tensor, y: Optional[Tensor] = None, **_):
         if self.use_param_store:  # off in the trainer's hot path
             pyro.module("ssvae", self)
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
+            if y is not None and not self.labelled_elbo:  # cs236, labelled: the classifier term alone
+                with poutine.scale(scale=self.alpha_scale):
+                    pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)), obs=y)
+                return
             prior_logits = x.new_zeros(self.num_classes)  # uniform p(y)
             # y: (B,) observed | (C, 1[, 1]) enumerated | (K?, B) sampled
             y_value = pyro.sample("y", dist.Categorical(logits=prior_logits), obs=y)
@@ -163,6 +213,8 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
         if self.use_param_store:  # off in the trainer's hot path
             pyro.module("ssvae", self)
         with pyro.plate("data", x.shape[0], dim=-1, device=x.device):
+            if y is not None and not self.labelled_elbo:  # cs236, labelled: no latent site
+                return
             if y is None:
                 y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)), infer={"enumerate": "parallel"})
             loc, scale = self.encoder(x, self._one_hot(y, x))  # (C?, K?, B, Z)
@@ -222,7 +274,8 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     def hand_negative_elbo(self, batch: Batch, draws: Draws, kl: str = "mc", beta: float = 1.0) -> Tensor:
         """The per-datapoint loss (B,), by the kind of batch and draws:
 
-        * labelled (``batch["y"]`` given), draws z (K, B, Z):
+        * labelled, objective cs236 (no draws): -α' log q(y|x);
+        * labelled (``batch["y"]`` given), objective kingma, draws z (K, B, Z):
           -ELBO_β(x, y) - α' log q(y|x)   (log p(y) unscaled: y is observed);
         * unlabelled, enumerated draws from :meth:`enum_draws`, z (C, K, B, Z):
           -[Σ_y q(y|x) ELBO_β(x, y) + β H[q(y|x)]], exact in y (what TraceEnum_ELBO computes);
@@ -234,6 +287,8 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
           (its gradient lacks the score-function term of y: train with enumeration or ``"mc"``).
         """
         x, y = batch["x"], batch.get("y")
+        if y is not None and not self.labelled_elbo:  # cs236: the classifier term alone
+            return -self.classifier_term(batch)
         if y is not None:
             return self.negative_elbo_xy(x, y, draws["z"], kl, beta) - self.classifier_term(batch)
         q_logits = self.classifier(x)  # (B, C)
@@ -262,9 +317,12 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
           kl = KL(q(y|x) || p(y)) + Σ_y q(y|x) KL_z(y)  (exact in y);
         * unlabelled, sampled draws: rec = (1/K) Σ_k log p(x|y_k,z_k), kl = KL(q(y|x) || p(y)) + (1/K) Σ_k KL_z(y_k);
 
-        KL_z(y) = KL(q(z|x,y) || N(0, I)) in closed form. The α' classifier term is not included.
+        KL_z(y) = KL(q(z|x,y) || N(0, I)) in closed form. The α' classifier term is not included
+        (objective cs236, labelled: no ELBO term, both 0).
         """
         x, y = batch["x"], batch.get("y")
+        if y is not None and not self.labelled_elbo:  # cs236: no labelled ELBO term, nothing drawn
+            return {"rec": x.new_zeros(x.shape[0]), "kl": x.new_zeros(x.shape[0])}
         if y is not None:
             log_px, _, _ = self._log_terms(x, y, draws["z"])
             return {"rec": log_px.mean(0), "kl": self.kl_z(x, y) - self.log_prior_y()}
@@ -281,12 +339,15 @@ class SSVAE(SemiSupervisedPair, LabelConditionalGenerator, LatentModel):
     def hand_iwae_bound(self, batch: Batch, draws: Draws, beta: float = 1.0) -> Tensor:
         """Importance-weighted bound (B,) on log p(x, y) (labelled) or log p(x) (unlabelled).
 
-        * labelled: log (1/K) Σ_k p(x, y, z_k) / q(z_k|x,y)  (the α' term is not part of the bound);
+        * labelled: log (1/K) Σ_k p(x, y, z_k) / q(z_k|x,y)  (the α' term is not part of the bound;
+          objective cs236: 0, a labelled batch has no bound term);
         * sampled (y_k, z_k) ~ q: log (1/K) Σ_k p(x, y_k, z_k) / (q(y_k|x) q(z_k|x,y_k));
         * enumerated: log Σ_y p(y) (1/K) Σ_k p(x|y,z_yk) p(z_yk) / q(z_yk|x,y), z_yk ~ q(z|x,y),
           an unbiased estimate of p(x) = Σ_y p(y) p(x|y) inside the log (β = 1 only).
         """
         x, y = batch["x"], batch.get("y")
+        if y is not None and not self.labelled_elbo:  # cs236: the labelled loss is the classifier term alone
+            return x.new_zeros(x.shape[0])
         if y is not None:
             log_px, log_pz, log_qz = self._log_terms(x, y, draws["z"])
             return bounds.iwae_bound_beta(log_px, log_pz + self.log_prior_y(), log_qz, beta)

@@ -16,7 +16,7 @@ U and L the unlabelled and labelled bounds of :mod:`ppl_vi.models.ssvae`, α' th
 
     J = Σ_u -U(x_u) + Σ_l [-L(x_l, y_l) - α' log q(y_l|x_l)]
 
-every labelled image counted once per pass over the unlabelled set, as in Kingma et al.'s J^α
+(objective ``kingma``) every labelled image counted once per pass over the unlabelled set, as in Kingma et al.'s J^α
 (α' = α N / N_l is their α = 0.1 N spread over the labelled images). An epoch has S = ⌈N_u/B⌉
 steps; the labelled batches (b_l images each, from consecutive random permutations of the
 labelled set) come at steps i with i mod k = 0 (k = ``labelled_every``; k = 0: step 0 only), so
@@ -34,6 +34,13 @@ exactly, for any k and b_l (``tests/test_schedule.py`` holds the gradients equal
 m b_l is a multiple of N_l every epoch uses each labelled image exactly m b_l / N_l times, and
 the equality holds for every draw, not only in expectation. The old schedule (all labels at
 every step, weight 1) counted each labelled image ⌈N_u/B⌉ ≈ 430 times per epoch.
+
+**Objective ``cs236``** (the SSVAE's default) asks instead for a labelled batch's mean
+cross-entropy in every step, J_cs236 = Σ_u -U(x_u) + S α (B / N_l) Σ_l -log q(y_l|x_l) per epoch,
+with α' = α B / b_l per labelled image (:mod:`ppl_vi.models.ssvae`); its labelled batches are
+weighted w = S / m (1 with a labelled batch every step), so that
+
+    E[Σ_steps B · step loss] = Σ_u -U(x_u) + (S/m) (m b_l / N_l) (α B / b_l) Σ_l -log q = J_cs236.
 """
 
 from __future__ import annotations
@@ -92,15 +99,16 @@ class LabelledSchedule:
     batch_size: int  # b_l
     every: int  # k (0: once per epoch)
     steps: int  # S, steps per epoch
+    objective: str = "kingma"  # kingma: each labelled image once per epoch; cs236: a labelled batch per step
 
     @classmethod
     def from_config(cls, config, n_labelled: int, steps: int) -> "LabelledSchedule":
-        """``labelled_every`` and ``labelled_batch_size`` (0: all labels, at most ``batch_size``)."""
+        """``labelled_every``, ``labelled_batch_size`` (0: all labels, at most ``batch_size``), ``objective``."""
         size = config.labelled_batch_size or min(config.batch_size, n_labelled)
         if size > n_labelled:
             raise ConfigError(f"labelled_batch_size {size} exceeds the {n_labelled} labelled images; "
                               f"use at most {n_labelled} (0: all of them, at most batch_size)")
-        return cls(n_labelled, size, config.labelled_every, steps)
+        return cls(n_labelled, size, config.labelled_every, steps, config.objective)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -109,7 +117,10 @@ class LabelledSchedule:
 
     @property
     def weight(self) -> float:
-        """w = N_l / (m b_l): each labelled image's loss counts once per epoch in expectation."""
+        """kingma: w = N_l / (m b_l), each labelled image's loss counts once per epoch in expectation;
+        cs236: w = S / m, one labelled batch's worth per step in expectation (1 when k = 1)."""
+        if self.objective == "cs236":
+            return self.steps / self.batches_per_epoch
         return self.n_labelled / (self.batches_per_epoch * self.batch_size)
 
     def has_labelled(self, step: int) -> bool:

@@ -265,7 +265,9 @@ class FastLoss:
     on every call: a batch whose guide samples a discrete site (which needs a score-function term)
     or whose sites are enumerated runs the plain loss, eagerly, never the sync-free one. Every
     decision is a line in ``notes``, written to stdout as it is made once :meth:`announce` has been
-    called (whatever the progress setting).
+    called (whatever the progress setting). On a CPU device it first calls
+    ``torch.set_flush_denormal(True)`` (subnormal floats read as 0: 2.4-3.3x faster CPU steps once
+    weights decay into them), said in a note and recorded as ``flush_denormal``.
     """
 
     def __init__(self, loss, module: torch.nn.Module, device, quiet: bool = False,
@@ -280,6 +282,10 @@ class FastLoss:
         except Unsupported as exc:
             self.sync_free = None
             self.note(f"sync-free loss off ({exc}); using {type(loss).__name__} eagerly")
+        self.flush_denormal = self.device.type == "cpu" and torch.set_flush_denormal(True)
+        if self.flush_denormal:  # process-wide, and kept after training (evaluation gains from it too)
+            self.note("CPU: subnormal floats flushed to zero (torch.set_flush_denormal(True)); they made CPU steps "
+                      "2.4-3.3x slower once weights and gradients decayed into them")
 
     def note(self, message: str) -> None:
         """Keep ``message`` in ``notes``; write it at once if the notes have been announced."""
@@ -386,7 +392,7 @@ class GraphStep:
 
     def record(self) -> dict:
         """What ran, for metrics.json: the mode and every note on how it was decided."""
-        return {"mode": self.mode, "notes": list(self.fast.notes)}
+        return {"mode": self.mode, "flush_denormal": self.fast.flush_denormal, "notes": list(self.fast.notes)}
 
     def _no_graph(self, reason: str, quiet: bool = False) -> None:
         """Give the CUDA graph up for this run: eager steps from now on, with a plain optimiser."""

@@ -117,4 +117,5 @@ class EagerStep:
         pass
 
     def record(self) -> dict:
-        return {"mode": "off", "notes": ["config.fast is False: the plain loss, validation as configured"]}
+        return {"mode": "off", "flush_denormal": False,
+                "notes": ["config.fast is False: the plain loss, validation as configured"]}

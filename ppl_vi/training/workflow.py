@@ -26,7 +26,7 @@ from ppl_vi import run as rundir
 from ppl_vi.config import TrainConfig
 from ppl_vi.metrics import final_metrics
 from ppl_vi.runtime import seed_everything
-from ppl_vi.training.baseline import train_baselines
+from ppl_vi.training.baseline import accuracy_gain, train_baselines
 from ppl_vi.training.signals import stop_on_sigterm
 from ppl_vi.training.trainer import Trainer
 
@@ -159,6 +159,7 @@ def finish(trainer: Trainer, summary: dict) -> dict:
     if trainer.dist.is_main:  # + the supervised-only baseline of a semi-supervised run (labels alone)
         metrics = {**summary, **final_metrics(trainer.model, trainer.data),
                    **train_baselines(trainer.model, trainer.data, trainer.config, trainer.progress)}
+        metrics.update(accuracy_gain(metrics))  # test accuracy minus the baseline's
     else:
         metrics = summary
     metrics = rundir.update_metrics(run_dir, **metrics)
