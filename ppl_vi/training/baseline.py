@@ -40,6 +40,7 @@ def train_baselines(model, data, config, progress: bool = False) -> Dict:
     out: Dict = {}
     devices = [data.train_x.device] if data.train_x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)  # the baselines' initial weights too: not a function of how long the model trained
         for name, net in model.baseline_classifiers().items():
             torch.manual_seed(config.seed)
             out.update(train_one(name, net.to(data.train_x.device), data, config, progress))
