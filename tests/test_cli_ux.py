@@ -213,7 +213,7 @@ def test_reconstruction_grid_has_rows_of_originals_over_reconstructions(small_va
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "vae", "--components", "5"], "--components does not apply to vae (it applies to: gmm, gmvae); drop it"),
-    (["train", "gmm", "--activation", "relu"], "--activation does not apply to gmm (it applies to: vae, gmvae); drop it"),
+    (["train", "gmm", "--activation", "relu"], "--activation does not apply to gmm (it applies to: vae, gmvae, ssvae); drop it"),
     (["train", "linear-gaussian", "--val-size", "10"], "--val-size does not apply to linear-gaussian (it applies to: "
                                                        "MNIST models); drop it"),
     (["train", "vae", "--n-train", "10"], "--n-train does not apply to vae (it applies to: gmm, linear-gaussian); drop it"),

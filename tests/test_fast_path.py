@@ -20,7 +20,7 @@ from pyro.infer import Trace_ELBO
 from ppl_vi.config import TrainConfig
 from ppl_vi.models.base import scale_sites
 from ppl_vi.models.vae import VAE
-from ppl_vi.training.graph_step import FastLoss, SyncFreeLoss, hot_path
+from ppl_vi.training.graph_step import FastLoss, SyncFreeLoss, hot_path, subnormals_flushed
 from ppl_vi.objectives.importance import IWAELoss
 from ppl_vi.training import Trainer
 
@@ -124,6 +124,23 @@ def test_trainer_fast_on_off_identical(overrides):
     torch.testing.assert_close(fast_losses, plain_losses, rtol=1e-6, atol=1e-4)  # values: same up to rounding
     for (name, p), q in zip(fast.model.named_parameters(), plain.model.parameters()):
         assert torch.equal(p, q), name  # parameters: bit for bit
+
+
+def test_cpu_steps_flush_subnormals_and_give_the_setting_back():
+    """Catches a process-wide flush left on after training (it broke Hypothesis's float strategies in the
+    same process, and would change a user's own arithmetic): inside a fast CPU step subnormals read as
+    0, outside (before and after, plain path always) they do not; metrics.json's record says so."""
+    seen = []
+    trainer, _ = _train_steps(_config(fast=True), 1)
+    inner = trainer.stepper.step
+    trainer.stepper.step = lambda batches: (seen.append(subnormals_flushed()), inner(batches))[1]
+    batches = next(iter(trainer.batches()))
+    assert not subnormals_flushed()
+    trainer.train_step(batches)
+    assert seen == [True] and not subnormals_flushed()
+    assert trainer.stepper.record()["flush_denormal"] is True
+    plain, _ = _train_steps(_config(fast=False), 1)
+    assert plain.stepper.record()["flush_denormal"] is False and not subnormals_flushed()
 
 
 def test_unsupported_loss_falls_back():

@@ -73,8 +73,10 @@ def test_check_suite_passes_labelled_and_unlabelled(objective, x, y):
     summaries = [r for r in report.rows if r.kind == "expected gradient" and "vs reference" in r.name]
     exact_y = [r for r in summaries if "[U] trace (K=1) y sampled vs hand" in r.name]
     assert exact_y and all("discrete sites enumerated, continuous averaged" in r.note for r in exact_y)
-    sampled = [r for r in summaries if "[U] trace (K=3) y sampled vs hand" in r.name]  # 10^3 tuples: sampled, and said
-    assert sampled and all("discrete sites sampled, not enumerated" in r.note for r in sampled)
+    # K = 3 with y sampled: 10^3 tuples, too many to enumerate, and a sampled average hides rare classes
+    # (their SE reads ~0): same draws and the mean over seeds only, no expected-gradient row
+    sampled = [r for r in report.rows if r.name.startswith("[U] trace (K=3) y sampled vs hand")]
+    assert {r.kind for r in sampled} == {"same sample", "statistical"}
     assert any(r.name.startswith("[U] enum (K=3) y enumerated vs hand") for r in summaries)
     assert not report.skipped
 

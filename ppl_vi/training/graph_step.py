@@ -233,6 +233,36 @@ def plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
 # 3. the fast loss and the graph step
 
 
+def subnormals_flushed() -> bool:
+    """Does this thread flush subnormal floats to zero now? (torch has no getter: the smallest
+    subnormal double times 1 reads 0 exactly when it does.)"""
+    return (torch.tensor(5e-324, dtype=torch.float64) * 1.0).item() == 0.0
+
+
+def flush_supported() -> bool:
+    """Can this CPU flush subnormals (SSE3)? Asked by setting the flag, then put back as it was."""
+    before = subnormals_flushed()
+    supported = torch.set_flush_denormal(True)
+    torch.set_flush_denormal(before)
+    return supported
+
+
+@contextlib.contextmanager
+def flushing_subnormals(on: bool = True):
+    """Inside the block (when ``on``), subnormal floats read and compute as 0 on this thread; the
+    caller's setting comes back after, so a user's own code (or a property-based test generating
+    subnormals) never inherits it."""
+    if not on:
+        yield
+        return
+    before = subnormals_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
 def _stdout(message: str) -> None:
     """What the fast path decided: information, not an error, so stdout (stderr stays one line per mistake)."""
     print(message, file=sys.stdout, flush=True)
@@ -265,9 +295,9 @@ class FastLoss:
     on every call: a batch whose guide samples a discrete site (which needs a score-function term)
     or whose sites are enumerated runs the plain loss, eagerly, never the sync-free one. Every
     decision is a line in ``notes``, written to stdout as it is made once :meth:`announce` has been
-    called (whatever the progress setting). On a CPU device it first calls
-    ``torch.set_flush_denormal(True)`` (subnormal floats read as 0: 2.4-3.3x faster CPU steps once
-    weights decay into them), said in a note and recorded as ``flush_denormal``.
+    called (whatever the progress setting). On a CPU device the trainer's steps run with subnormal
+    floats flushed to zero (:func:`flushing_subnormals`: 2.4-3.3x faster CPU steps once weights
+    decay into them), said in a note and recorded as ``flush_denormal``.
     """
 
     def __init__(self, loss, module: torch.nn.Module, device, quiet: bool = False,
@@ -282,10 +312,11 @@ class FastLoss:
         except Unsupported as exc:
             self.sync_free = None
             self.note(f"sync-free loss off ({exc}); using {type(loss).__name__} eagerly")
-        self.flush_denormal = self.device.type == "cpu" and torch.set_flush_denormal(True)
-        if self.flush_denormal:  # process-wide, and kept after training (evaluation gains from it too)
-            self.note("CPU: subnormal floats flushed to zero (torch.set_flush_denormal(True)); they made CPU steps "
-                      "2.4-3.3x slower once weights and gradients decayed into them")
+        self.flush_denormal = self.device.type == "cpu" and flush_supported()
+        if self.flush_denormal:
+            self.note("CPU: subnormal floats flushed to zero during training steps (torch.set_flush_denormal, "
+                      "restored after); they made CPU steps 2.4-3.3x slower once weights and gradients decayed "
+                      "into them")
 
     def note(self, message: str) -> None:
         """Keep ``message`` in ``notes``; write it at once if the notes have been announced."""

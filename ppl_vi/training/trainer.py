@@ -44,7 +44,7 @@ from ppl_vi.objectives.losses import make_loss
 from ppl_vi.runtime import resolve_device, seed_everything
 from ppl_vi.training import batches as epoch_batches
 from ppl_vi.training import diagnosis, loop, step
-from ppl_vi.training.graph_step import FastLoss, GraphStep, graph_blocker
+from ppl_vi.training.graph_step import FastLoss, GraphStep, flushing_subnormals, graph_blocker
 from ppl_vi.training.state import TrainState
 from ppl_vi.training.tensorboard import log_epoch, tensorboard_writer
 
@@ -150,13 +150,20 @@ class Trainer:
 
     def train_step(self, batches: List[Batch]) -> Tensor:
         """One step outside :meth:`fit` (benchmarks, probes): the stepper's, counted in the state."""
-        loss, applied = self.stepper.step(batches)
+        with flushing_subnormals(self.flushes):
+            loss, applied = self.stepper.step(batches)
         self.state.count_step(applied)
         return loss
 
     # ---- the loop (ppl_vi.training.loop) -------------------------------------------------------
     def fit(self) -> dict:
-        return loop.fit(self.state, self.stepper, self.batches, self)
+        with flushing_subnormals(self.flushes):  # the fast path's CPU setting, restored when training ends
+            return loop.fit(self.state, self.stepper, self.batches, self)
+
+    @property
+    def flushes(self) -> bool:
+        """Whether training steps flush subnormal floats (the fast path on a CPU that can)."""
+        return self.fast is not None and self.fast.flush_denormal
 
     @torch.no_grad()
     def validation_loss(self) -> float:
