@@ -48,6 +48,7 @@ from ppl_vi.models import REGISTRY  # noqa: E402
 
 def captured_rows(model: str, hidden: int, z_dim: int, k: int, seed: int) -> list:
     """The expected-gradient checks ``ppl-vi check MODEL`` runs: (name, call arguments, its rows)."""
+    saved = {name: dict(spec.defaults) for name, spec in REGISTRY.items()}
     for spec in REGISTRY.values():
         spec.defaults.update(hidden=[hidden], z_dim=z_dim, components=3)
     calls, original = [], core.expected_gradient_check
@@ -63,6 +64,9 @@ def captured_rows(model: str, hidden: int, z_dim: int, k: int, seed: int) -> lis
                       "--k", str(k), "--seed", str(seed)])
     finally:
         core.expected_gradient_check = original
+        for name, defaults in saved.items():  # the registry is the process's: leave it as found
+            REGISTRY[name].defaults.clear()
+            REGISTRY[name].defaults.update(defaults)
     return calls
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ppl_vi.models import REGISTRY
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -79,7 +81,9 @@ def test_check_calibration_quick(tmp_path):
     """The calibration script resamples a right estimator (no false alarm in 20 at 5 seeds on the
     linear-Gaussian model) and sees a gradient 50 % too long every time."""
     out = tmp_path / "c.json"
+    before = {name: dict(spec.defaults) for name, spec in REGISTRY.items()}
     assert _load("check_calibration").main(["--quick", "--json", str(out)]) == 0
+    assert {name: dict(spec.defaults) for name, spec in REGISTRY.items()} == before  # the registry left as found
     results = json.loads(out.read_text())["results"]
     right, biased = (next(r for r in results if r["bias"] == b) for b in (0.0, 0.5))
     assert right["resamples"] == 20 and right["failed"] == 0 and right["upper95"] == pytest.approx(1 - 0.05 ** (1 / 20))

@@ -140,8 +140,10 @@ def test_defect2_fast_path_runs_the_unlabelled_batch_with_its_score_term(ssvae_b
     assert _summary(rows).passed, "\n".join(f"{r.name} {r.note}" for r in rows)
     assert fast.mode == "sync-free + eager"
     assert any("for batches with no y (guide site 'y' is not reparameterised" in n for n in fast.notes), fast.notes
-    # the classifier's expected gradient is a real signal, matched in direction
-    assert all(r.details["cosine"] > 0.99 for r in rows[1:]), [r.note for r in rows[1:]]
+    # the classifier's expected gradient is a real signal, matched in direction: with the
+    # ReLU classifier (CS236's) the estimate's relative noise is ~0.16 (cosine ~0.98 expected); the same
+    # loss without its score term (next test) sits below 0.5
+    assert all(r.details["cosine"] > 0.9 for r in rows[1:]), [r.note for r in rows[1:]]
 
 
 def test_defect2_the_check_catches_a_sync_free_loss_that_skips_the_score_term(ssvae_batches, monkeypatch):
