@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from pyro import poutine
+from pyro.distributions import Unit
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
@@ -79,6 +80,15 @@ def data_plate_dim(site, max_plate_nesting: int, data_plate: Optional[str] = Non
 def is_deterministic(site) -> bool:
     """A ``pyro.deterministic`` site: an observed value recorded in the trace, with no density of its own."""
     return bool(site["infer"].get("_deterministic"))  # private Pyro key that pyro.deterministic sets: no public test
+
+
+def is_factor(site) -> bool:
+    """Is an observed site a ``pyro.factor`` (a Unit distribution, expanded or masked by plates: its
+    log-density is the factor's value)?"""
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, Unit)
 
 
 def enumerate_dim(site) -> Optional[int]:

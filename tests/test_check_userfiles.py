@@ -548,7 +548,7 @@ def test_a_global_factor_is_a_term_of_the_batch(capsys):
     target = USERFILES / "global_factor.py"
     code, out, _ = run(target, capsys, "--gradient-seeds", "4")
     assert code == 0, out
-    assert "term 'soft' = Pyro's site 'soft' (global)" in out
+    assert "term 'soft' = Pyro's site 'soft' (global): -soft (the pyro.factor's value)" in out
     assert re.search(r"^expected gradient +Trace_ELBO \(K=3\): expected gradient: m .* ok ", out, re.M), out
     assert "not run" not in out
     code, out, _ = run(target, capsys, "--formula")

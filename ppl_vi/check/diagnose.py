@@ -454,7 +454,7 @@ def pieces_for(terms: SiteTerms, objective: str, analytic: bool = False) -> Dict
         return {}
     def what(n: str) -> str:
         if n in terms.observed:
-            return "-log p(x|z)"
+            return terms.observed_desc(n) if terms.is_factor(n) else "-log p(x|z)"
         return "KL(q || p) in closed form" if analytic and n in terms.analytic_kl else "log q - log p"
 
     comps = terms.components(analytic)
@@ -504,7 +504,7 @@ def _site_desc(terms: SiteTerms, name: str, analytic: bool) -> str:
     if name in terms.observed:
         if summed:
             return f"site {name!r}{where}: -log Σ_{{{', '.join(summed)}}} p({', '.join(summed)}) p({name}|...)"
-        return f"site {name!r}{where}: -log p({name}|{given})"
+        return f"site {name!r}{where}: {terms.observed_desc(name, given)}"
     if analytic and name in terms.analytic_kl:
         return f"site {name!r}{where}: KL(q || p) in closed form"
     return f"site {name!r}{where}: log q({name}|x) - log p({name})"
@@ -519,7 +519,8 @@ def pyro_groups(terms: SiteTerms, analytic: bool = False, sites=None) -> Dict[st
     latent = [n for n in keep if n in terms.prior]
     out = {n: (_site_desc(terms, n, analytic), comps[n]) for n in keep}
     if len(observed) > 1:
-        out["observed"] = ("all observed sites: -log p(x|z)", sum(comps[n] for n in observed))
+        kind = " and factors" if any(terms.is_factor(n) for n in observed) else ""
+        out["observed"] = (f"all observed sites{kind}: -log p(x|z)", sum(comps[n] for n in observed))
     if len(latent) > 1:
         kind = "global " if all(terms.is_global(n) for n in latent) else ""
         out["latent"] = (f"all {kind}latent sites {latent}: log q - log p", sum(comps[n] for n in latent))

@@ -43,8 +43,8 @@ from torch.distributions.utils import _sum_rightmost  # torch's own helper (priv
 from ppl_vi.errors import ConfigError
 from ppl_vi.models.base import Batch, Draws, draws_from_trace
 from ppl_vi.objectives.traces import local_log_prob, run_particles
-from ppl_vi.sites import (PARTICLE_PLATE, FixValues, data_plate_dim, in_data_plate, is_deterministic, is_latent,
-                          is_variable, model_only_sites, unscaled_log_prob)
+from ppl_vi.sites import (PARTICLE_PLATE, FixValues, data_plate_dim, in_data_plate, is_deterministic, is_factor,
+                          is_latent, is_variable, model_only_sites, unscaled_log_prob)
 
 
 @dataclasses.dataclass
@@ -76,6 +76,7 @@ class SiteTerms:
     log_scales: Dict[str, Tensor] = dataclasses.field(default_factory=dict)
     #: a location-scale site's whole normalising constant -log p(μ) (½ log 2πσ², log 2b, log πσ...), same keys
     normalisers: Dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    factors: Tuple[str, ...] = ()  # observed sites that are pyro.factor calls
 
     @property
     def c(self) -> float:
@@ -115,7 +116,7 @@ class SiteTerms:
         """Finer pieces, per column (B,), each a term a hand derivation may get wrong on its own:
         ``-log p(x|z) [x]``, ``-log p(z) [z]`` (the cross-entropy to the prior), ``log q(z|x) [z]``
         (minus the entropy) and the log-Jacobians of transformed distributions, scaled as Pyro scales them."""
-        out = {f"-log p({n}|...) [{n}]": -self.scales[n] * lp.mean(0) for n, lp in self.observed.items()}
+        out = {f"{self.observed_desc(n)} [{n}]": -self.scales[n] * lp.mean(0) for n, lp in self.observed.items()}
         for key, jac in self.jacobians.items():  # first: an autoguide's Delta is all Jacobian, log q(θ) = -log|J|
             side, _, n = key.partition(":")
             sign = 1.0 if side == "q" else -1.0  # log q = log q_u - log|J|; -log p = -log p_u + log|J|
@@ -135,6 +136,14 @@ class SiteTerms:
 
     def is_global(self, name: str) -> bool:
         return name in self.global_sites
+
+    def is_factor(self, name: str) -> bool:
+        """Is observed site ``name`` a ``pyro.factor`` (its log-density is the factor's value)?"""
+        return name in self.factors
+
+    def observed_desc(self, name: str, given: str = "...") -> str:
+        """Pyro's term of observed site ``name`` in words: ``-log p(name|given)``, or a factor's negative."""
+        return f"-{name} (the pyro.factor's value)" if self.is_factor(name) else f"-log p({name}|{given})"
 
 
 def _dims(site, max_plate_nesting: int) -> int:
@@ -182,7 +191,8 @@ def site_terms(model: Callable, guide: Callable, batch: Batch, k: int, max_plate
     if len({scales[n] for n in observed}) != 1:
         raise ConfigError(f"the observed sites have different scales {sorted({scales[n] for n in observed})}")
     draws = draws_from_trace(guide_trace, k, max_plate_nesting)
-    return SiteTerms(observed, prior, log_q, kl, scales, dims, draws, k, guide_trace, model_trace)
+    factors = tuple(n for n in observed if is_factor(model_trace.nodes[n]))
+    return SiteTerms(observed, prior, log_q, kl, scales, dims, draws, k, guide_trace, model_trace, factors=factors)
 
 
 def hand_terms(hand: Callable, batch: Batch, draws: Draws):
@@ -356,6 +366,7 @@ class DrawSet:
     traces: list
     num_particles: int
     batch_size: int
+    factors: Tuple[str, ...] = ()  # observed sites that are pyro.factor calls
 
 
 def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: bool, size: int,
@@ -471,8 +482,9 @@ def read_draw_set(pairs: list, k: int, nest: int, data_plate: str, vectorized: b
             draws[name] = value.reshape((k,) + tuple(shape)) if shape is not None and \
                 value.numel() == k * math.prod(shape) else value
     scale_terms = {key: v for key, v in scale_terms.items() if key.split(":", 1)[1] not in entangled}
+    factors = tuple(n for n in observed if n in model_trace.nodes and is_factor(model_trace.nodes[n]))
     return DrawSet(observed, prior, log_q, kl, scales, dims, tuple(globals_), enumerated, jac, consts, scale_terms,
-                   norms, draws, pairs, k, size)
+                   norms, draws, pairs, k, size, factors)
 
 
 def draw_sets(model: Callable, guide: Callable, batch: Batch, k: int, nest: int, data_plate: str, vectorized: bool,
@@ -530,4 +542,5 @@ def view(sets: List[DrawSet], totals: bool) -> SiteTerms:
                      totals=totals, batch_size=size, draw_sets=len(sets),
                      global_sites=tuple(n for n in first.global_sites if keep(n)),
                      enumerated={n: v for n, v in first.enumerated.items() if keep(n)}, jacobians=per_site("jacobians"),
-                     data_constants=consts, log_scales=per_site("log_scales"), normalisers=per_site("normalisers"))
+                     data_constants=consts, log_scales=per_site("log_scales"), normalisers=per_site("normalisers"),
+                     factors=tuple(n for n in first.factors if keep(n)))
